@@ -1,0 +1,253 @@
+"""The configuration file (TOML): parsing and validation into typed, frozen settings.
+
+`parse_config` is pure (a dict in, `Settings` out); `load_config` reads the file. Every error
+is a `ConfigError` whose field is the dotted key, so a bad config is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, InvalidInput
+from .exposure import (DEFAULT_RESERVED, DEFAULT_SERVICE_RANGES, IPNetwork, Policy,
+                       parse_port, parse_reserved)
+
+DEFAULT_CONFIG_PATH = "/etc/oakestra-gw/gateway.toml"
+DEFAULT_STORE_PATH = "/var/lib/oakestra-gw/exposures.json"
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    host: str | None = None  # None: the internal IPv4 address
+    port: int = 11022
+    token_file: str = ""
+    allowed_sources: tuple[IPNetwork, ...] = tuple(
+        ipaddress.ip_network(n) for n in ("10.30.0.0/16", "fdff::/16"))
+    threads: int = 8
+    per_exposure_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    path: str = DEFAULT_STORE_PATH
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    public_interfaces: tuple[str, ...] = ()  # empty: the default route's interface
+    tunnel_interface: str = "goProxyTun"
+    bridge_interface: str = "oakgw0"
+    internal_ipv4: ipaddress.IPv4Address | None = None
+    internal_ipv6: ipaddress.IPv6Address | None = None
+    service_ranges: tuple[IPNetwork, ...] = tuple(
+        ipaddress.ip_network(n) for n in DEFAULT_SERVICE_RANGES)
+    reserved_ports: tuple[tuple[int, str], ...] = tuple(parse_reserved(r) for r in DEFAULT_RESERVED)
+
+
+@dataclass(frozen=True)
+class OakestraSettings:
+    cluster_url: str = ""
+    gateway_id: str = ""
+    public_ipv4: str = ""
+    public_ipv6: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    api: ApiSettings = field(default_factory=ApiSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    oakestra: OakestraSettings = field(default_factory=OakestraSettings)
+
+    @property
+    def standalone(self) -> bool:
+        return not self.oakestra.cluster_url
+
+    def policy(self, listening: Callable = lambda: ()) -> Policy:
+        reserved = frozenset(self.network.reserved_ports) | {(self.api.port, "tcp")}
+        return Policy(self.network.service_ranges, reserved, listening)
+
+    def with_internal_ips(self, ipv4: str, ipv6: str) -> "Settings":
+        """The settings once the cluster has handed out the internal addresses."""
+        net = replace(self.network, internal_ipv4=_ip(ipv4, "network.internal_ipv4", 4),
+                      internal_ipv6=_ip(ipv6, "network.internal_ipv6", 6))
+        return replace(self, network=net)
+
+    @property
+    def api_host(self) -> str:
+        if self.api.host:
+            return self.api.host
+        if self.network.internal_ipv4 is None:
+            raise ConfigError("api.host is not set and there is no internal IPv4 to bind to",
+                              field="api.host")
+        return str(self.network.internal_ipv4)
+
+    def require_internal_ips(self) -> None:
+        for name in ("internal_ipv4", "internal_ipv6"):
+            if getattr(self.network, name) is None:
+                raise ConfigError(f"network.{name} must be set in standalone mode "
+                                  "(no oakestra.cluster_url)", field=f"network.{name}")
+
+
+SECTIONS: dict[str, set[str]] = {
+    "api": {"host", "port", "token_file", "allowed_sources", "threads", "per_exposure_metrics"},
+    "store": {"path"},
+    "network": {"public_interfaces", "tunnel_interface", "bridge_interface", "internal_ipv4",
+                "internal_ipv6", "service_ranges", "reserved_ports"},
+    "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6"},
+}
+
+
+def load_config(path: str | Path) -> Settings:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: dict[str, Any]) -> Settings:
+    for section, value in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}] (known: "
+                              f"{', '.join(sorted(SECTIONS))})", field=section)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section} must be a table", field=section)
+        for key in value:
+            if key not in SECTIONS[section]:
+                raise ConfigError(f"unknown key {section}.{key}", field=f"{section}.{key}")
+    api, store, net, oak = (raw.get(s, {}) for s in ("api", "store", "network", "oakestra"))
+    settings = Settings(
+        api=ApiSettings(
+            host=_str(api, "host", "api", "") or None,
+            port=_port(api, "port", "api", 11022),
+            token_file=_str(api, "token_file", "api", ""),
+            allowed_sources=_nets(api, "allowed_sources", "api", ApiSettings.allowed_sources),
+            threads=_int(api, "threads", "api", 8, 1, 256),
+            per_exposure_metrics=_bool(api, "per_exposure_metrics", "api", False)),
+        store=StoreSettings(path=_str(store, "path", "store", DEFAULT_STORE_PATH) or
+                            DEFAULT_STORE_PATH),
+        network=NetworkSettings(
+            public_interfaces=tuple(_ifname(v, "network.public_interfaces")
+                                    for v in _list(net, "public_interfaces", "network", [])),
+            tunnel_interface=_ifname(_str(net, "tunnel_interface", "network", "goProxyTun"),
+                                     "network.tunnel_interface"),
+            bridge_interface=_ifname(_str(net, "bridge_interface", "network", "oakgw0"),
+                                     "network.bridge_interface"),
+            internal_ipv4=_ip(_str(net, "internal_ipv4", "network", ""),
+                              "network.internal_ipv4", 4),
+            internal_ipv6=_ip(_str(net, "internal_ipv6", "network", ""),
+                              "network.internal_ipv6", 6),
+            service_ranges=_nets(net, "service_ranges", "network",
+                                 NetworkSettings.service_ranges),
+            reserved_ports=tuple(_wrap(parse_reserved, r, "network.reserved_ports") for r in
+                                 _list(net, "reserved_ports", "network", list(DEFAULT_RESERVED)))),
+        oakestra=OakestraSettings(
+            cluster_url=_url(_str(oak, "cluster_url", "oakestra", "")),
+            gateway_id=_str(oak, "gateway_id", "oakestra", ""),
+            public_ipv4=_str(oak, "public_ipv4", "oakestra", ""),
+            public_ipv6=_str(oak, "public_ipv6", "oakestra", "")),
+    )
+    if not settings.network.service_ranges:
+        raise ConfigError("network.service_ranges must name at least one network",
+                          field="network.service_ranges")
+    if settings.network.tunnel_interface == settings.network.bridge_interface:
+        raise ConfigError("network.bridge_interface must differ from network.tunnel_interface",
+                          field="network.bridge_interface")
+    return settings
+
+
+# -- typed getters: each names the key it complains about -------------------------------------
+
+def _get(table: dict, key: str, section: str, default: Any, kind: type | tuple, what: str):
+    value = table.get(key, default)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{section}.{key} must be {what}, not a boolean", field=f"{section}.{key}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{section}.{key} must be {what}, not {type(value).__name__}",
+                          field=f"{section}.{key}")
+    return value
+
+
+def _str(table, key, section, default) -> str:
+    return _get(table, key, section, default, str, "a string").strip()
+
+
+def _bool(table, key, section, default) -> bool:
+    return _get(table, key, section, default, bool, "true or false")
+
+
+def _int(table, key, section, default, low, high) -> int:
+    value = _get(table, key, section, default, int, "an integer")
+    if not low <= value <= high:
+        raise ConfigError(f"{section}.{key} must be from {low} to {high}, not {value}",
+                          field=f"{section}.{key}")
+    return value
+
+
+def _port(table, key, section, default) -> int:
+    value = _get(table, key, section, default, int, "a port number")
+    return _wrap(parse_port, value, f"{section}.{key}")
+
+
+def _list(table, key, section, default) -> list:
+    return _get(table, key, section, default, list, "a list")
+
+
+def _nets(table, key, section, default) -> tuple[IPNetwork, ...]:
+    if key not in table:
+        return default
+    nets = []
+    for item in _list(table, key, section, []):
+        try:
+            nets.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(f"{section}.{key}: {item!r} is not a network (e.g. 10.30.0.0/16)",
+                              field=f"{section}.{key}") from None
+    return tuple(nets)
+
+
+def _ip(text: str, name: str, version: int):
+    if not text:
+        return None
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{name}: {text!r} is not an IP address", field=name) from None
+    if ip.version != version:
+        raise ConfigError(f"{name}: {text} is not an IPv{version} address", field=name)
+    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+        raise ConfigError(f"{name}: {text} cannot be the gateway's internal address", field=name)
+    return ip
+
+
+def _ifname(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not IFNAME_RE.fullmatch(value):
+        raise ConfigError(f"{name}: {value!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)",
+                          field=name)
+    return value
+
+
+def _url(text: str) -> str:
+    if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
+        raise ConfigError(f"oakestra.cluster_url: {text!r} is not an http(s) URL",
+                          field="oakestra.cluster_url")
+    return text.rstrip("/")
+
+
+def _wrap(parse, value, name):
+    try:
+        return parse(value, name)
+    except InvalidInput as exc:
+        raise ConfigError(exc.message, field=name) from None

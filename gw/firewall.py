@@ -1,0 +1,119 @@
+"""Our nftables table: load the skeleton, apply changes as map-element transactions, read back
+what the kernel holds and tell how it differs from what it should hold."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from . import ruleset
+from .errors import KernelRefused
+from .exposure import Exposure, Key
+from .nft import NftSession
+
+Target = tuple  # (service_ip, service_port) as an ipaddress object and an int
+
+
+@dataclass
+class Diff:
+    """Kernel versus desired state, by key."""
+
+    missing: list[Exposure] = field(default_factory=list)      # desired, not in the kernel
+    unexpected: list[Key] = field(default_factory=list)        # in the kernel, not desired
+    wrong: list[Exposure] = field(default_factory=list)        # in the kernel with another target
+    table_missing: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong or self.table_missing)
+
+    def summary(self) -> str:
+        if self.table_missing:
+            return "our table is missing"
+        parts = [f"{len(v)} {name}" for name, v in
+                 (("missing", self.missing), ("unexpected", self.unexpected),
+                  ("with a wrong target", self.wrong)) if v]
+        return ", ".join(parts) or "in sync"
+
+
+def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) -> Diff:
+    """Pure: `actual` is None when the table does not exist."""
+    desired = list(desired)
+    if actual is None:
+        return Diff(missing=desired, table_missing=True)
+    wanted = {e.key: e for e in desired}
+    diff = Diff()
+    for key, e in wanted.items():
+        if key not in actual:
+            diff.missing.append(e)
+        elif actual[key] != e.target:
+            diff.wrong.append(e)
+    diff.unexpected = sorted(k for k in actual if k not in wanted)
+    return diff
+
+
+def parse_listing(listing: dict) -> dict[Key, Target] | None:
+    """Pure: the maps' elements from `nft -j list table` output; None when the table is gone."""
+    elements: dict[Key, Target] = {}
+    seen_map = False
+    for item in listing.get("nftables", []):
+        m = item.get("map")
+        if not m or m.get("name") not in ruleset.MAPS.values():
+            continue
+        seen_map = True
+        family = "ipv4" if m["name"] == ruleset.MAPS["ipv4"] else "ipv6"
+        for key, value in m.get("elem", []):
+            proto, port = key["concat"]
+            ip, service_port = value["concat"]
+            elements[(family, proto, int(port))] = (ipaddress.ip_address(ip), int(service_port))
+    return elements if seen_map else None
+
+
+class Firewall:
+    def __init__(self, session: NftSession, variables: dict[str, str], skeleton=None,
+                 observe=None):
+        self.session = session
+        self.variables = variables  # the skeleton's $names (ruleset.skeleton_vars)
+        self.skeleton = skeleton or ruleset.skeleton_path()
+        # observe(kind, seconds, ok): where metrics hook in, without the firewall knowing them.
+        self._observe = observe or (lambda kind, seconds, ok: None)
+
+    def _run(self, kind: str, text: str) -> None:
+        start = time.perf_counter()
+        try:
+            self.session.run(text)
+        except KernelRefused:
+            self._observe(kind, time.perf_counter() - start, False)
+            raise
+        self._observe(kind, time.perf_counter() - start, True)
+
+    def load(self, exposures: Iterable[Exposure]) -> None:
+        """Replace our whole table (skeleton and elements) in one transaction. Existing flows
+        keep their conntrack NAT bindings, so they survive it."""
+        self._run("load", ruleset.load(self.variables, exposures, self.skeleton))
+
+    def apply(self, add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> None:
+        """One transaction of element adds and deletes."""
+        text = ruleset.change(add, remove)
+        if text:
+            self._run("change", text)
+
+    def read(self) -> dict[Key, Target] | None:
+        """What the kernel holds (None: no table). Costs ~1 s at 50k: never on a request path."""
+        try:
+            listing = self.session.run_json(f"list table {ruleset.TABLE}")
+        except KernelRefused as exc:
+            if "No such file or directory" in exc.message:
+                return None
+            raise
+        return parse_listing(listing)
+
+    def diff(self, desired: Iterable[Exposure]) -> Diff:
+        return compute_diff(desired, self.read())
+
+    def remove_table(self) -> bool:
+        """Delete our table (teardown). Returns whether it existed."""
+        existed = self.read() is not None
+        self.session.run(f"table {ruleset.TABLE}\ndelete table {ruleset.TABLE}")
+        return existed

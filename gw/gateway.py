@@ -1,0 +1,147 @@
+"""The gateway service: the store and the firewall kept equal under one lock.
+
+A change is written to the store first (durable), then committed to the kernel. If the store
+cannot write, the kernel is never touched; if the kernel refuses, the store change is reverted.
+A crash between the two leaves the store ahead of the kernel, and the reconcile at start makes
+the kernel follow the store: either way nothing is acknowledged that is not in both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .errors import Conflict, GatewayError, NotFound
+from .exposure import DeleteRequest, Exposure, Key
+from .firewall import Diff, Firewall
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    exposure: Exposure
+    outcome: str  # "created" | "unchanged" | "relabelled"
+
+
+class Gateway:
+    def __init__(self, store, firewall: Firewall, flusher=None,
+                 on_change: Callable[[str, bool], None] | None = None):
+        self.store = store
+        self.firewall = firewall
+        self.flusher = flusher
+        self._lock = threading.RLock()
+        self._on_change = on_change or (lambda kind, ok: None)
+        # Why the gateway is not ready, by cause; empty when it is.
+        self.problems: dict[str, str] = {}
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def exposures(self) -> list[dict]:
+        return self.store.exposures()
+
+    def counts(self) -> Counter:
+        """Exposures by (family, protocol), for metrics."""
+        return Counter((d["family"], d["protocol"]) for d in self.store.exposures())
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def add(self, exposures: list[Exposure]) -> list[AddResult]:
+        """Add all or none. Identical ones are no-ops; a new label on an existing target only
+        updates the store; another target on a taken key is a Conflict."""
+        with self._lock:
+            results, new, relabel, old_docs = [], [], [], []
+            for i, e in enumerate(exposures):
+                current = self.store.get(e.key)
+                if current is None:
+                    new.append(e)
+                    results.append(AddResult(e, "created"))
+                    continue
+                existing = Exposure.from_dict(current)
+                if existing.target != e.target:
+                    where = f"exposures[{i}]." if len(exposures) > 1 else ""
+                    raise Conflict(f"{e.exposed_port}/{e.protocol} ({e.family}) is already "
+                                   f"exposed to {existing.target_text}; delete it first",
+                                   field=where + "exposed_port")
+                if existing.service_id != e.service_id and e.service_id is not None:
+                    relabel.append(e)
+                    old_docs.append(current)
+                    results.append(AddResult(e, "relabelled"))
+                else:
+                    results.append(AddResult(existing, "unchanged"))
+            if not new and not relabel:
+                return results
+            self.store.commit(put=[e.to_dict() for e in new + relabel])
+            if new:
+                try:
+                    self._kernel(lambda: self.firewall.apply(add=new))
+                except GatewayError:
+                    self._revert(put=old_docs, delete=[e.key for e in new])
+                    raise
+            return results
+
+    def delete(self, request: DeleteRequest) -> list[Exposure]:
+        with self._lock:
+            found = [Exposure.from_dict(d) for k in request.keys()
+                     if (d := self.store.get(k)) is not None]
+            if not found:
+                fam = f" ({request.family})" if request.family else ""
+                raise NotFound(f"{request.exposed_port}/{request.protocol}{fam} is not exposed",
+                               field="exposed_port")
+            self.store.commit(delete=[e.key for e in found])
+            try:
+                self._kernel(lambda: self.firewall.apply(remove=found))
+            except GatewayError:
+                self._revert(put=[e.to_dict() for e in found], delete=[])
+                raise
+        if self.flusher is not None:
+            self.flusher.flush(found)
+        return found
+
+    # -- kernel sync ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Make the kernel hold the skeleton and exactly the store's exposures (one
+        transaction). Used at start and to repair drift: no read of the kernel needed."""
+        with self._lock:
+            docs = self.store.exposures()
+            self._kernel(lambda: self.firewall.load(Exposure.from_dict(d) for d in docs),
+                         kind="reconcile")
+            self.problems.pop("drift", None)
+
+    def diff(self) -> Diff:
+        """Kernel versus store. Lists the maps (~1 s at 50k): never on a request path."""
+        with self._lock:
+            return self.firewall.diff(Exposure.from_dict(d) for d in self.store.exposures())
+
+    def reconcile(self) -> Diff:
+        """Report how the kernel differed from the store, then make it equal."""
+        with self._lock:
+            diff = self.diff()
+            if diff:
+                log.warning("reconcile: kernel differed from the store (%s); repairing",
+                            diff.summary())
+            self.load()
+            return diff
+
+    def _kernel(self, commit: Callable[[], None], kind: str = "change") -> None:
+        try:
+            commit()
+        except GatewayError as exc:
+            self.problems["firewall"] = f"the last {kind} failed: {exc.message}"
+            self._on_change(kind, False)
+            raise
+        self.problems.pop("firewall", None)
+        self._on_change(kind, True)
+
+    def _revert(self, put: Iterable[dict], delete: Iterable[Key]) -> None:
+        """Undo a store change the kernel refused. Should this write fail too, the store is
+        ahead of the kernel: say so, and the next reconcile brings the kernel in line."""
+        try:
+            self.store.commit(put=list(put), delete=list(delete))
+        except GatewayError as exc:
+            self.problems["store"] = f"could not revert a refused change: {exc.message}"
+            log.critical("store and kernel differ: revert failed: %s", exc.message)

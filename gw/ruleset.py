@@ -1,0 +1,102 @@
+"""Desired state -> nftables text. Pure: values in, command text out.
+
+Only typed, validated values reach this module (ints, ``ipaddress`` objects, protocol words,
+interface names checked against a strict pattern), so no user string becomes nft syntax.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from .config import Settings
+from .exposure import Exposure
+
+TABLE = "inet oakestra_gw"
+MAPS = {"ipv4": "expose_v4", "ipv6": "expose_v6"}
+LOOPBACK = {"ipv4": ipaddress.ip_network("127.0.0.0/8"), "ipv6": ipaddress.ip_network("::1/128")}
+
+
+def skeleton_path() -> Path:
+    return Path(str(resources.files("gw") / "rules" / "gateway.nft"))
+
+
+def skeleton_vars(settings: Settings) -> dict[str, str]:
+    """The values `rules/gateway.nft` refers to as ``$name``, rendered as nft expressions."""
+    net, api = settings.network, settings.api
+    settings.require_internal_ips()
+    return {
+        "tunnel_if": f'"{net.tunnel_interface}"',
+        "bridge_if": f'"{net.bridge_interface}"',
+        "internal_ipv4": str(net.internal_ipv4),
+        "internal_ipv6": str(net.internal_ipv6),
+        "api_port": str(api.port),
+        "api_allow_v4": _set(api.allowed_sources, "ipv4"),
+        "api_allow_v6": _set(api.allowed_sources, "ipv6"),
+    }
+
+
+def _set(networks, family: str) -> str:
+    version = 4 if family == "ipv4" else 6
+    nets = [n for n in networks if n.version == version] + [LOOPBACK[family]]
+    # Overlapping intervals are an error in an nft set: merge them first.
+    return "{ " + ", ".join(str(n) for n in ipaddress.collapse_addresses(nets)) + " }"
+
+
+def element(e: Exposure) -> str:
+    return f"{e.protocol} . {e.exposed_port} : {e.service_ip} . {e.service_port}"
+
+
+def _by_family(exposures: Iterable[Exposure]) -> dict[str, list[Exposure]]:
+    groups: dict[str, list[Exposure]] = {"ipv4": [], "ipv6": []}
+    for e in exposures:
+        groups[e.family].append(e)
+    return groups
+
+
+def add_elements(exposures: Iterable[Exposure]) -> list[str]:
+    return [f"add element {TABLE} {MAPS[fam]} {{ {', '.join(element(e) for e in group)} }}"
+            for fam, group in _by_family(exposures).items() if group]
+
+
+def delete_elements(exposures: Iterable[Exposure]) -> list[str]:
+    return [f"delete element {TABLE} {MAPS[fam]} {{ "
+            f"{', '.join(f'{e.protocol} . {e.exposed_port}' for e in group)} }}"
+            for fam, group in _by_family(exposures).items() if group]
+
+
+def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> str:
+    """One transaction that makes the maps hold `add` and not hold `remove`, whatever they hold
+    now. `add element` of an existing key is silently ignored and `delete element` of a missing
+    one fails the whole transaction, so each key is first added (a no-op if present), then
+    deleted, then (for `add`) added with the wanted value."""
+    add, remove = list(add), list(remove)
+    both = add + remove
+    return "\n".join(add_elements(both) + delete_elements(both) + add_elements(add))
+
+
+def defines(variables: dict[str, str]) -> list[str]:
+    # libnftables applies add_var() values only to cmd_from_file(), not to a buffer: a buffer
+    # that defines them and includes the skeleton loads table and elements in one transaction.
+    return [f"redefine {name} = {value}" for name, value in variables.items()]
+
+
+def load(variables: dict[str, str], exposures: Iterable[Exposure],
+         skeleton: Path | None = None) -> str:
+    """Replace our table in one transaction: skeleton plus every element. Creating the table
+    first makes the delete succeed when it does not exist; other tables are never named."""
+    skeleton = skeleton or skeleton_path()
+    return "\n".join([*defines(variables), f"table {TABLE}", f"delete table {TABLE}",
+                      f'include "{skeleton}"', *add_elements(exposures)])
+
+
+def render(settings: Settings, exposures: Iterable[Exposure] = (),
+           skeleton: Path | None = None) -> str:
+    """The whole ruleset as the gateway would load it, as one nft script (for `rules show`)."""
+    skeleton = skeleton or skeleton_path()
+    body = skeleton.read_text().split("\n", 1)[1]  # drop the shebang; defines go first
+    return "\n".join(["#!/usr/sbin/nft -f", *defines(skeleton_vars(settings)), "",
+                      f"table {TABLE}",
+                      f"delete table {TABLE}", body.rstrip("\n"), *add_elements(exposures), ""])
