@@ -1,0 +1,52 @@
+"""Shared fixtures. Kernel tests never run in the host's network namespace: if pytest was started
+there (as root), it moves itself into a fresh one before any test runs, so the host's ruleset,
+routes and sysctls are out of reach whatever a test does."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+
+import pytest
+
+CLONE_NEWNET = 0x40000000
+
+
+def _in_host_netns() -> bool:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def pytest_configure(config):
+    # Single-threaded here, so unshare() moves the whole process (and all later threads and
+    # children) into the new namespace.
+    if os.geteuid() == 0 and _in_host_netns():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            raise RuntimeError(f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root (network namespaces, nftables)")
+        for item in items:
+            if "kernel" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def clean_table():
+    """Our table is absent before and after the test, in the test process's own namespace."""
+    from gw import ruleset
+
+    def drop():
+        subprocess.run(["nft", f"table {ruleset.TABLE}\ndelete table {ruleset.TABLE}"],
+                       check=True)
+
+    drop()
+    yield
+    drop()
