@@ -4,6 +4,7 @@ what the kernel holds and tell how it differs from what it should hold."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -13,6 +14,7 @@ from .errors import KernelRefused
 from .exposure import Exposure, Key
 from .nft import NftSession
 
+log = logging.getLogger(__name__)
 Target = tuple  # (service_ip, service_port) as an ipaddress object and an int
 
 
@@ -94,10 +96,31 @@ class Firewall:
         self._run("load", ruleset.load(self.variables, exposures, self.skeleton))
 
     def apply(self, add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> None:
-        """One transaction of element adds and deletes."""
-        text = ruleset.change(add, remove)
-        if text:
-            self._run("change", text)
+        """One transaction of element deletes and adds. If the kernel disagrees with what the
+        store believes it holds (drift), ask it which keys it has and retry exactly once."""
+        add, remove = list(add), list(remove)
+        if not add and not remove:
+            return
+        try:
+            self._run("change", ruleset.change(add, remove))
+        except KernelRefused as exc:
+            if not any(err in exc.message for err in ("File exists", "No such file")):
+                raise
+            log.warning("the kernel's maps differ from the store (%s); retrying", exc.message)
+            present = self.present(e.key for e in add + remove)
+            self._run("change", ruleset.change(add, remove, present))
+
+    def present(self, keys: Iterable[Key]) -> set[Key]:
+        """Which of these keys the kernel's maps hold: one cheap lookup each, no listing."""
+        found = set()
+        for family, protocol, port in keys:
+            try:
+                self.session.run(f"get element {ruleset.TABLE} {ruleset.MAPS[family]} "
+                                 f"{{ {protocol} . {port} }}")
+            except KernelRefused:
+                continue
+            found.add((family, protocol, port))
+        return found
 
     def read(self) -> dict[Key, Target] | None:
         """What the kernel holds (None: no table). Costs ~1 s at 50k: never on a request path."""

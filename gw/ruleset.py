@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .config import Settings
-from .exposure import Exposure
+from .exposure import Exposure, Key
 
 TABLE = "inet oakestra_gw"
 MAPS = {"ipv4": "expose_v4", "ipv6": "expose_v6"}
@@ -67,14 +67,20 @@ def delete_elements(exposures: Iterable[Exposure]) -> list[str]:
             for fam, group in _by_family(exposures).items() if group]
 
 
-def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> str:
-    """One transaction that makes the maps hold `add` and not hold `remove`, whatever they hold
-    now. `add element` of an existing key is silently ignored and `delete element` of a missing
-    one fails the whole transaction, so each key is first added (a no-op if present), then
-    deleted, then (for `add`) added with the wanted value."""
+def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
+           present: Iterable[Key] | None = None) -> str:
+    """One transaction that makes the maps hold `add` and not hold `remove`. `present` is the
+    set of keys the kernel holds among them; None means it holds exactly what the store says
+    (the removed keys, not the added ones). In a map, `add element` of an existing key with
+    another value fails with EEXIST and `delete element` of a missing key with ENOENT, so what
+    is present is deleted first."""
     add, remove = list(add), list(remove)
-    both = add + remove
-    return "\n".join(add_elements(both) + delete_elements(both) + add_elements(add))
+    if present is None:
+        stale = remove
+    else:
+        present = set(present)
+        stale = [e for e in add + remove if e.key in present]
+    return "\n".join(delete_elements(stale) + add_elements(add))
 
 
 def defines(variables: dict[str, str]) -> list[str]:

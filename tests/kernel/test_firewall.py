@@ -1,0 +1,120 @@
+"""The firewall driver against the real kernel, in the test run's private network namespace."""
+
+import ipaddress
+import json
+import subprocess
+
+import pytest
+
+from gw import ruleset
+from gw.config import parse_config
+from gw.errors import KernelRefused
+from gw.exposure import Exposure
+from gw.firewall import Firewall
+from gw.nft import NftSession
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_table")]
+
+SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
+                                     "internal_ipv6": "fdff::ffff:1"}})
+
+
+def ex(port, ip, service_port=80, proto="tcp"):
+    return Exposure(port, proto, ipaddress.ip_address(ip), service_port)
+
+
+MIXED = [ex(8080, "10.30.0.1"), ex(8080, "fdff:2000::1"), ex(53, "10.30.0.2", 5353, "udp"),
+         ex(53, "fdff:2000::2", 53, "udp")]
+
+
+@pytest.fixture
+def fw():
+    return Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS))
+
+
+def nft(*args):
+    return subprocess.run(["nft", *args], check=True, capture_output=True, text=True).stdout
+
+
+def kernel_elements():
+    """Read with the nft tool, independently of the code under test."""
+    out = json.loads(nft("-j", "list", "table", "inet", "oakestra_gw"))
+    found = set()
+    for item in out["nftables"]:
+        if "map" in item:
+            for k, v in item["map"].get("elem", []):
+                found.add((item["map"]["name"], *k["concat"], *v["concat"]))
+    return found
+
+
+def as_elements(exposures):
+    return {(ruleset.MAPS[e.family], e.protocol, e.exposed_port, str(e.service_ip),
+             e.service_port) for e in exposures}
+
+
+def test_load_then_read_back(fw):
+    assert fw.read() is None
+    fw.load(MIXED)
+    assert kernel_elements() == as_elements(MIXED)
+    assert fw.read() == {e.key: e.target for e in MIXED}
+    assert not fw.diff(MIXED)
+
+
+def test_changes_are_element_transactions(fw):
+    fw.load([])
+    chains_before = nft("list", "chain", "inet", "oakestra_gw", "expose")
+    fw.apply(add=MIXED)
+    assert kernel_elements() == as_elements(MIXED)
+    fw.apply(remove=MIXED[:2])
+    assert kernel_elements() == as_elements(MIXED[2:])
+    assert nft("list", "chain", "inet", "oakestra_gw", "expose") == chains_before
+
+
+def test_apply_converges_whatever_the_kernel_holds(fw):
+    fw.load([ex(8080, "10.30.0.9"), ex(9, "10.30.0.9")])  # a stale target for 8080
+    fw.apply(add=[MIXED[0]], remove=[MIXED[2]])  # MIXED[2] is not there at all
+    assert kernel_elements() == as_elements([MIXED[0], ex(9, "10.30.0.9")])
+    assert fw.present([MIXED[0].key, MIXED[2].key, MIXED[1].key]) == {MIXED[0].key}
+
+
+def test_load_repairs_tampering_and_reports_it(fw):
+    fw.load(MIXED)
+    nft("flush", "chain", "inet", "oakestra_gw", "prerouting")
+    nft("delete", "element", "inet", "oakestra_gw", "expose_v4", "{ tcp . 8080 }")
+    nft("add", "element", "inet", "oakestra_gw", "expose_v6", "{ udp . 9 : fdff::9 . 9 }")
+    diff = fw.diff(MIXED)
+    assert [e.key for e in diff.missing] == [("ipv4", "tcp", 8080)]
+    assert diff.unexpected == [("ipv6", "udp", 9)]
+    fw.load(MIXED)
+    assert kernel_elements() == as_elements(MIXED)
+    assert "jump expose" in nft("list", "chain", "inet", "oakestra_gw", "prerouting")
+
+
+def test_other_tables_are_never_touched(fw):
+    subprocess.run(["nft", "-f", "-"], input="table inet neighbour {\n chain c {\n"
+                   " type filter hook forward priority 0; policy accept;\n"
+                   " tcp dport 8080 counter drop\n }\n}\n", text=True, check=True)
+    before = nft("list", "table", "inet", "neighbour")
+    fw.load(MIXED)
+    fw.apply(remove=MIXED)
+    assert fw.remove_table() is True
+    assert fw.remove_table() is False
+    assert nft("list", "table", "inet", "neighbour") == before
+    nft("delete", "table", "inet", "neighbour")
+
+
+def test_refusals_carry_nfts_words_and_change_nothing(fw):
+    fw.load(MIXED[:1])
+    with pytest.raises(KernelRefused) as info:
+        fw.session.run("add element inet oakestra_gw expose_v4 { udp . 1 : 10.30.0.1 . 1 }\n"
+                       "add element inet oakestra_gw no_such_map { tcp . 1 : 10.30.0.1 . 1 }")
+    assert "No such file or directory" in info.value.message
+    assert kernel_elements() == as_elements(MIXED[:1])
+
+
+def test_internal_addresses_and_api_port_in_the_rules(fw):
+    fw.load([])
+    text = nft("list", "table", "inet", "oakestra_gw")
+    assert "snat ip to 10.30.255.1" in text and "snat ip6 to fdff::ffff:1" in text
+    assert "tcp dport != 11022 accept" in text
+    assert "maxseg size set rt mtu" in text
