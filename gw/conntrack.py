@@ -26,11 +26,11 @@ DELETED_RE = re.compile(r"(\d+) flow entries have been deleted")
 def delete_command(e: Exposure) -> list[str]:
     """Pure: the conntrack invocation that removes exactly the flows DNATed through `e`:
     original destination port = the exposed port, reply source = the old service IP:port,
-    status DNAT. The host's own flows never match all of these."""
+    and DNATed. The host's own flows to the service are not DNATed, so they never match."""
     return ["conntrack", "-D", "-f", e.family, "-p", e.protocol,
             "--orig-port-dst", str(e.exposed_port),
             "--reply-src", str(e.service_ip), "--reply-port-src", str(e.service_port),
-            "--status", "DST_NAT"]
+            "--dst-nat"]
 
 
 def delete_entries(exposures: Iterable[Exposure]) -> int:

@@ -26,9 +26,11 @@ class Diff:
     unexpected: list[Key] = field(default_factory=list)        # in the kernel, not desired
     wrong: list[Exposure] = field(default_factory=list)        # in the kernel with another target
     table_missing: bool = False
+    chains_changed: bool = False  # someone edited our chains (not the maps)
 
     def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.wrong or self.table_missing)
+        return bool(self.missing or self.unexpected or self.wrong or self.table_missing
+                    or self.chains_changed)
 
     def summary(self) -> str:
         if self.table_missing:
@@ -36,6 +38,8 @@ class Diff:
         parts = [f"{len(v)} {name}" for name, v in
                  (("missing", self.missing), ("unexpected", self.unexpected),
                   ("with a wrong target", self.wrong)) if v]
+        if self.chains_changed:
+            parts.append("chains edited")
         return ", ".join(parts) or "in sync"
 
 
@@ -94,6 +98,21 @@ class Firewall:
         """Replace our whole table (skeleton and elements) in one transaction. Existing flows
         keep their conntrack NAT bindings, so they survive it."""
         self._run("load", ruleset.load(self.variables, exposures, self.skeleton))
+        self._chains_loaded = self.chains()
+
+    _chains_loaded: dict | None = None
+
+    def chains(self) -> dict[str, list]:
+        """Our chains' rules as the kernel lists them (no map elements: cheap at any size)."""
+        listing = self.session.run_json(f"list chains {ruleset.FAMILY}")
+        names = [c["chain"]["name"] for c in listing["nftables"]
+                 if "chain" in c and c["chain"]["table"] == ruleset.TABLE_NAME]
+        rules = {}
+        for name in names:
+            out = self.session.run_json(f"list chain {ruleset.TABLE} {name}")
+            rules[name] = [{k: v for k, v in r["rule"].items() if k != "handle"}
+                           for r in out["nftables"] if "rule" in r]
+        return rules
 
     def apply(self, add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> None:
         """One transaction of element deletes and adds. If the kernel disagrees with what the
@@ -133,7 +152,10 @@ class Firewall:
         return parse_listing(listing)
 
     def diff(self, desired: Iterable[Exposure]) -> Diff:
-        return compute_diff(desired, self.read())
+        diff = compute_diff(desired, self.read())
+        if not diff.table_missing and self._chains_loaded is not None:
+            diff.chains_changed = self.chains() != self._chains_loaded
+        return diff
 
     def remove_table(self) -> bool:
         """Delete our table (teardown). Returns whether it existed."""

@@ -118,13 +118,14 @@ class Gateway:
             return self.firewall.diff(Exposure.from_dict(d) for d in self.store.exposures())
 
     def reconcile(self) -> Diff:
-        """Report how the kernel differed from the store, then make it equal."""
+        """Compare kernel (maps and chains) with the store; if they differ, load the table
+        from the store in one transaction. Returns what differed."""
         with self._lock:
             diff = self.diff()
             if diff:
                 log.warning("reconcile: kernel differed from the store (%s); repairing",
                             diff.summary())
-            self.load()
+                self.load()
             return diff
 
     def _kernel(self, commit: Callable[[], None], kind: str = "change") -> None:

@@ -14,7 +14,8 @@ from typing import Iterable
 from .config import Settings
 from .exposure import Exposure, Key
 
-TABLE = "inet oakestra_gw"
+FAMILY, TABLE_NAME = "inet", "oakestra_gw"
+TABLE = f"{FAMILY} {TABLE_NAME}"
 MAPS = {"ipv4": "expose_v4", "ipv6": "expose_v6"}
 LOOPBACK = {"ipv4": ipaddress.ip_network("127.0.0.0/8"), "ipv6": ipaddress.ip_network("::1/128")}
 

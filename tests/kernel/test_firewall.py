@@ -118,3 +118,13 @@ def test_internal_addresses_and_api_port_in_the_rules(fw):
     assert "snat ip to 10.30.255.1" in text and "snat ip6 to fdff::ffff:1" in text
     assert "tcp dport != 11022 accept" in text
     assert "maxseg size set rt mtu" in text
+
+
+def test_edited_chains_count_as_drift(fw):
+    fw.load(MIXED)
+    assert not fw.diff(MIXED)
+    nft("insert", "rule", "inet", "oakestra_gw", "forward", "counter", "accept")
+    diff = fw.diff(MIXED)
+    assert diff.chains_changed and diff.summary() == "chains edited"
+    fw.load(MIXED)
+    assert not fw.diff(MIXED)

@@ -1,0 +1,140 @@
+"""Noticing when something else changes our table, without ever listing it in a loop.
+
+`nft monitor` prints each ruleset change as it is committed, and closes every transaction
+with a line naming the process that made it:
+
+    add element inet oakestra_gw expose_v4 { tcp . 80 : 10.30.0.1 . 80 }
+    # new generation 4 by process 8899 (nft)
+
+Our own commits come from this process (libnftables runs in it), so a transaction by any other
+process that names our table (or flushes the whole ruleset) is drift. The watcher then calls
+`on_drift`, which restores table and maps from the store in one transaction. If the monitor
+dies or reports lost events (ENOBUFS), we cannot know what happened: that counts as drift too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from .ruleset import TABLE_NAME
+
+log = logging.getLogger(__name__)
+GENERATION_RE = re.compile(r"^# new generation (\d+) by process (\d+)")
+
+
+@dataclass
+class Transaction:
+    generation: int
+    pid: int
+    changes: list[str] = field(default_factory=list)
+
+
+def transactions(lines: Iterable[str]) -> Iterator[Transaction | str]:
+    """Pure: group monitor lines into transactions; yield lines that are errors as strings."""
+    changes: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\n")
+        m = GENERATION_RE.match(line)
+        if m:
+            yield Transaction(int(m[1]), int(m[2]), changes)
+            changes = []
+        elif "Error" in line or "error" in line:
+            yield line
+        elif line.strip():
+            changes.append(line)
+
+
+def touches_our_table(changes: Iterable[str]) -> bool:
+    return any(re.search(rf"\binet {TABLE_NAME}\b", c) or c.startswith("flush ruleset")
+               for c in changes)
+
+
+def describe(changes: list[str]) -> str:
+    ours = [c for c in changes if TABLE_NAME in c or c.startswith("flush ruleset")]
+    head = "; ".join(c[:100] for c in ours[:3])
+    return head + (f" (+{len(ours) - 3} more)" if len(ours) > 3 else "")
+
+
+class DriftWatcher:
+    """Runs `nft monitor` in one thread and the repairs in another, so that reading events
+    never waits for a repair (a repair of 50k elements itself emits 50k events). Reports that
+    arrive while a repair is pending are coalesced into it."""
+
+    COALESCE = 0.05  # seconds: one repair for a burst of foreign changes
+
+    def __init__(self, on_drift: Callable[[str], None], own_pid: int | None = None,
+                 argv: tuple[str, ...] = ("nft", "monitor")):
+        self._on_drift = on_drift
+        self._own_pid = own_pid or os.getpid()
+        self._argv = argv
+        self._stop = threading.Event()
+        self._pending = threading.Event()
+        self._reasons: list[str] = []
+        self._proc: subprocess.Popen | None = None
+        self._threads = [threading.Thread(target=self._run, name="drift-watch", daemon=True),
+                         threading.Thread(target=self._repair, name="drift-repair", daemon=True)]
+        self.started = threading.Event()
+
+    def start(self) -> "DriftWatcher":
+        for thread in self._threads:
+            thread.start()
+        self.started.wait(5)
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+            except OSError as exc:
+                log.error("drift watch: cannot run %s: %s", " ".join(self._argv), exc)
+                self._stop.wait(5)
+                continue
+            # The monitor listens once it runs; give it a moment to subscribe.
+            time.sleep(0.1)
+            self.started.set()
+            for item in transactions(self._proc.stdout):
+                if isinstance(item, str):
+                    self._report(f"the monitor reported an error ({item.strip()}); "
+                                 "events may be lost")
+                elif item.pid != self._own_pid and touches_our_table(item.changes):
+                    self._report(f"process {item.pid} changed our table: "
+                                 f"{describe(item.changes)}")
+            if not self._stop.is_set():
+                self._report("the nftables monitor stopped; events may be lost")
+                self._stop.wait(0.5)
+
+    def _report(self, reason: str) -> None:
+        log.warning("drift: %s", reason)
+        self._reasons.append(reason)
+        self._pending.set()
+
+    def _repair(self) -> None:
+        while not self._stop.is_set():
+            if not self._pending.wait(0.5):
+                continue
+            time.sleep(self.COALESCE)
+            self._pending.clear()
+            reasons, self._reasons = self._reasons, []
+            try:
+                self._on_drift("; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else ""))
+            except Exception:  # the watcher must outlive a failed repair; the next event retries
+                log.exception("drift: repair failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._proc and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        for thread in self._threads:
+            thread.join(timeout=3)

@@ -1,0 +1,95 @@
+"""Drift: foreign changes to our table are noticed from nftables events and repaired; our own
+commits and other tables' changes are not drift."""
+
+import ipaddress
+import subprocess
+import threading
+import time
+
+import pytest
+
+from gw import ruleset
+from gw.config import parse_config
+from gw.drift import DriftWatcher, touches_our_table, transactions
+from gw.exposure import Exposure
+from gw.firewall import Firewall
+from gw.gateway import Gateway
+from gw.nft import NftSession
+from gw.store import Store
+
+SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
+                                     "internal_ipv6": "fdff::ffff:1"}})
+
+
+def test_monitor_lines_group_into_transactions():
+    lines = ["add table inet other\n", "# new generation 5 by process 42 (nft)\n",
+             "delete element inet oakestra_gw expose_v4 { tcp . 80 }\n",
+             "# new generation 6 by process 43 (nft)\n", "netlink: Error: No buffer space\n"]
+    items = list(transactions(lines))
+    assert [(t.generation, t.pid) for t in items[:2]] == [(5, 42), (6, 43)]
+    assert not touches_our_table(items[0].changes) and touches_our_table(items[1].changes)
+    assert touches_our_table(["flush ruleset"])
+    assert not touches_our_table(["add table inet oakestra_gw_not"])
+    assert items[2] == "netlink: Error: No buffer space"
+
+
+@pytest.fixture
+def watched(tmp_path):
+    subprocess.run(["nft", "table inet oakestra_gw\ndelete table inet oakestra_gw"], check=True)
+    gw = Gateway(Store(tmp_path / "s.json"), Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS)))
+    gw.load()
+    repairs = []
+    done = threading.Event()
+
+    def repair(reason):
+        repairs.append((reason, gw.reconcile()))
+        done.set()
+
+    watcher = DriftWatcher(repair).start()
+    yield gw, repairs, done
+    watcher.stop()
+    gw.store.close()
+    subprocess.run(["nft", "flush", "ruleset"], check=True)
+
+
+def elements():
+    out = subprocess.run(["nft", "list", "map", "inet", "oakestra_gw", "expose_v4"],
+                         capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+E = Exposure(8080, "tcp", ipaddress.ip_address("10.30.0.1"), 80)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("tamper", [
+    ["flush", "ruleset"],
+    ["delete", "table", "inet", "oakestra_gw"],
+    ["flush", "chain", "inet", "oakestra_gw", "prerouting"],
+    ["delete", "element", "inet", "oakestra_gw", "expose_v4", "{ tcp . 8080 }"],
+    ["add", "element", "inet", "oakestra_gw", "expose_v4", "{ udp . 9 : 10.30.0.9 . 9 }"],
+])
+def test_foreign_changes_are_repaired_within_two_seconds(watched, tamper):
+    gw, repairs, done = watched
+    gw.add([E])
+    time.sleep(0.3)
+    assert repairs == []  # our own commits are not drift
+    expected = elements()
+    subprocess.run(["nft", *tamper], check=True)
+    start = time.monotonic()
+    assert done.wait(2), "drift not repaired within 2 s"
+    assert time.monotonic() - start < 2
+    reason, diff = repairs[0]
+    assert "changed our table" in reason and diff
+    assert elements() == expected and not gw.diff()
+    assert "jump expose" in subprocess.run(["nft", "list", "chain", "inet", "oakestra_gw",
+                                            "prerouting"], capture_output=True,
+                                           text=True).stdout
+
+
+@pytest.mark.kernel
+def test_other_tables_are_not_drift(watched):
+    gw, repairs, done = watched
+    subprocess.run(["nft", "add table inet neighbour; add chain inet neighbour c"], check=True)
+    assert not done.wait(1)
+    assert repairs == []

@@ -1,0 +1,219 @@
+"""The gateway service over the real store and the real kernel: after every operation the
+kernel's maps equal the store, which equals a model of what was acknowledged."""
+
+import ipaddress
+import json
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from gw import ruleset
+from gw.config import parse_config
+from gw.errors import Conflict, KernelRefused, NotFound, StoreUnavailable
+from gw.exposure import DeleteRequest, Exposure
+from gw.firewall import Firewall
+from gw.gateway import Gateway
+from gw.nft import NftSession
+from gw.store import Store
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_table")]
+
+SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
+                                     "internal_ipv6": "fdff::ffff:1"}})
+
+
+def ex(port, ip, service_port=80, proto="tcp", service_id=None):
+    return Exposure(port, proto, ipaddress.ip_address(ip), service_port, service_id)
+
+
+def kernel_state() -> dict:
+    """The maps as the nft tool lists them (independent of the code under test)."""
+    out = subprocess.run(["nft", "-j", "list", "table", "inet", "oakestra_gw"],
+                         capture_output=True, text=True, check=True).stdout
+    state = {}
+    for item in json.loads(out)["nftables"]:
+        if "map" in item:
+            family = "ipv4" if item["map"]["name"] == "expose_v4" else "ipv6"
+            for k, v in item["map"].get("elem", []):
+                state[(family, k["concat"][0], k["concat"][1])] = (
+                    str(ipaddress.ip_address(v["concat"][0])), v["concat"][1])
+    return state
+
+
+def store_state(store) -> dict:
+    return {(d["family"], d["protocol"], d["exposed_port"]): (d["service_ip"], d["service_port"])
+            for d in store.exposures()}
+
+
+def open_gateway(path) -> Gateway:
+    gw = Gateway(Store(path), Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS)))
+    gw.load()
+    return gw
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    gw = open_gateway(tmp_path / "exposures.json")
+    yield gw
+    gw.store.close()
+
+
+def test_add_is_idempotent_relabels_and_conflicts(gateway):
+    e = ex(8080, "10.30.0.1")
+    assert [r.outcome for r in gateway.add([e])] == ["created"]
+    assert [r.outcome for r in gateway.add([e])] == ["unchanged"]
+    assert [r.outcome for r in gateway.add([ex(8080, "10.30.0.1", service_id="web")])] == [
+        "relabelled"]
+    assert gateway.store.get(e.key)["service_id"] == "web"
+    with pytest.raises(Conflict) as info:
+        gateway.add([ex(8080, "10.30.0.2")])
+    assert info.value.field == "exposed_port" and "10.30.0.1:80" in info.value.message
+    assert kernel_state() == store_state(gateway.store) == {e.key: ("10.30.0.1", 80)}
+
+
+def test_a_batch_is_all_or_nothing(gateway):
+    gateway.add([ex(80, "10.30.0.1")])
+    with pytest.raises(Conflict) as info:
+        gateway.add([ex(81, "10.30.0.1"), ex(82, "fdff::1"), ex(80, "10.30.0.9")])
+    assert info.value.field == "exposures[2].exposed_port"
+    assert kernel_state() == store_state(gateway.store) == {("ipv4", "tcp", 80): ("10.30.0.1", 80)}
+
+
+def test_delete_one_family_or_both(gateway):
+    gateway.add([ex(80, "10.30.0.1"), ex(80, "fdff::1"), ex(80, "10.30.0.1", proto="udp")])
+    assert [e.family for e in gateway.delete(DeleteRequest(80, "tcp", "ipv6"))] == ["ipv6"]
+    assert [e.family for e in gateway.delete(DeleteRequest(80, "tcp", None))] == ["ipv4"]
+    with pytest.raises(NotFound):
+        gateway.delete(DeleteRequest(80, "tcp", None))
+    assert kernel_state() == store_state(gateway.store) == {("ipv4", "udp", 80): ("10.30.0.1", 80)}
+
+
+def test_kernel_refusal_rolls_the_store_back(gateway):
+    gateway.add([ex(80, "10.30.0.1")])
+    before = store_state(gateway.store)
+    # Break the kernel side for real: without our table every transaction is refused.
+    subprocess.run(["nft", "delete", "table", "inet", "oakestra_gw"], check=True)
+    with pytest.raises(KernelRefused) as info:
+        gateway.add([ex(81, "10.30.0.2")])
+    assert "No such file or directory" in info.value.message
+    assert store_state(gateway.store) == before
+    assert "firewall" in gateway.problems
+    gateway.load()
+    assert kernel_state() == before and not gateway.problems
+
+
+def test_a_delete_converges_when_the_kernel_lost_the_element(gateway):
+    gateway.add([ex(80, "10.30.0.1"), ex(81, "10.30.0.1")])
+    subprocess.run(["nft", "flush", "map", "inet", "oakestra_gw", "expose_v4"], check=True)
+    gateway.delete(DeleteRequest(80, "tcp", None))
+    assert kernel_state() == {}
+    assert store_state(gateway.store) == {("ipv4", "tcp", 81): ("10.30.0.1", 80)}
+
+
+def test_store_failure_leaves_the_kernel_untouched(tmp_path):
+    """The store on a real, tiny filesystem that fills up."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        gw = open_gateway(mnt / "exposures.json")
+        gw.add([ex(80, "10.30.0.1")])
+        filler = mnt / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+        with pytest.raises(StoreUnavailable) as info:
+            gw.add([ex(81 + i, "10.30.0.2") for i in range(200)])
+        assert "space" in info.value.message.lower()
+        assert kernel_state() == store_state(gw.store) == {("ipv4", "tcp", 80): ("10.30.0.1", 80)}
+        filler.unlink()
+        gw.add([ex(81, "10.30.0.2")])  # recovers once there is room again
+        assert len(kernel_state()) == 2
+        gw.store.close()
+        assert store_state(Store(mnt / "exposures.json", shared=True)) == kernel_state()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_reconcile_reports_and_repairs_drift(gateway):
+    gateway.add([ex(80, "10.30.0.1"), ex(443, "fdff::1", 443)])
+    subprocess.run(["nft", "flush", "map", "inet", "oakestra_gw", "expose_v6"], check=True)
+    subprocess.run(["nft", "add", "element", "inet", "oakestra_gw", "expose_v4",
+                    "{ udp . 9 : 10.30.0.9 . 9 }"], check=True)
+    diff = gateway.reconcile()
+    assert [e.key for e in diff.missing] == [("ipv6", "tcp", 443)]
+    assert diff.unexpected == [("ipv4", "udp", 9)]
+    assert kernel_state() == store_state(gateway.store) and not gateway.diff()
+
+
+# -- a stateful property: random sequences against a model -----------------------------------
+
+ports = st.integers(1, 40)
+ips = st.sampled_from(["10.30.0.1", "10.30.0.2", "fdff:2000::1", "fdff:2000::2"])
+
+
+class GatewayMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        subprocess.run(["nft", "table inet oakestra_gw\ndelete table inet oakestra_gw"],
+                       check=True)
+        import tempfile
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = f"{self.dir.name}/exposures.json"
+        self.gw = open_gateway(self.path)
+        self.model: dict = {}
+
+    @rule(port=ports, ip=ips, service_port=st.integers(1, 3), proto=st.sampled_from(["tcp", "udp"]))
+    def add(self, port, ip, service_port, proto):
+        e = ex(port, ip, service_port, proto)
+        try:
+            self.gw.add([e])
+        except Conflict:
+            assert self.model[e.key] != (str(e.service_ip), service_port)
+        else:
+            assert self.model.setdefault(e.key, (str(e.service_ip), service_port)) == (
+                str(e.service_ip), service_port)
+
+    @rule(port=ports, proto=st.sampled_from(["tcp", "udp"]),
+          family=st.sampled_from([None, "ipv4", "ipv6"]))
+    def delete(self, port, proto, family):
+        request = DeleteRequest(port, proto, family)
+        expected = {k for k in self.model if request.matches(k)}
+        try:
+            deleted = self.gw.delete(request)
+        except NotFound:
+            assert not expected
+        else:
+            assert {e.key for e in deleted} == expected
+            for key in expected:
+                del self.model[key]
+
+    @rule()
+    def tamper_and_reconcile(self):
+        subprocess.run(["nft", "flush", "map", "inet", "oakestra_gw", "expose_v4"], check=True)
+        self.gw.reconcile()
+
+    @rule()
+    def restart(self):
+        self.gw.store.close()
+        self.gw = open_gateway(self.path)
+
+    @precondition(lambda self: self.model)
+    @rule()
+    def restart_with_empty_kernel(self):
+        self.gw.store.close()
+        subprocess.run(["nft", "delete", "table", "inet", "oakestra_gw"], check=True)
+        self.gw = open_gateway(self.path)
+
+    @invariant()
+    def kernel_equals_store_equals_model(self):
+        assert kernel_state() == store_state(self.gw.store) == self.model
+
+    def teardown(self):
+        self.gw.store.close()
+        self.dir.cleanup()
+
+
+TestGatewayMachine = GatewayMachine.TestCase
+TestGatewayMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
+                                       suppress_health_check=list(HealthCheck))
