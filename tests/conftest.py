@@ -1,6 +1,7 @@
-"""Shared fixtures. Kernel tests never run in the host's network namespace: if pytest was started
-there (as root), it moves itself into a fresh one before any test runs, so the host's ruleset,
-routes and sysctls are out of reach whatever a test does."""
+"""Shared fixtures. Kernel tests never run in the host's network namespace: pytest (as root)
+always moves itself into a fresh one before any test runs, so the host's ruleset, routes and
+sysctls are out of reach whatever a test does, however pytest was started. (Whether we are in
+the host's namespace cannot be told reliably: /proc/1/ns/net may be unreadable even to root.)"""
 
 from __future__ import annotations
 
@@ -13,20 +14,16 @@ import pytest
 CLONE_NEWNET = 0x40000000
 
 
-def _in_host_netns() -> bool:
-    try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
-    except OSError:
-        return False
-
-
 def pytest_configure(config):
     # Single-threaded here, so unshare() moves the whole process (and all later threads and
     # children) into the new namespace.
-    if os.geteuid() == 0 and _in_host_netns():
+    if os.geteuid() == 0:
+        before = os.stat("/proc/self/ns/net").st_ino
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.unshare(CLONE_NEWNET) != 0:
             raise RuntimeError(f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")
+        if os.stat("/proc/self/ns/net").st_ino == before:
+            raise RuntimeError("still in the starting network namespace after unshare()")
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
