@@ -56,6 +56,8 @@ class OakestraSettings:
     gateway_id: str = ""
     public_ipv4: str = ""
     public_ipv6: str = ""
+    give_up_after: float = 120.0  # first start: seconds of failed registration before exit 1
+    backoff_max: float = 30.0     # cap of the exponential backoff between tries (from 0.5 s)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ SECTIONS: dict[str, set[str]] = {
     "store": {"path"},
     "network": {"public_interfaces", "tunnel_interface", "bridge_interface", "internal_ipv4",
                 "internal_ipv6", "service_ranges", "reserved_ports"},
-    "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6"},
+    "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6", "give_up_after",
+                 "backoff_max"},
 }
 
 
@@ -157,7 +160,9 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             cluster_url=_url(_str(oak, "cluster_url", "oakestra", "")),
             gateway_id=_str(oak, "gateway_id", "oakestra", ""),
             public_ipv4=_str(oak, "public_ipv4", "oakestra", ""),
-            public_ipv6=_str(oak, "public_ipv6", "oakestra", "")),
+            public_ipv6=_str(oak, "public_ipv6", "oakestra", ""),
+            give_up_after=_seconds(oak, "give_up_after", "oakestra", 120.0, 0, 86400),
+            backoff_max=_seconds(oak, "backoff_max", "oakestra", 30.0, 0.1, 3600)),
     )
     if not settings.network.service_ranges:
         raise ConfigError("network.service_ranges must name at least one network",
@@ -194,6 +199,14 @@ def _int(table, key, section, default, low, high) -> int:
         raise ConfigError(f"{section}.{key} must be from {low} to {high}, not {value}",
                           field=f"{section}.{key}")
     return value
+
+
+def _seconds(table, key, section, default, low, high) -> float:
+    value = _get(table, key, section, default, (int, float), "a number of seconds")
+    if not low <= value <= high:
+        raise ConfigError(f"{section}.{key} must be from {low} to {high} seconds, not {value}",
+                          field=f"{section}.{key}")
+    return float(value)
 
 
 def _port(table, key, section, default) -> int:
