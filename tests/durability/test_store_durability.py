@@ -1,0 +1,288 @@
+"""Durability of gw.store: a writer process commits and acknowledges changes; it is killed -9,
+or its filesystem loses everything not yet fsync'd (a loop-mounted ext4 shut down with
+EXT4_IOC_SHUTDOWN / NOLOGFLUSH); then the store must hold every acknowledged change, and at most
+the one in flight more. Disk full and read-only filesystems are real ones (tmpfs, a read-only
+bind mount)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crashwriter import apply_changes
+from gw.errors import StoreUnavailable
+from gw.store import Store
+
+WRITER = Path(__file__).with_name("crashwriter.py")
+ROUNDS = 50
+EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+def run_writer(path: Path, seed: int, seconds: float, *, power_loss=None, fsync=True) -> int:
+    """Runs a writer for `seconds`, then kills it -9 and returns how many commits it
+    acknowledged. With power_loss, the writer is frozen first (SIGSTOP: no syscall of it is in
+    flight any more) and power_loss() called: like a machine that loses power, it acknowledges
+    nothing after that. (Not freezing it lets an fsync that raced the ext4 shutdown return 0 for
+    a transaction the shutdown threw away: an ack no real machine could have sent.)"""
+    argv = [sys.executable, str(WRITER), str(path), str(seed)] + ([] if fsync else ["--no-fsync"])
+    writer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(seconds)
+        if power_loss:
+            os.kill(writer.pid, signal.SIGSTOP)
+            os.waitpid(writer.pid, os.WUNTRACED)
+            power_loss()
+    finally:
+        writer.kill()
+        out, err = writer.communicate(timeout=30)
+    acks = [line for line in out.splitlines() if line.startswith("ack ")]
+    assert acks == [f"ack {i}" for i in range(len(acks))], out
+    assert writer.returncode == -signal.SIGKILL, f"the writer died by itself: {err}"
+    return len(acks)
+
+
+def state_of(path: Path) -> tuple[dict, dict]:
+    with Store(path) as store:
+        assert store.check() == []
+        return {(d["family"], d["protocol"], d["exposed_port"]): d
+                for d in store.exposures()}, store.meta()
+
+
+def expected_states(base: tuple[dict, dict], seed: int, acked: int):
+    """What the store may hold: all acked changes, and maybe the one in flight."""
+    for n in (acked, acked + 1):
+        docs, meta = dict(base[0]), dict(base[1])
+        apply_changes(docs, meta, seed, 0, n)
+        yield docs, meta
+
+
+def check_round(path: Path, base, seed: int, acked: int) -> tuple[dict, dict]:
+    got = state_of(path)
+    assert got in list(expected_states(base, seed, acked)), (
+        f"seed {seed}: {acked} changes acked, the store holds another state")
+    return got
+
+
+@pytest.mark.slow
+def test_kill_9_loses_no_acknowledged_change(tmp_path):
+    """Each round the writer continues on the store the last one left (torn records, rotated
+    journals, half-written snapshots included)."""
+    path = tmp_path / "exposures.json"
+    rnd = random.Random(1)
+    state, total = ({}, {}), 0
+    for seed in range(ROUNDS):
+        acked = run_writer(path, seed, rnd.uniform(0.15, 0.6))
+        state = check_round(path, state, seed, acked)
+        total += acked
+    assert total > ROUNDS * 20, "the writer hardly wrote: the test proves little"
+
+
+# --- power loss ----------------------------------------------------------------------------------
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+class MountNamespace:
+    """A private mount namespace held by a child process. Mounts made in it are seen by no other
+    namespace: not even by one that another process creates meanwhile (`ip netns exec` does, and
+    would keep a copy of the mount, and its loop device, alive); and when the holder ends, its
+    mounts go with it. This process reaches in through /proc/<holder>/root."""
+
+    def __init__(self):
+        # `cat` ends when its stdin closes: also when this process dies without cleaning up.
+        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "cat"],
+                                       stdin=subprocess.PIPE)
+        for _ in range(500):
+            if os.path.realpath(f"/proc/{self.holder.pid}/exe").endswith("/cat"):
+                return
+            time.sleep(0.01)
+        self.close()
+        raise RuntimeError("unshare --mount did not start")
+
+    def run(self, *argv: str) -> str:
+        return sh("nsenter", "-t", str(self.holder.pid), "-m", *argv)
+
+    def path(self, path: Path) -> Path:
+        return Path(f"/proc/{self.holder.pid}/root") / path.relative_to("/")
+
+    def close(self) -> None:
+        self.holder.stdin.close()
+        self.holder.wait(timeout=30)
+
+
+@pytest.fixture
+def mount_ns():
+    if os.geteuid() != 0 or not all(map(shutil.which, ("unshare", "nsenter", "mount"))):
+        pytest.skip("needs root, unshare, nsenter and mount")
+    ns = MountNamespace()
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+class Ext4:
+    """A loop-mounted ext4 image in a private mount namespace; `path` is the mount point as this
+    process sees it."""
+
+    def __init__(self, ns: MountNamespace, directory: Path):
+        self.ns = ns
+        self.image = directory / "ext4.img"
+        self.mountpoint = directory / "mnt"
+        self.path = ns.path(self.mountpoint)
+        self.loop: str | None = None
+
+    def create(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(64 << 20)
+        sh("mkfs.ext4", "-q", "-F", str(self.image))
+        self.mountpoint.mkdir()
+
+    def mount(self) -> None:
+        self.loop = sh("losetup", "--find", "--show", str(self.image)).strip()
+        self.ns.run("mount", "-t", "ext4", self.loop, str(self.mountpoint))
+
+    def shutdown(self) -> None:
+        """Power loss: what was not fsync'd (and committed to ext4's journal) is gone."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+        finally:
+            os.close(fd)
+
+    def unmount(self) -> None:
+        if self.loop:
+            subprocess.run(["nsenter", "-t", str(self.ns.holder.pid), "-m", "umount",
+                            str(self.mountpoint)], capture_output=True)
+            sh("losetup", "-d", self.loop)  # or, if still busy, when the namespace goes
+            self.loop = None
+
+    def remount(self) -> None:
+        self.unmount()
+        self.mount()
+
+
+@pytest.fixture
+def ext4(mount_ns, tmp_path):
+    if not all(map(shutil.which, ("mkfs.ext4", "losetup"))):
+        pytest.skip("needs mkfs.ext4 and losetup")
+    fs = Ext4(mount_ns, tmp_path)
+    try:
+        try:
+            fs.create()
+            fs.mount()
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot loop-mount an ext4 image here: {e.stderr.strip()}")
+        yield fs
+    finally:
+        fs.unmount()
+
+
+@pytest.mark.slow
+@pytest.mark.kernel
+def test_power_loss_loses_no_acknowledged_change(ext4):
+    path = ext4.path / "state" / "exposures.json"
+    rnd = random.Random(2)
+    state, total = ({}, {}), 0
+    for seed in range(ROUNDS):
+        acked = run_writer(path, seed, rnd.uniform(0.15, 0.6), power_loss=ext4.shutdown)
+        ext4.remount()
+        state = check_round(path, state, seed, acked)
+        total += acked
+    assert total > ROUNDS * 10, "the writer hardly wrote: the test proves little"
+
+
+@pytest.mark.kernel
+def test_the_power_loss_test_catches_a_missing_fsync(ext4):
+    """The same harness with a store that does not fsync: acknowledged changes get lost (ext4
+    commits its journal every 5 s, and nothing forces it sooner), and the check sees it."""
+    caught = []
+    for seed in range(3):
+        path = ext4.path / f"nofsync{seed}" / "exposures.json"
+        acked = run_writer(path, seed, 1.0, power_loss=ext4.shutdown, fsync=False)
+        ext4.remount()
+        assert acked > 0
+        try:
+            check_round(path, ({}, {}), seed, acked)
+        except AssertionError:
+            caught.append(seed)
+    assert caught == [0, 1, 2], "a store without fsync survived a power loss: the test is blind"
+
+
+# --- a full or read-only filesystem --------------------------------------------------------------
+
+def fill(directory: Path) -> Path:
+    """Fills the filesystem to the last byte."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 16, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"x" * size)
+    return filler
+
+
+def exposure(port: int, **extra) -> dict:
+    return {"exposed_port": port, "protocol": "udp", "service_ip": "10.30.0.1",
+            "service_port": 1, "family": "ipv4", **extra}
+
+
+@pytest.mark.kernel
+def test_a_full_disk_refuses_the_change_and_the_store_recovers(mount_ns, tmp_path):
+    (tmp_path / "small").mkdir()
+    mount_ns.run("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tmp_path / "small"))
+    small = mount_ns.path(tmp_path / "small")
+    path = small / "exposures.json"
+    store = Store(path)
+    store.commit(put=[exposure(1), exposure(2)], meta={"gateway_id": "g"})
+    journal = path.with_name("exposures.json.journal")
+    journal_bytes = journal.read_bytes()
+    filler = fill(small)
+    # Bigger than what is left of the journal's last page: it is written in part, then fails.
+    big = {"put": [exposure(p, service_id="x" * 200) for p in range(10, 100)],
+           "delete": [("ipv4", "udp", 1)], "meta": {"full": True}}
+    with pytest.raises(StoreUnavailable, match="ENOSPC"):
+        store.commit(**big)
+    assert store.exposures() == [exposure(1), exposure(2)]
+    assert store.meta() == {"gateway_id": "g"}
+    assert journal.read_bytes() == journal_bytes  # the partial record was cut
+    store.close()  # its compaction fails: logged, nothing lost
+    filler.unlink()
+    with Store(path) as store:
+        assert store.exposures() == [exposure(1), exposure(2)]
+        store.commit(**big)
+    with Store(path) as store:
+        assert len(store) == 91 and store.meta() == {"gateway_id": "g", "full": True}
+
+
+@pytest.mark.kernel
+def test_a_read_only_filesystem_refuses_the_change_and_the_store_recovers(mount_ns, tmp_path):
+    rw, view = tmp_path / "rw", tmp_path / "view"
+    with Store(rw / "exposures.json") as store:
+        store.commit(put=[exposure(1)])
+    view.mkdir()
+    mount_ns.run("mount", "--bind", str(rw), str(view))
+    mount_ns.run("mount", "-o", "remount,bind,ro", str(view))
+    store = Store(mount_ns.path(view) / "exposures.json")  # reading works
+    assert store.exposures() == [exposure(1)]
+    with pytest.raises(StoreUnavailable, match="EROFS"):
+        store.commit(put=[exposure(2)])
+    assert store.exposures() == [exposure(1)]
+    mount_ns.run("mount", "-o", "remount,bind,rw", str(view))
+    store.commit(put=[exposure(2)])
+    store.close()
+    with Store(rw / "exposures.json") as store:
+        assert store.exposures() == [exposure(1), exposure(2)]
