@@ -1,0 +1,295 @@
+"""The management API (DESIGN.md, "Management API"): a Flask app factory with thin views over
+`gw.gateway.Gateway`.
+
+Every answer is JSON; every error is ``{"error": <code>, "message": <sentence>, "field"?}``.
+A request is checked in this order: route and method (404, 405), bearer token (401), content
+type (415), size (413), JSON syntax (400), fields (400), then the gateway decides (201, 200,
+404, 409, 503). A request that fails changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from . import openapi
+from .auth import bearer_matches
+from .config import Settings
+from .errors import GatewayError, InvalidInput
+from .exposure import Exposure, parse_delete, parse_exposures
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
+from .sockets import Listening
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("gw.audit")
+
+MAX_BODY = 64 * 1024
+OPEN_ENDPOINTS = {"health", "ready"}
+MUTATING_ENDPOINTS = {"add", "delete"}
+JSON_TYPE = "application/json"
+
+# Werkzeug's errors as our error codes.
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+              405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+              500: "internal_error"}
+
+
+class ApiError(GatewayError):
+    """An error of the HTTP layer itself (auth, media type, JSON syntax)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message, field=field)
+        self.status = status
+        self.code = code
+        self.headers = headers or {}
+
+
+@dataclass
+class _State:
+    """What a reload (SIGHUP) may change while the app serves."""
+
+    settings: Settings
+    token: Any  # str | None | Callable[[], str | None]
+    listening: Callable
+
+    def current_token(self) -> str | None:
+        return self.token() if callable(self.token) else self.token
+
+    def policy(self):
+        # One procfs read per request, however many exposures it carries.
+        ports = frozenset(self.listening())
+        return replace(self.settings.policy(), listening=lambda: ports)
+
+
+def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | None = None,
+               ready_checks: Callable[[], dict] | None = None,
+               listening: Callable | None = None) -> Flask:
+    """The WSGI app. `token`: the bearer token (a string, None for none, or a callable giving
+    either, read per request). `ready_checks()`: data-path problems by cause (normally
+    ``gw.netlink.readiness_problems(settings)``). `listening()`: the (port, proto) pairs local
+    processes listen on (default: procfs, gw.sockets)."""
+    app = Flask("gw.api")
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
+    app.json.sort_keys = False
+    app.json.compact = True
+    state = _State(settings, token, listening or Listening())
+    metrics = metrics if metrics is not None else Metrics(gateway)
+    if metrics.gateway is None:
+        metrics.bind(gateway)
+    ready_checks = ready_checks or (lambda: {})
+    app.extensions["oakestra_gw"] = state
+    app.extensions["oakestra_gw.metrics"] = metrics
+    schema_cache: dict[bool, bytes] = {}
+    schema_lock = threading.Lock()
+
+    # -- request pipeline -------------------------------------------------------------------
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        if request.routing_exception is not None:
+            return  # 404 and 405 come first (the routes are public: see the OpenAPI document)
+        token_now = state.current_token()
+        if token_now and request.endpoint not in OPEN_ENDPOINTS:
+            header = request.headers.get("Authorization")
+            if not bearer_matches(header, token_now):
+                challenge = 'Bearer realm="oakestra-gw"'
+                if header:
+                    challenge += ', error="invalid_token"'
+                raise ApiError(401, "unauthorized", "a valid bearer token is required "
+                               "(Authorization: Bearer <token>)" if not header else
+                               "the bearer token is not valid",
+                               headers={"WWW-Authenticate": challenge})
+
+    @app.after_request
+    def _finish(response: Response):
+        seconds = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.observe_request(route, request.method, response.status_code, seconds)
+        if request.endpoint in MUTATING_ENDPOINTS:
+            _audit(response)
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def _audit(response: Response) -> None:
+        what = g.get("audit_what") or f"{request.endpoint} (invalid request)"
+        result = g.get("audit_result")
+        if result is None:
+            try:
+                body = response.get_json(silent=True) or {}
+            except Exception:  # noqa: BLE001
+                body = {}
+            result = body.get("error", "")
+            if body.get("field"):
+                result += f" field={body['field']}"
+        audit.info("who=%s what=%s result=%s", request.remote_addr or "-",
+                   json.dumps(what), json.dumps(f"{response.status_code} {result}".strip()))
+
+    # -- errors: one handler for our errors, one for werkzeug's ------------------------------
+
+    @app.errorhandler(GatewayError)
+    def _gateway_error(exc: GatewayError):
+        if exc.status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        response = app.json.response(exc.to_dict())
+        response.status_code = exc.status
+        for name, value in getattr(exc, "headers", {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        code = HTTP_CODES.get(status, (exc.name or "error").lower().replace(" ", "_"))
+        message = {
+            404: f"no such route: {request.path}",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: f"the body is larger than {MAX_BODY} bytes",
+        }.get(status, exc.description or exc.name)
+        response = app.json.response({"error": code, "message": message})
+        response.status_code = status
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        response = app.json.response({"error": "internal_error",
+                                      "message": "an internal error occurred; see the log"})
+        response.status_code = 500
+        return response
+
+    # -- views ------------------------------------------------------------------------------
+
+    @app.post("/api/service/exposure/add", endpoint="add")
+    def add():
+        exposures = parse_exposures(_json_body(), state.policy())
+        g.audit_what = "add " + _describe(exposures)
+        results = gateway.add(exposures)
+        created = sum(r.outcome == "created" for r in results)
+        g.audit_result = ", ".join(f"{n} {o}" for o, n in _tally(r.outcome for r in results))
+        return {"exposures": [r.exposure.to_dict() for r in results],
+                "outcomes": [r.outcome for r in results],
+                "created": created}, 201 if created else 200
+
+    @app.post("/api/service/exposure/delete", endpoint="delete")
+    def delete():
+        req = parse_delete(_json_body())
+        g.audit_what = (f"delete {req.exposed_port}/{req.protocol} "
+                        f"{req.family or 'ipv4+ipv6'}")
+        deleted = gateway.delete(req)
+        g.audit_result = "deleted " + _describe(deleted)
+        return {"deleted": [e.to_dict() for e in deleted]}, 200
+
+    @app.get("/api/service/exposure", endpoint="list")
+    def list_exposures():
+        return {"exposures": gateway.exposures()}
+
+    @app.get("/api/health", endpoint="health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/api/ready", endpoint="ready")
+    def ready():
+        reasons = dict(gateway.problems)
+        try:
+            reasons.update(ready_checks() or {})
+        except Exception as exc:  # noqa: BLE001 - a failing check is a reason, not a 500
+            log.exception("readiness check failed")
+            reasons["readiness_check"] = f"the readiness check failed: {exc}"
+        if not reasons:
+            return {"ready": True}
+        return {"ready": False, "error": "not_ready",
+                "message": "not ready: " + "; ".join(f"{k}: {v}" for k, v in
+                                                     sorted(reasons.items())),
+                "reasons": reasons}, 503
+
+    @app.get("/metrics", endpoint="metrics")
+    def metrics_view():
+        return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/api/openapi.json", endpoint="openapi")
+    def openapi_view():
+        auth = bool(state.current_token())
+        with schema_lock:
+            if auth not in schema_cache:
+                schema_cache[auth] = json.dumps(openapi.document(auth=auth), indent=1).encode()
+            body = schema_cache[auth]
+        return Response(body, content_type=JSON_TYPE)
+
+    return app
+
+
+def reconfigure(app: Flask, settings: Settings | None = None, *, token=...) -> None:
+    """Apply a reloaded configuration to a serving app (policy, token)."""
+    state: _State = app.extensions["oakestra_gw"]
+    if settings is not None:
+        state.settings = settings
+    if token is not ...:
+        state.token = token
+
+
+def metrics_of(app: Flask) -> Metrics:
+    return app.extensions["oakestra_gw.metrics"]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def _json_body() -> Any:
+    if request.mimetype != JSON_TYPE:
+        shown = request.mimetype or "none"
+        raise ApiError(415, "unsupported_media_type", f"the body must be JSON sent with "
+                       f"Content-Type: application/json, not {shown}")
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    charset = request.mimetype_params.get("charset", "utf-8").lower()
+    if charset not in ("utf-8", "utf8"):
+        raise ApiError(415, "unsupported_media_type", f"the body must be UTF-8, not {charset}")
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                          parse_constant=_no_constant)
+    except InvalidInput:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        where = f" (line {exc.lineno} column {exc.colno})" if isinstance(
+            exc, json.JSONDecodeError) else ""
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else (
+            "not UTF-8" if isinstance(exc, UnicodeDecodeError) else
+            "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {reason}{where}") \
+            from None
+
+
+def _no_duplicates(pairs):
+    doc = {}
+    for key, value in pairs:
+        if key in doc:
+            raise InvalidInput(f"field {key} appears twice", field=key)
+        doc[key] = value
+    return doc
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _describe(exposures: list[Exposure]) -> str:
+    shown = ", ".join(str(e) for e in exposures[:3])
+    return shown + (f" (+{len(exposures) - 3} more)" if len(exposures) > 3 else "")
+
+
+def _tally(outcomes):
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o] = counts.get(o, 0) + 1
+    return counts.items()

@@ -1,0 +1,335 @@
+"""Prometheus metrics of one gateway process, in a registry of its own (never the global one).
+
+What a scrape costs: counting the stored exposures by family and protocol and two small procfs
+reads (conntrack count/max and its per-CPU statistics). Never a listing of the nftables maps.
+The opt-in per-exposure connection counter is kept up to date by a background thread reading
+conntrack's NEW events; a scrape only copies its counts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from . import conntrack
+from .exposure import Key
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONNTRACK_STAT = Path("/proc/net/stat/nf_conntrack")
+DROP_COLUMNS = ("drop", "early_drop", "insert_failed")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def read_conntrack_drops(path: Path = CONNTRACK_STAT) -> dict[str, int]:
+    """Sum of the per-CPU ``drop``, ``early_drop`` and ``insert_failed`` columns (hex) of
+    /proc/net/stat/nf_conntrack (this network namespace's counters); {} when unreadable."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    if not lines:
+        return {}
+    header = lines[0].split()
+    totals = {name: 0 for name in DROP_COLUMNS if name in header}
+    for line in lines[1:]:
+        values = line.split()
+        if len(values) != len(header):
+            continue
+        for name in totals:
+            try:
+                totals[name] += int(values[header.index(name)], 16)
+            except ValueError:
+                pass
+    return totals
+
+
+class _StateCollector:
+    """Values read at scrape time: all cheap."""
+
+    def __init__(self, metrics: "Metrics"):
+        self._m = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        m = self._m
+        if m.gateway is not None:
+            exposures = GaugeMetricFamily("gw_exposures", "Stored exposures by family and "
+                                          "protocol", labels=["family", "protocol"])
+            counts = m.gateway.counts()
+            for family in ("ipv4", "ipv6"):
+                for protocol in ("tcp", "udp"):
+                    exposures.add_metric([family, protocol], counts.get((family, protocol), 0))
+            yield exposures
+            problems = GaugeMetricFamily("gw_problems", "Causes that make the gateway not ready "
+                                         "(firewall, drift, store), 1 while present",
+                                         labels=["cause"])
+            for cause in sorted(dict(m.gateway.problems)):
+                problems.add_metric([cause], 1)
+            yield problems
+        stats = m.conntrack_stats()
+        if "nf_conntrack_count" in stats:
+            yield GaugeMetricFamily("gw_conntrack_entries", "Conntrack entries in use",
+                                    value=stats["nf_conntrack_count"])
+        if "nf_conntrack_max" in stats:
+            yield GaugeMetricFamily("gw_conntrack_max", "Conntrack table limit",
+                                    value=stats["nf_conntrack_max"])
+        drops = m.conntrack_drops()
+        if drops:
+            family = CounterMetricFamily("gw_conntrack_drops", "Conntrack drops by kind "
+                                         "(/proc/net/stat/nf_conntrack, all CPUs)",
+                                         labels=["kind"])
+            for kind, value in sorted(drops.items()):
+                family.add_metric([kind], value)
+            yield family
+        if m.connections is not None:
+            yield from m.connections.collect()
+
+
+class Metrics:
+    """Everything /metrics shows. Create it before the firewall and the gateway (they report
+    to `observe_firewall` and `on_change`), then `bind` the gateway."""
+
+    def __init__(self, gateway=None, *, conntrack_stats: Callable[[], dict] = conntrack.table_stats,
+                 conntrack_drops: Callable[[], dict] = read_conntrack_drops):
+        disable_created_metrics()  # no *_created series: they only double the output
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.gateway = gateway
+        self.conntrack_stats = conntrack_stats
+        self.conntrack_drops = conntrack_drops
+        self.connections: ConnectionCounter | None = None
+        r = self.registry
+        self.api_requests = Counter("gw_api_requests", "API requests by route, method and "
+                                    "status", ["route", "method", "status"], registry=r)
+        self.api_latency = Histogram("gw_api_request_duration_seconds", "API request latency "
+                                     "by route and method", ["route", "method"],
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.fw_latency = Histogram("gw_firewall_transaction_duration_seconds", "nftables "
+                                    "transaction latency by kind (change, load)", ["kind"],
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.fw_failures = Counter("gw_firewall_transaction_failures", "nftables transactions "
+                                   "the kernel refused, by kind", ["kind"], registry=r)
+        self.changes = Counter("gw_kernel_commits", "Gateway commits to the kernel by kind "
+                               "(change, reconcile) and result", ["kind", "result"], registry=r)
+        self.reconcile_runs = Counter("gw_reconcile_runs", "Loads of the whole table from the "
+                                      "store (start, reload, repair) by result", ["result"],
+                                      registry=r)
+        self.drift_repairs = Counter("gw_drift_repairs", "Reconciles that found the kernel "
+                                     "different from the store and repaired it", registry=r)
+        self.drift_elements = Counter("gw_drift_repaired_elements", "Map elements repaired, by "
+                                      "what was wrong (missing, unexpected, wrong_target)",
+                                      ["what"], registry=r)
+        self.started = Gauge("gw_start_time_seconds", "When the process started (Unix time)",
+                             registry=r)
+        self.started.set(time.time())
+        for kind in ("change", "load"):
+            self.fw_failures.labels(kind)
+        for result in ("ok", "failed"):
+            self.reconcile_runs.labels(result)
+        r.register(_StateCollector(self))
+
+    def bind(self, gateway) -> "Metrics":
+        self.gateway = gateway
+        return self
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def observe_firewall(self, kind: str, seconds: float, ok: bool) -> None:
+        """Firewall(observe=...)."""
+        self.fw_latency.labels(kind).observe(seconds)
+        if not ok:
+            self.fw_failures.labels(kind).inc()
+
+    def on_change(self, kind: str, ok: bool) -> None:
+        """Gateway(on_change=...)."""
+        result = "ok" if ok else "failed"
+        self.changes.labels(kind, result).inc()
+        if kind == "reconcile":
+            self.reconcile_runs.labels(result).inc()
+        if ok and self.connections is not None:
+            self.connections.poke()  # the set of exposures changed: re-read it soon
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.api_requests.labels(route, method, str(status)).inc()
+        self.api_latency.labels(route, method).observe(seconds)
+
+    def reconciled(self, diff) -> None:
+        """After Gateway.reconcile(): count a repair when the kernel had drifted."""
+        if not diff:
+            return
+        self.drift_repairs.inc()
+        for what, items in (("missing", diff.missing), ("unexpected", diff.unexpected),
+                            ("wrong_target", diff.wrong)):
+            if items:
+                self.drift_elements.labels(what).inc(len(items))
+        if diff.table_missing:
+            self.drift_elements.labels("table").inc()
+
+    # -- per-exposure counters -------------------------------------------------------------
+
+    def start_connection_counter(self, exposures: Callable[[], Iterable[dict]],
+                                 **kw) -> "ConnectionCounter":
+        self.connections = ConnectionCounter(exposures, **kw)
+        self.connections.start()
+        return self.connections
+
+    def close(self) -> None:
+        if self.connections is not None:
+            self.connections.close()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- new connections per exposure, from conntrack events ------------------------------------
+
+EVENT_RE = re.compile(
+    r"\[NEW\]\s+(?P<proto>tcp|udp)\s.*?"
+    r"src=(?P<osrc>\S+) dst=(?P<odst>\S+) sport=\d+ dport=(?P<odport>\d+)\s.*?"
+    r"src=(?P<rsrc>\S+) dst=\S+ sport=(?P<rsport>\d+) dport=\d+")
+
+
+def parse_event(line: str) -> tuple[Key, tuple] | None:
+    """Pure: a ``conntrack -E`` NEW line -> (key it would match, (reply source IP, port))."""
+    m = EVENT_RE.search(line)
+    if not m:
+        return None
+    try:
+        reply_src = ipaddress.ip_address(m["rsrc"])
+    except ValueError:
+        return None
+    family = "ipv4" if reply_src.version == 4 else "ipv6"
+    return (family, m["proto"], int(m["odport"])), (reply_src, int(m["rsport"]))
+
+
+class ConnectionCounter:
+    """Counts new connections per exposure: a ``conntrack -E -e NEW`` subprocess read by a
+    thread; an event counts for an exposure when its original destination port is the
+    exposed port and its reply comes from the exposure's target (so it was DNATed by it).
+    The kernel may drop events under a storm (conntrack warns, we count them as lost):
+    the counter can only undercount. The set of exposures is re-read every `refresh`
+    seconds; the counter of a deleted exposure disappears."""
+
+    def __init__(self, exposures: Callable[[], Iterable[dict]], refresh: float = 5.0,
+                 command: tuple[str, ...] = ("conntrack", "-E", "-e", "NEW", "-b", "4194304")):
+        self._exposures = exposures
+        self._refresh = refresh
+        self._command = list(command)
+        self._lock = threading.Lock()
+        self._targets: dict[Key, tuple] = {}
+        self._counts: dict[Key, int] = {}
+        self.lost = 0
+        self._stop = threading.Event()
+        self._poked = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.refresh()
+        for name, target in (("conntrack-events", self._read_loop),
+                             ("exposure-refresh", self._refresh_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def refresh(self) -> None:
+        targets = {}
+        for doc in self._exposures():
+            key = (doc["family"], doc["protocol"], int(doc["exposed_port"]))
+            targets[key] = (ipaddress.ip_address(doc["service_ip"]), int(doc["service_port"]))
+        with self._lock:
+            self._targets = targets
+            self._counts = {k: v for k, v in self._counts.items() if k in targets}
+
+    def count(self, line: str) -> None:
+        parsed = parse_event(line)
+        if parsed is None:
+            if "ENOBUFS" in line or "losing events" in line:
+                with self._lock:
+                    self.lost += 1
+            return
+        key, reply = parsed
+        with self._lock:
+            if self._targets.get(key) == reply:
+                self._counts[key] = self._counts.get(key, 0) + 1
+
+    def snapshot(self) -> dict[Key, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "gw_exposure_new_connections", "New connections DNATed by each exposure since "
+            "the process started (conntrack NEW events; may undercount under event loss)",
+            labels=["family", "protocol", "exposed_port"])
+        for (fam, proto, port), value in sorted(self.snapshot().items()):
+            family.add_metric([fam, proto, str(port)], value)
+        yield family
+        yield CounterMetricFamily("gw_exposure_connection_events_lost",
+                                  "Times conntrack reported lost events", value=self.lost)
+
+    def poke(self) -> None:
+        """Re-read the exposures now rather than at the next period (after a change)."""
+        self._poked.set()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.is_set():
+            self._poked.wait(self._refresh)
+            self._poked.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a metrics thread must never die
+                log.exception("per-exposure metrics: refresh failed")
+
+    def _read_loop(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                self._proc = subprocess.Popen(self._command, stdout=subprocess.PIPE,
+                                              stderr=subprocess.STDOUT, text=True, bufsize=1)
+            except OSError as exc:
+                log.error("per-exposure metrics: cannot run %s: %s", self._command[0], exc)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 60)
+                continue
+            started = time.monotonic()
+            for line in self._proc.stdout:
+                self.count(line)
+            self._proc.wait()
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            log.warning("per-exposure metrics: conntrack exited (%s); restarting in %.0f s",
+                        self._proc.returncode, backoff)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 60)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poked.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for t in self._threads:
+            t.join(timeout=2)

@@ -1,0 +1,419 @@
+"""The daemon: `oakestra-gw serve --config FILE` (DESIGN.md, "Process lifecycle").
+
+Start: config -> store -> Oakestra bring-up (internal IPs, bridge) -> token -> load the
+skeleton and the stored exposures into the kernel (one transaction) -> serve the API (waitress)
+-> ready callback to the cluster -> READY=1 to systemd, then watchdog pings while healthy.
+
+Signals: SIGHUP re-reads the config, applies what can change live and reconciles the kernel to
+the store (repairing a tampered table); SIGTERM/SIGINT stop serving and close the store, and
+leave the kernel table as it is, so traffic keeps flowing while the process is away.
+
+Exit codes: 0 after SIGTERM/SIGINT, 2 for a configuration error (one line naming the key),
+1 for anything else that stops the start (store, kernel, address in use).
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import replace
+
+from . import api, auth, oakestra, ruleset
+from .config import Settings, load_config
+from .conntrack import Flusher
+from .errors import ConfigError, GatewayError
+from .exposure import Exposure
+from .firewall import Firewall
+from .gateway import Gateway
+from .metrics import Metrics
+
+log = logging.getLogger("gw.server")
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+# Waitress: slow or half-open clients must not block the others. Requests are read by the
+# event loop, never by a worker thread, so a trickling client holds a socket, not a thread;
+# an idle connection is closed after CHANNEL_TIMEOUT. Bodies past MAX_BODY_BUFFER are refused by
+# waitress before they are buffered (the app's own limit, 64 KiB, answers JSON below that).
+WAITRESS = dict(channel_timeout=30, cleanup_interval=5, connection_limit=1000,
+                max_request_header_size=16 * 1024, max_request_body_size=128 * 1024,
+                asyncore_use_poll=True, ident="oakestra-gw", expose_tracebacks=False,
+                clear_untrusted_proxy_headers=True)
+
+# Keys a reload applies live; any other change is logged as "restart needed".
+LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
+        "network.service_ranges", "network.tunnel_interface"}
+
+
+# -- logging and systemd -------------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    """`LEVEL logger: message`; under journald (JOURNAL_STREAM) with a `<priority>` prefix
+    instead of the level, so `journalctl -p err` works. journald adds the timestamps."""
+
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+                logging.DEBUG: 7}
+
+    def __init__(self, journal: bool):
+        super().__init__("%(name)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record):
+        text = super().format(record).replace("\n", "\n    ")
+        if self.journal:
+            return f"<{self.PRIORITY.get(record.levelno, 6)}>{text}"
+        return f"{record.levelname} {text}"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def sd_notify(state: str, environ=os.environ) -> bool:
+    """Send `state` (e.g. "READY=1") to systemd's notify socket; False without one."""
+    address = environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify(%s) failed: %s", state.split("\n", 1)[0], exc)
+        return False
+
+
+def watchdog_interval(environ=os.environ) -> float | None:
+    """Half of WATCHDOG_USEC when the watchdog is meant for this process."""
+    usec = environ.get("WATCHDOG_USEC")
+    pid = environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 2e6, 0.05)
+    except ValueError:
+        return None
+
+
+def one_line(exc: GatewayError) -> str:
+    field = getattr(exc, "field", None)
+    if field and field not in exc.message:
+        return f"{field}: {exc.message}"
+    return exc.message
+
+
+def config_changes(before: Settings, after: Settings) -> list[str]:
+    """Pure: the dotted keys whose values differ."""
+    changed = []
+    for section in ("api", "store", "network", "oakestra"):
+        a, b = getattr(before, section), getattr(after, section)
+        for name in a.__dataclass_fields__:
+            if getattr(a, name) != getattr(b, name):
+                changed.append(f"{section}.{name}")
+    return changed
+
+
+def apply_live(running: Settings, new: Settings) -> Settings:
+    """Pure: the running settings with the live keys of `new`."""
+    return replace(
+        running,
+        api=replace(running.api, allowed_sources=new.api.allowed_sources,
+                    token_file=new.api.token_file),
+        network=replace(running.network, reserved_ports=new.network.reserved_ports,
+                        service_ranges=new.network.service_ranges,
+                        tunnel_interface=new.network.tunnel_interface))
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+class Daemon:
+    def __init__(self, config_path: str):
+        self.config_path = config_path
+        self.config: Settings | None = None       # as read at start (for "restart needed")
+        self.settings: Settings | None = None     # what runs (internal IPs filled in, reloads)
+        self.store = None
+        self.gateway: Gateway | None = None
+        self.firewall: Firewall | None = None
+        self.flusher: Flusher | None = None
+        self.metrics: Metrics | None = None
+        self.app = None
+        self.server = None
+        self.token: str | None = None
+        self.drift = None
+        self._reload = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from .store import Store  # noqa: PLC0415 - imported here so `config check` stays light
+
+        self.config = load_config(self.config_path)
+        if self.config.standalone:
+            self.config.require_internal_ips()
+        self.store = Store(self.config.store.path)
+        self.token = auth.daemon_token(self.config)
+        self.settings = oakestra.bring_up(self.config, self.store)
+        ruleset.skeleton_vars(self.settings)  # names a missing internal IP as a config error
+        host = self.settings.api_host
+        if self.token is None and not auth.is_loopback_host(host):
+            log.warning("the API listens on %s without a token: anyone admitted by "
+                        "api.allowed_sources can change exposures; set api.token_file", host)
+
+        from .nft import NftSession  # noqa: PLC0415 - needs python3-nftables
+
+        self.metrics = Metrics()
+        self.firewall = Firewall(NftSession(), ruleset.skeleton_vars(self.settings),
+                                 observe=self.metrics.observe_firewall)
+        self.flusher = Flusher()
+        self.gateway = Gateway(self.store, self.firewall, self.flusher,
+                               on_change=self.metrics.on_change)
+        self.metrics.bind(self.gateway)
+        # Watch before loading: a change by another process after this point is repaired.
+        if os.environ.get("OAKESTRA_GW_DRIFT_WATCH", "1") != "0":
+            from .drift import DriftWatcher  # noqa: PLC0415
+
+            self.drift = DriftWatcher(self._on_drift).start()
+        else:
+            log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
+                        "only SIGHUP repairs it")
+        self.gateway.load()
+        log.info("loaded table %s with %d exposure(s) from %s", ruleset.TABLE,
+                 len(self.store.exposures()), self.settings.store.path)
+
+        self.app = api.create_app(self.gateway, self.settings, token=lambda: self.token,
+                                  metrics=self.metrics, ready_checks=self._ready_checks)
+        if self.settings.api.per_exposure_metrics:
+            self.metrics.start_connection_counter(self.gateway.exposures)
+
+        import waitress  # noqa: PLC0415
+
+        try:
+            self.server = waitress.create_server(self.app, host=host, port=self.settings.api.port,
+                                                 threads=self.settings.api.threads, **WAITRESS)
+        except OSError as exc:
+            raise GatewayError(f"cannot listen on {host}:{self.settings.api.port}: "
+                               f"{exc.strerror or exc}") from None
+        log.info("serving the API on http://%s:%d (%s mode, %s)",
+                 f"[{host}]" if ":" in host else host, self.settings.api.port,
+                 "standalone" if self.settings.standalone else "Oakestra",
+                 "token required" if self.token else "no token")
+        oakestra.announce_ready(self.settings, self.store, self.token)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on port "
+                  f"{self.settings.api.port}")
+        self._thread("reload", self._reload_loop)
+        interval = watchdog_interval()
+        if interval:
+            self._thread("watchdog", self._watchdog_loop, interval)
+
+    def _ready_checks(self) -> dict:
+        from . import netlink  # noqa: PLC0415
+
+        return netlink.readiness_problems(self.settings)
+
+    def _thread(self, name, target, *args) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    # -- run and stop --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (raised as SystemExit into waitress's loop)."""
+        self.server.run()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def close(self) -> None:
+        """Stop serving and close the store; the kernel table is left alone."""
+        self._stopping.set()
+        self._reload.set()
+        sd_notify("STOPPING=1")
+        if self.server is not None:
+            try:
+                self.server.task_dispatcher.shutdown(timeout=5)
+                self.server.close()
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.exception("closing the API server")
+        if self.drift is not None:
+            self.drift.stop()
+        stop_membership = getattr(oakestra, "stop", None)
+        if stop_membership is not None:
+            try:
+                stop_membership()  # background re-registration and ready callbacks
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.exception("stopping the cluster membership")
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.flusher is not None:
+            self.flusher.wait(timeout=2)
+            self.flusher.close()
+        if self.store is not None:
+            lock = self.gateway._lock if self.gateway is not None else threading.RLock()
+            with lock:  # an in-flight change finishes first
+                try:
+                    self.store.close()
+                except GatewayError as exc:
+                    log.error("closing the store: %s", exc.message)
+        if self.gateway is not None:
+            log.info("stopped; table %s left in place", ruleset.TABLE)
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------
+
+    def _reload_loop(self) -> None:
+        while True:
+            self._reload.wait()
+            if self._stopping.is_set():
+                return
+            self._reload.clear()
+            try:
+                self.reload()
+            except Exception:  # noqa: BLE001 - the daemon keeps serving
+                log.exception("reload failed")
+
+    def reload(self) -> None:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            skeleton_changed = self._apply_config()
+            self._reconcile(reload_skeleton=skeleton_changed)
+        finally:
+            sd_notify("READY=1")
+
+    def _apply_config(self) -> bool:
+        """Returns whether the skeleton's variables changed (the table must be reloaded)."""
+        log.info("reload: reading %s", self.config_path)
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running configuration", one_line(exc))
+            return False
+        for key in config_changes(self.config, new):
+            if key not in LIVE:
+                log.warning("reload: %s changed: restart needed to apply it", key)
+        settings = apply_live(self.settings, new)
+        changed = [k for k in config_changes(self.settings, settings)]
+        try:
+            token = auth.daemon_token(settings)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running token and configuration", one_line(exc))
+            return False
+        try:
+            variables = ruleset.skeleton_vars(settings)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running configuration", one_line(exc))
+            return False
+        skeleton_changed = variables != self.firewall.variables
+        with self.gateway._lock:
+            self.firewall.variables = variables
+            self.settings = settings
+            self.token = token
+            api.reconfigure(self.app, settings)
+        outside = [d for d in self.gateway.exposures()
+                   if not any(Exposure.from_dict(d).service_ip in net
+                              for net in settings.network.service_ranges)]
+        if outside:
+            log.warning("reload: %d stored exposure(s) lie outside network.service_ranges "
+                        "(e.g. %s); they stay until deleted", len(outside),
+                        Exposure.from_dict(outside[0]))
+        log.info("reload: applied %s", ", ".join(changed) if changed else "no live changes")
+        return skeleton_changed
+
+    def _reconcile(self, reload_skeleton: bool = False) -> None:
+        """Compare the kernel with the store and repair it; with `reload_skeleton`, load the
+        table (new skeleton values, same elements) even when it is in sync."""
+        try:
+            if reload_skeleton:
+                with self.gateway._lock:
+                    diff = self.gateway.diff()
+                    self.gateway.load()
+            else:
+                diff = self.gateway.reconcile()
+        except GatewayError as exc:
+            log.error("reconcile failed: %s", exc.message)
+            return
+        self.metrics.reconciled(diff)
+        log.info("reconcile: %s%s", "repaired: " + diff.summary() if diff else "kernel in sync",
+                 "; table reloaded with the new configuration" if reload_skeleton else "")
+
+    def _on_drift(self, reason: str) -> None:
+        """The drift watcher saw another process change our table."""
+        try:
+            diff = self.gateway.reconcile()
+        except GatewayError as exc:
+            self.gateway.problems["drift"] = f"unrepaired drift ({reason}): {exc.message}"
+            log.error("drift: repair failed: %s", exc.message)
+            return
+        self.metrics.reconciled(diff)
+        if diff:
+            log.warning("drift: repaired (%s)", diff.summary())
+
+    # -- watchdog ------------------------------------------------------------------------
+
+    def healthy(self, timeout: float) -> bool:
+        """The API answers /api/health over its own socket."""
+        host = self.settings.api_host
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        conn = http.client.HTTPConnection(host, self.settings.api.port, timeout=timeout)
+        try:
+            conn.request("GET", "/api/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def _watchdog_loop(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            if self.healthy(timeout=max(interval / 2, 0.05)):
+                sd_notify("WATCHDOG=1")
+            else:
+                log.warning("watchdog: the API did not answer; not pinging systemd")
+
+
+def serve(config_path: str) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+    setup_logging()
+    daemon = Daemon(config_path)
+
+    def stop(signum, frame):
+        log.info("%s: stopping", signal.Signals(signum).name)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SystemExit(EXIT_OK)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
+    try:
+        daemon.start()
+        daemon.run()
+        return EXIT_OK
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except ConfigError as exc:
+        print(f"oakestra-gw: config error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GatewayError as exc:
+        print(f"oakestra-gw: cannot start: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, ImportError) as exc:
+        print(f"oakestra-gw: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        daemon.close()
