@@ -8,7 +8,7 @@ APT_PACKAGES := nftables python3-nftables conntrack iproute2 python3-venv python
                 e2fsprogs util-linux procps curl iputils-ping socat
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv test test-unit demo bench docs clean
+.PHONY: setup deps venv test test-unit demo bench bench-deps docs clean
 
 setup: deps venv
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test,docs]'
 	touch $@
 
-test: setup
+test: setup node-prepare
 	tests/run-isolated $(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 
@@ -37,11 +37,47 @@ test-unit: setup
 demo: setup
 	$(VENV)/bin/oakestra-gw demo
 
-bench: setup
-	tests/run-isolated $(PY) -m tests.bench
+# The benchmarks (tests/bench): about 10 minutes; rewrites docs/performance.md and docs/img/bench-*.
+# wrk and nginx come from Debian; nginx is installed without being started or enabled (the
+# benchmark runs its own instance inside a network namespace). BENCH_ARGS: e.g. --reps 9.
+BENCH_APT_PACKAGES := wrk nginx-light
+BENCH_ARGS ?=
+bench: setup bench-deps
+	tests/run-isolated $(PY) -m tests.bench $(BENCH_ARGS)
+
+bench-deps:
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  made_policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
+	  [ -z "$$made_policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now nginx.service >/dev/null 2>&1 || true; fi; \
+	  exit $$rc; \
+	fi
+	@$(PY) -c 'import matplotlib' 2>/dev/null && command -v $(VENV)/bin/py-spy >/dev/null || \
+	  $(PY) -m pip install -q 'matplotlib>=3.8' 'py-spy>=0.3.14'
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) site build *.egg-info
+
+# The gateway node test (tests/node): a Debian 12 root file system booted with systemd-nspawn,
+# provisioned by the Ansible role. node-prepare needs network (debootstrap from the Debian
+# mirror, dependency wheels from PyPI) and caches both under /var/cache/oakestra-gw-test, so it
+# runs before the isolated (network-less) test run; later runs reuse the cache.
+NODE_APT_PACKAGES := debootstrap systemd-container
+.PHONY: node-prepare test-node
+node-prepare: setup
+	@missing=$$(for p in $(NODE_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(PY) -c 'import ansible, ansiblelint' 2>/dev/null || $(PY) -m pip install -q ansible ansible-lint
+	$(PY) tests/node/nodelab.py prepare
+
+test-node: node-prepare
+	tests/run-isolated $(PY) -m pytest tests/node -m node $(PYTEST_ARGS)

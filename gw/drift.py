@@ -6,8 +6,9 @@ with a line naming the process that made it:
     add element inet oakestra_gw expose_v4 { tcp . 80 : 10.30.0.1 . 80 }
     # new generation 4 by process 8899 (nft)
 
-Our own commits come from this process (libnftables runs in it), so a transaction by any other
-process that names our table (or flushes the whole ruleset) is drift. The watcher then calls
+Our own commits come from this process (libnftables runs in it; the id the monitor prints is
+that of the committing thread, one of ours), so a transaction by any other process that names
+our table (or flushes the whole ruleset) is drift. The watcher then calls
 `on_drift`, which restores table and maps from the store in one transaction. If the monitor
 dies or reports lost events (ENOBUFS), we cannot know what happened: that counts as drift too.
 """
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from .nft import PROBE_TABLE
 from .ruleset import TABLE_NAME
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,12 @@ class DriftWatcher:
 
     COALESCE = 0.05  # seconds: one repair for a burst of foreign changes
 
-    def __init__(self, on_drift: Callable[[str], None], own_pid: int | None = None,
+    def __init__(self, on_drift: Callable[[str], None], probe: Callable[[], None],
                  argv: tuple[str, ...] = ("nft", "monitor")):
         self._on_drift = on_drift
-        self._own_pid = own_pid or os.getpid()
+        self._probe = probe
+        self._own_pid: int | None = None
+        self._learned = threading.Event()
         self._argv = argv
         self._stop = threading.Event()
         self._pending = threading.Event()
@@ -86,6 +90,11 @@ class DriftWatcher:
         for thread in self._threads:
             thread.start()
         self.started.wait(5)
+        self._probe()
+        if not self._learned.wait(5):
+            self._own_pid = os.getpid()
+            log.warning("drift watch: did not see our probe commit; assuming pid %d",
+                        self._own_pid)
         return self
 
     def _run(self) -> None:
@@ -104,12 +113,17 @@ class DriftWatcher:
                 if isinstance(item, str):
                     self._report(f"the monitor reported an error ({item.strip()}); "
                                  "events may be lost")
-                elif item.pid != self._own_pid and touches_our_table(item.changes):
+                elif not self._is_own(item.pid) and touches_our_table(item.changes):
                     self._report(f"process {item.pid} changed our table: "
                                  f"{describe(item.changes)}")
             if not self._stop.is_set():
                 self._report("the nftables monitor stopped; events may be lost")
                 self._stop.wait(0.5)
+
+    def _is_own(self, pid: int) -> bool:
+        """The kernel names the committing *thread* (task_pid_nr), so a commit from one of our
+        API worker threads carries that thread's id, not the process id: ours too."""
+        return pid == self._own_pid or os.path.exists(f"/proc/{self._own_pid}/task/{pid}")
 
     def _report(self, reason: str) -> None:
         log.warning("drift: %s", reason)

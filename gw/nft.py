@@ -1,11 +1,20 @@
-"""The libnftables session: one context for the whole process, used under a lock (a context is
-not thread-safe), with nft's own error text carried in `KernelRefused`."""
+"""The libnftables session: one context for the whole process, with nft's own error text
+carried in `KernelRefused`.
+
+Every command runs on one dedicated thread. A context is not thread-safe, and the kernel
+stamps each committed generation with the id of the *thread* that committed it (the global
+one, as seen from the host even when we run in a container). One thread means one id, which
+the drift watcher learns from `probe()` and uses to skip our own commits.
+"""
 
 from __future__ import annotations
 
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
+
 from .errors import KernelRefused
+
+PROBE_TABLE = "oakestra_gw_probe"
 
 
 class NftSession:
@@ -15,27 +24,39 @@ class NftSession:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(False)
         self._nft.set_handle_output(False)
-        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
+
+    def _cmd(self, text: str, json_output: bool) -> tuple[int, str, str]:
+        def call():
+            self._nft.set_json_output(json_output)
+            try:
+                return self._nft.cmd(text)
+            finally:
+                self._nft.set_json_output(False)
+
+        return self._thread.submit(call).result()
 
     def run(self, text: str) -> str:
         """Run nft commands as one transaction; returns nft's output."""
-        with self._lock:
-            rc, out, err = self._nft.cmd(text)
+        rc, out, err = self._cmd(text, False)
         if rc != 0:
             raise KernelRefused(f"nftables refused the change: {_first_error(err)}")
         return out
 
     def run_json(self, text: str) -> dict:
         """Run a listing command and return its JSON output."""
-        with self._lock:
-            self._nft.set_json_output(True)
-            try:
-                rc, out, err = self._nft.cmd(text)
-            finally:
-                self._nft.set_json_output(False)
+        rc, out, err = self._cmd(text, True)
         if rc != 0:
             raise KernelRefused(f"nftables refused: {_first_error(err)}")
         return json.loads(out) if out.strip() else {"nftables": []}
+
+    def probe(self) -> None:
+        """An empty transaction that names `PROBE_TABLE` (created and deleted at once, so the
+        ruleset never shows it): the monitor then tells which id our commits carry."""
+        self.run(f"add table inet {PROBE_TABLE}\ndelete table inet {PROBE_TABLE}")
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
 
 
 def _first_error(err: str) -> str:

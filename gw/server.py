@@ -46,6 +46,13 @@ WAITRESS = dict(channel_timeout=30, cleanup_interval=5, connection_limit=1000,
                 asyncore_use_poll=True, ident="oakestra-gw", expose_tracebacks=False,
                 clear_untrusted_proxy_headers=True)
 
+# TEST ONLY (tests/reliability): OAKESTRA_GW_TEST_CRASH="before-kernel:N" makes the process
+# die at once (os._exit, no cleanup: like a crash) in its N-th change of exposures, after the
+# store commit and before the kernel commit; "after-kernel:N" right after the kernel commit,
+# before the answer. Read once at start; never set it in production.
+CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
+CRASH_EXIT = 97
+
 # Keys a reload applies live; any other change is logged as "restart needed".
 LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
         "network.service_ranges", "network.tunnel_interface"}
@@ -182,12 +189,14 @@ class Daemon:
         self.flusher = Flusher()
         self.gateway = Gateway(self.store, self.firewall, self.flusher,
                                on_change=self.metrics.on_change)
+        if os.environ.get(CRASH_ENV):
+            inject_crash(self.firewall, os.environ[CRASH_ENV])
         self.metrics.bind(self.gateway)
         # Watch before loading: a change by another process after this point is repaired.
         if os.environ.get("OAKESTRA_GW_DRIFT_WATCH", "1") != "0":
             from .drift import DriftWatcher  # noqa: PLC0415
 
-            self.drift = DriftWatcher(self._on_drift).start()
+            self.drift = DriftWatcher(self._on_drift, self.firewall.session.probe).start()
         else:
             log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
                         "only SIGHUP repairs it")
@@ -383,6 +392,28 @@ class Daemon:
                 sd_notify("WATCHDOG=1")
             else:
                 log.warning("watchdog: the API did not answer; not pinging systemd")
+
+
+def inject_crash(firewall: Firewall, spec: str) -> None:
+    """TEST ONLY: see CRASH_ENV. Wraps `firewall.apply`, which Gateway.add and Gateway.delete
+    call exactly between their store commit and their answer."""
+    point, _, nth = spec.partition(":")
+    if point not in ("before-kernel", "after-kernel") or not nth.isdigit() or int(nth) < 1:
+        raise ConfigError(f"{CRASH_ENV}={spec!r}: expected before-kernel:N or after-kernel:N")
+    apply, target, calls = firewall.apply, int(nth), [0]
+    log.warning("%s=%s: this process will crash on purpose (test only)", CRASH_ENV, spec)
+
+    def crashing_apply(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == target and point == "before-kernel":
+            log.critical("%s: exiting after the store commit, before the kernel commit", CRASH_ENV)
+            os._exit(CRASH_EXIT)
+        apply(*args, **kwargs)
+        if calls[0] == target and point == "after-kernel":
+            log.critical("%s: exiting after the kernel commit, before the answer", CRASH_ENV)
+            os._exit(CRASH_EXIT)
+
+    firewall.apply = crashing_apply
 
 
 def serve(config_path: str) -> int:
