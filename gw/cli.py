@@ -316,25 +316,13 @@ def expose_add(port, target, udp, service_id, ports, service_ip, as_json, **api)
 
 def _port_notation(spec: str, service_ip: str, service_id: str | None) -> list[dict]:
     """Split Oakestra's notation client-side (syntax only; the daemon validates values)."""
-    from .exposure import PORT_SPEC_RE
+    from .exposure import split_port_notation  # noqa: PLC0415
+    from .errors import InvalidInput  # noqa: PLC0415
 
-    docs = []
-    for i, part in enumerate(p.strip() for p in spec.split(";")):
-        if not part:
-            continue
-        m = PORT_SPEC_RE.fullmatch(part)
-        if not m:
-            raise click.BadParameter(f"entry {i + 1} {part!r} is not host[:container][/proto]",
-                                     param_hint="--ports")
-        doc = {"exposed_port": int(m["host"]), "service_ip": service_ip,
-               "service_port": int(m["container"] or m["host"]),
-               "protocol": (m["proto"] or "tcp").lower()}
-        if service_id is not None:
-            doc["service_id"] = service_id
-        docs.append(doc)
-    if not docs:
-        raise click.BadParameter("names no port", param_hint="--ports")
-    return docs
+    try:
+        return split_port_notation(spec, service_ip, service_id)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.message, param_hint="--ports") from None
 
 
 @expose.command("delete", context_settings=CONTEXT)

@@ -240,10 +240,11 @@ def parse_delete(doc: Any) -> DeleteRequest:
 PORT_SPEC_RE = re.compile(r"(?P<host>\d{1,5})(?::(?P<container>\d{1,5}))?(?:/(?P<proto>[A-Za-z]+))?")
 
 
-def parse_port_notation(spec: Any, service_ip: Any, policy: Policy,
-                        service_id: str | None = None) -> list[Exposure]:
+def split_port_notation(spec: Any, service_ip: Any,
+                        service_id: str | None = None) -> list[dict]:
     """Oakestra's ``"8080:80/tcp;5353:53/udp"`` (``host[:container][/proto]``, tcp by default)
-    for one service IP, as exposures. Field names in errors say which part was wrong."""
+    split into add-request documents for one service IP. Syntax only: values are checked by
+    `parse_exposures` (the CLI sends these documents to the daemon, which does)."""
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInput("ports must be a string like \"8080:80/tcp;5353:53/udp\"",
                            field="ports")
@@ -257,11 +258,18 @@ def parse_port_notation(spec: Any, service_ip: Any, policy: Policy,
                                field="ports")
         host = int(m["host"])
         docs.append({"exposed_port": host, "service_port": int(m["container"] or host),
-                     "protocol": m["proto"] or "tcp", "service_ip": service_ip,
+                     "protocol": (m["proto"] or "tcp").lower(), "service_ip": service_ip,
                      **({"service_id": service_id} if service_id is not None else {})})
     if not docs:
         raise InvalidInput("ports names no port", field="ports")
-    return parse_exposures({"exposures": docs}, policy)
+    return docs
+
+
+def parse_port_notation(spec: Any, service_ip: Any, policy: Policy,
+                        service_id: str | None = None) -> list[Exposure]:
+    """The exposures that Oakestra's port notation names, validated."""
+    return parse_exposures({"exposures": split_port_notation(spec, service_ip, service_id)},
+                           policy)
 
 
 def parse_reserved(entry: Any, name: str = "reserved_ports") -> tuple[int, str]:
