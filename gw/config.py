@@ -73,7 +73,8 @@ class Settings:
 
     def policy(self, listening: Callable = lambda: ()) -> Policy:
         reserved = frozenset(self.network.reserved_ports) | {(self.api.port, "tcp")}
-        return Policy(self.network.service_ranges, reserved, listening)
+        own = frozenset(ip for ip in (self.network.internal_ipv4, self.network.internal_ipv6) if ip)
+        return Policy(self.network.service_ranges, reserved, listening, own)
 
     def with_internal_ips(self, ipv4: str, ipv6: str) -> "Settings":
         """The settings once the cluster has handed out the internal addresses."""

@@ -67,6 +67,15 @@ class Flusher:
     def flush(self, exposures: Iterable[Exposure]) -> None:
         self._queue.put(list(exposures))
 
+    def cancel(self, exposures: Iterable[Exposure]) -> None:
+        """Forget queued flushes of these exposures (same port and target): they were added
+        again, and the flows now open through them are new ones."""
+        gone = {(e.key, e.target) for e in exposures}
+        with self._queue.mutex:
+            for batch in self._queue.queue:
+                if batch:
+                    batch[:] = [e for e in batch if (e.key, e.target) not in gone]
+
     def wait(self, timeout: float = 10.0) -> bool:
         """Whether everything queued so far was done within `timeout` (tests, shutdown)."""
         deadline = time.monotonic() + timeout

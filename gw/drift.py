@@ -113,6 +113,9 @@ class DriftWatcher:
                 if isinstance(item, str):
                     self._report(f"the monitor reported an error ({item.strip()}); "
                                  "events may be lost")
+                elif self._own_pid is None and any(PROBE_TABLE in c for c in item.changes):
+                    self._own_pid = item.pid  # our probe (start): the id our commits carry
+                    self._learned.set()
                 elif not self._is_own(item.pid) and touches_our_table(item.changes):
                     self._report(f"process {item.pid} changed our table: "
                                  f"{describe(item.changes)}")
@@ -123,7 +126,8 @@ class DriftWatcher:
     def _is_own(self, pid: int) -> bool:
         """The kernel names the committing *thread* (task_pid_nr), so a commit from one of our
         API worker threads carries that thread's id, not the process id: ours too."""
-        return pid == self._own_pid or os.path.exists(f"/proc/{self._own_pid}/task/{pid}")
+        return pid == self._own_pid or (self._own_pid is not None and
+                                        os.path.exists(f"/proc/{self._own_pid}/task/{pid}"))
 
     def _report(self, reason: str) -> None:
         log.warning("drift: %s", reason)

@@ -82,13 +82,15 @@ def key_of(doc: Mapping) -> Key:
 
 @dataclass(frozen=True)
 class Policy:
-    """What may be exposed: service ranges, reserved ``(port, proto)`` pairs, and a callable
-    that reports the ports local processes listen on (an I/O adapter, injected)."""
+    """What may be exposed: service ranges, reserved ``(port, proto)`` pairs, the gateway's
+    own addresses (never a target: that would open its local services to the public side),
+    and a callable that reports the ports local processes listen on (an I/O adapter)."""
 
     service_ranges: tuple[IPNetwork, ...] = field(
         default_factory=lambda: tuple(ipaddress.ip_network(r) for r in DEFAULT_SERVICE_RANGES))
     reserved: frozenset[tuple[int, str]] = frozenset({(22, "tcp"), (50103, "udp"), (11022, "tcp")})
     listening: Callable[[], Iterable[tuple[int, str]]] = lambda: ()
+    own_addresses: frozenset[IPAddress] = frozenset()
 
 
 # -- field parsers --------------------------------------------------------------------------
@@ -136,6 +138,8 @@ def parse_service_ip(value: Any, policy: Policy, name: str = "service_ip") -> IP
     if not any(ip in net for net in policy.service_ranges if net.version == ip.version):
         ranges = ", ".join(str(n) for n in policy.service_ranges)
         raise InvalidInput(f"{name} {ip} is outside the service ranges ({ranges})", field=name)
+    if ip in policy.own_addresses:
+        raise InvalidInput(f"{name} {ip} is the gateway's own internal address", field=name)
     return ip
 
 

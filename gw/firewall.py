@@ -25,12 +25,14 @@ class Diff:
     missing: list[Exposure] = field(default_factory=list)      # desired, not in the kernel
     unexpected: list[Key] = field(default_factory=list)        # in the kernel, not desired
     wrong: list[Exposure] = field(default_factory=list)        # in the kernel with another target
+    stale: list[Exposure] = field(default_factory=list)        # kernel's view of unexpected+wrong
     table_missing: bool = False
     chains_changed: bool = False  # someone edited our chains (not the maps)
+    unreadable: bool = False      # elements we cannot parse (e.g. added with a comment)
 
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.wrong or self.table_missing
-                    or self.chains_changed)
+                    or self.chains_changed or self.unreadable)
 
     def summary(self) -> str:
         if self.table_missing:
@@ -40,7 +42,18 @@ class Diff:
                   ("with a wrong target", self.wrong)) if v]
         if self.chains_changed:
             parts.append("chains edited")
+        if self.unreadable:
+            parts.append("foreign elements")
         return ", ".join(parts) or "in sync"
+
+
+@dataclass
+class Listing:
+    """What `nft -j list table` says of our table."""
+
+    elements: dict[Key, Target]
+    chains: dict[str, list]  # chain name -> its rules, without handles
+    unreadable: bool = False
 
 
 def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) -> Diff:
@@ -56,24 +69,38 @@ def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) 
         elif actual[key] != e.target:
             diff.wrong.append(e)
     diff.unexpected = sorted(k for k in actual if k not in wanted)
+    diff.stale = [Exposure(key[2], key[1], *actual[key]) for key in
+                  diff.unexpected + [e.key for e in diff.wrong]]
     return diff
 
 
-def parse_listing(listing: dict) -> dict[Key, Target] | None:
-    """Pure: the maps' elements from `nft -j list table` output; None when the table is gone."""
+def parse_listing(listing: dict) -> Listing | None:
+    """Pure: our maps' elements and chains' rules from `nft -j list table` output; None when
+    the table is gone. Elements in a shape we never write (a comment, a timeout: someone
+    else's) cannot be read as exposures: they mark the listing unreadable."""
     elements: dict[Key, Target] = {}
-    seen_map = False
+    chains: dict[str, list] = {}
+    seen_map, unreadable = False, False
     for item in listing.get("nftables", []):
+        if "rule" in item:
+            rule = {k: v for k, v in item["rule"].items() if k != "handle"}
+            chains.setdefault(rule.get("chain"), []).append(rule)
+        elif "chain" in item:
+            chains.setdefault(item["chain"]["name"], [])
         m = item.get("map")
         if not m or m.get("name") not in ruleset.MAPS.values():
             continue
         seen_map = True
         family = "ipv4" if m["name"] == ruleset.MAPS["ipv4"] else "ipv6"
-        for key, value in m.get("elem", []):
-            proto, port = key["concat"]
-            ip, service_port = value["concat"]
-            elements[(family, proto, int(port))] = (ipaddress.ip_address(ip), int(service_port))
-    return elements if seen_map else None
+        for pair in m.get("elem", []):
+            try:
+                (proto, port), (ip, service_port) = pair[0]["concat"], pair[1]["concat"]
+                target = (ipaddress.ip_address(ip), int(service_port))
+            except (KeyError, TypeError, ValueError, IndexError):
+                unreadable = True
+                continue
+            elements[(family, proto, int(port))] = target
+    return Listing(elements, chains, unreadable) if seen_map else None
 
 
 class Firewall:
@@ -98,21 +125,11 @@ class Firewall:
         """Replace our whole table (skeleton and elements) in one transaction. Existing flows
         keep their conntrack NAT bindings, so they survive it."""
         self._run("load", ruleset.load(self.variables, exposures, self.skeleton))
-        self._chains_loaded = self.chains()
+        # The chains as loaded are taken as the reference at the next listing: listing them
+        # now would cost ~1 s at 50k elements (nft 1.0.6 fetches the maps for any listing).
+        self._chains_loaded = None
 
     _chains_loaded: dict | None = None
-
-    def chains(self) -> dict[str, list]:
-        """Our chains' rules as the kernel lists them (no map elements: cheap at any size)."""
-        listing = self.session.run_json(f"list chains {ruleset.FAMILY}")
-        names = [c["chain"]["name"] for c in listing["nftables"]
-                 if "chain" in c and c["chain"]["table"] == ruleset.TABLE_NAME]
-        rules = {}
-        for name in names:
-            out = self.session.run_json(f"list chain {ruleset.TABLE} {name}")
-            rules[name] = [{k: v for k, v in r["rule"].items() if k != "handle"}
-                           for r in out["nftables"] if "rule" in r]
-        return rules
 
     def apply(self, add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> None:
         """One transaction of element deletes and adds. If the kernel disagrees with what the
@@ -130,31 +147,41 @@ class Firewall:
             self._run("change", ruleset.change(add, remove, present))
 
     def present(self, keys: Iterable[Key]) -> set[Key]:
-        """Which of these keys the kernel's maps hold: one cheap lookup each, no listing."""
-        found = set()
-        for family, protocol, port in keys:
+        """Which of these keys the kernel's maps hold: one listing of each map involved."""
+        keys = set(keys)
+        found: set[Key] = set()
+        for family in {k[0] for k in keys}:
             try:
-                self.session.run(f"get element {ruleset.TABLE} {ruleset.MAPS[family]} "
-                                 f"{{ {protocol} . {port} }}")
+                listing = self.session.run_json(f"list map {ruleset.TABLE} "
+                                                f"{ruleset.MAPS[family]}")
             except KernelRefused:
-                continue
-            found.add((family, protocol, port))
+                continue  # no table, no map: none of them is there
+            parsed = parse_listing(listing)
+            found |= keys & set(parsed.elements) if parsed else set()
         return found
 
-    def read(self) -> dict[Key, Target] | None:
+    def listing(self) -> Listing | None:
         """What the kernel holds (None: no table). Costs ~1 s at 50k: never on a request path."""
         try:
-            listing = self.session.run_json(f"list table {ruleset.TABLE}")
+            out = self.session.run_json(f"list table {ruleset.TABLE}")
         except KernelRefused as exc:
             if "No such file or directory" in exc.message:
                 return None
             raise
-        return parse_listing(listing)
+        return parse_listing(out)
+
+    def read(self) -> dict[Key, Target] | None:
+        listing = self.listing()
+        return None if listing is None else listing.elements
 
     def diff(self, desired: Iterable[Exposure]) -> Diff:
-        diff = compute_diff(desired, self.read())
-        if not diff.table_missing and self._chains_loaded is not None:
-            diff.chains_changed = self.chains() != self._chains_loaded
+        listing = self.listing()
+        diff = compute_diff(desired, None if listing is None else listing.elements)
+        if listing is not None:
+            diff.unreadable = listing.unreadable
+            if self._chains_loaded is None:
+                self._chains_loaded = listing.chains
+            diff.chains_changed = listing.chains != self._chains_loaded
         return diff
 
     def remove_table(self) -> bool:

@@ -45,7 +45,7 @@ class Gateway:
 
     def counts(self) -> Counter:
         """Exposures by (family, protocol), for metrics."""
-        return Counter((d["family"], d["protocol"]) for d in self.store.exposures())
+        return self.store.counts()
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -53,6 +53,7 @@ class Gateway:
         """Add all or none. Identical ones are no-ops; a new label on an existing target only
         updates the store; another target on a taken key is a Conflict."""
         with self._lock:
+            self._settle()
             results, new, relabel, old_docs = [], [], [], []
             for i, e in enumerate(exposures):
                 current = self.store.get(e.key)
@@ -76,15 +77,19 @@ class Gateway:
                 return results
             self.store.commit(put=[e.to_dict() for e in new + relabel])
             if new:
+                if self.flusher is not None:
+                    # A delete of the same exposure moments ago must not flush the new flows.
+                    self.flusher.cancel(new)
                 try:
                     self._kernel(lambda: self.firewall.apply(add=new))
-                except GatewayError:
+                except Exception:
                     self._revert(put=old_docs, delete=[e.key for e in new])
                     raise
             return results
 
     def delete(self, request: DeleteRequest) -> list[Exposure]:
         with self._lock:
+            self._settle()
             found = [Exposure.from_dict(d) for k in request.keys()
                      if (d := self.store.get(k)) is not None]
             if not found:
@@ -94,7 +99,7 @@ class Gateway:
             self.store.commit(delete=[e.key for e in found])
             try:
                 self._kernel(lambda: self.firewall.apply(remove=found))
-            except GatewayError:
+            except Exception:
                 self._revert(put=[e.to_dict() for e in found], delete=[])
                 raise
         if self.flusher is not None:
@@ -110,7 +115,9 @@ class Gateway:
             docs = self.store.exposures()
             self._kernel(lambda: self.firewall.load(Exposure.from_dict(d) for d in docs),
                          kind="reconcile")
-            self.problems.pop("drift", None)
+            self._store_ahead = False
+            for cause in ("drift", "store"):
+                self.problems.pop(cause, None)
 
     def diff(self) -> Diff:
         """Kernel versus store. Lists the maps (~1 s at 50k): never on a request path."""
@@ -126,6 +133,11 @@ class Gateway:
                 log.warning("reconcile: kernel differed from the store (%s); repairing",
                             diff.summary())
                 self.load()
+                if self.flusher is not None and diff.stale:
+                    self.flusher.flush(diff.stale)  # flows DNATed by elements that are gone
+            else:
+                for cause in ("drift", "firewall"):
+                    self.problems.pop(cause, None)
             return diff
 
     def _kernel(self, commit: Callable[[], None], kind: str = "change") -> None:
@@ -138,11 +150,20 @@ class Gateway:
         self.problems.pop("firewall", None)
         self._on_change(kind, True)
 
+    _store_ahead = False
+
     def _revert(self, put: Iterable[dict], delete: Iterable[Key]) -> None:
         """Undo a store change the kernel refused. Should this write fail too, the store is
-        ahead of the kernel: say so, and the next reconcile brings the kernel in line."""
+        ahead of the kernel: say so, and the next change first loads the kernel from it."""
         try:
             self.store.commit(put=list(put), delete=list(delete))
         except GatewayError as exc:
+            self._store_ahead = True
             self.problems["store"] = f"could not revert a refused change: {exc.message}"
             log.critical("store and kernel differ: revert failed: %s", exc.message)
+
+    def _settle(self) -> None:
+        """Before a change: if a failed revert left the store ahead of the kernel, bring the
+        kernel in line first, so no answer is computed from a store the kernel disagrees with."""
+        if self._store_ahead:
+            self.load()

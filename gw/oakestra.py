@@ -372,14 +372,20 @@ class Membership:
     def _rejoin(self) -> None:
         oak = self.settings.oakestra
         current = self._joined
+        def register():
+            # Inside the retry: after a reboot the public addresses (DHCP, SLAAC) may come
+            # up only after the gateway has started.
+            try:
+                public = self.public_ips()
+            except ConfigError as exc:
+                raise _Retryable(exc.message) from None
+            return self.client.register(current.gateway_id, public.get("ipv4", ""),
+                                        public.get("ipv6", ""))
+
         try:
-            public = self.public_ips()
             gid = retry(f"re-register gateway {current.gateway_id} with {oak.cluster_url}",
-                        lambda: self.client.register(current.gateway_id,
-                                                     public.get("ipv4", ""),
-                                                     public.get("ipv6", "")),
-                        give_up_after=None, backoff_max=oak.backoff_max, stop=self._stop,
-                        retry_all=True)
+                        register, give_up_after=None, backoff_max=oak.backoff_max,
+                        stop=self._stop, retry_all=True)
             ipv4, ipv6 = retry(f"fetch the internal addresses from {oak.cluster_url}",
                                lambda: self.client.internal_ips(gid), give_up_after=None,
                                backoff_max=oak.backoff_max, stop=self._stop, retry_all=True)

@@ -1,6 +1,6 @@
 """The daemon: `oakestra-gw serve --config FILE` (DESIGN.md, "Process lifecycle").
 
-Start: config -> store -> Oakestra bring-up (internal IPs, bridge) -> token -> load the
+Start: config -> store -> token -> Oakestra bring-up (internal IPs, bridge) -> load the
 skeleton and the stored exposures into the kernel (one transaction) -> serve the API (waitress)
 -> ready callback to the cluster -> READY=1 to systemd, then watchdog pings while healthy.
 
@@ -327,11 +327,15 @@ class Daemon:
             log.error("reload: %s; keeping the running configuration", one_line(exc))
             return False
         skeleton_changed = variables != self.firewall.variables
+        token_changed = token != self.token
         with self.gateway._lock:
             self.firewall.variables = variables
             self.settings = settings
             self.token = token
             api.reconfigure(self.app, settings)
+        if token_changed and not settings.standalone:
+            # The cluster calls us with the token of the last ready callback: hand it the new one.
+            oakestra.announce_ready(settings, self.store, token)
         outside = [d for d in self.gateway.exposures()
                    if not any(Exposure.from_dict(d).service_ip in net
                               for net in settings.network.service_ranges)]

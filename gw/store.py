@@ -37,6 +37,8 @@ Recovery, when StoreCorrupt names
 
 from __future__ import annotations
 
+from collections import Counter
+
 import contextlib
 import copy
 import errno
@@ -369,6 +371,14 @@ def _load(path: Path, snapshot: Path | None = None) -> _Loaded:
             if record.seq <= snap.seq and state.seq == snap.seq:
                 continue  # the snapshot holds it
             if record.seq != state.seq + 1:
+                snap_path = snapshot or path
+                if state.seq == snap.seq == snap.size == 0 and _sibling(path, ".bak").exists():
+                    # A compacted store always has a snapshot: this one was lost or emptied,
+                    # not the journal's head.
+                    raise _corrupt(snap_path, f"is {'empty' if snap_path.exists() else 'missing'}"
+                                              f", but the store was compacted before (a .bak "
+                                              f"exists) and {segment.name} continues from seq "
+                                              f"{record.seq}")
                 raise _corrupt(segment, f"record seq {record.seq} follows seq {state.seq} (the "
                                         f"snapshot holds up to {snap.seq}): records are missing")
             _apply_to(state.docs, state.meta, record.change)
@@ -508,6 +518,12 @@ class Store:
     def __len__(self) -> int:
         with self._lock:
             return len(self._index)
+
+    def counts(self) -> Counter:
+        """Exposures by (family, protocol), without copying or sorting them (metrics)."""
+        with self._lock:
+            docs = self._raw_docs()
+        return Counter((d["family"], d["protocol"]) for d in docs)
 
     def __contains__(self, key) -> bool:
         with self._lock:

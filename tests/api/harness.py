@@ -310,7 +310,8 @@ class Gateway:
         if proc.returncode != 0:
             assert "No such file or directory" in proc.stderr, proc.stderr
             return None
-        return parse_listing(json.loads(proc.stdout))
+        listing = parse_listing(json.loads(proc.stdout))
+        return None if listing is None else listing.elements
 
     def kernel_docs(self) -> set[tuple]:
         return {(fam, proto, port, str(ip), sport)

@@ -120,7 +120,12 @@ def test_internal_addresses_and_api_port_in_the_rules(fw):
     assert "maxseg size set rt mtu" in text
 
 
-def test_edited_chains_count_as_drift(fw):
+def test_edited_chains_and_foreign_elements_count_as_drift(fw):
+    fw.load(MIXED)
+    assert not fw.diff(MIXED)
+    nft("add", "element", "inet", "oakestra_gw", "expose_v4",
+        '{ udp . 81 comment "x" : 10.30.0.1 . 80 }')
+    assert fw.diff(MIXED).unreadable
     fw.load(MIXED)
     assert not fw.diff(MIXED)
     nft("insert", "rule", "inet", "oakestra_gw", "forward", "counter", "accept")

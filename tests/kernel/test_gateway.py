@@ -217,3 +217,27 @@ class GatewayMachine(RuleBasedStateMachine):
 TestGatewayMachine = GatewayMachine.TestCase
 TestGatewayMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
                                        suppress_health_check=list(HealthCheck))
+
+
+def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch):
+    """Kernel refuses, then the disk refuses the revert: the store is ahead of the kernel.
+    The gateway says so (not ready) and loads the kernel from the store before any other
+    change, so the two agree again."""
+    gateway.add([ex(80, "10.30.0.1")])
+    subprocess.run(["nft", "delete", "table", "inet", "oakestra_gw"], check=True)
+    real_commit, calls = gateway.store.commit, []
+
+    def commit(*args, **kw):
+        calls.append(kw)
+        if len(calls) == 2:  # the revert
+            raise StoreUnavailable("no space left on device (ENOSPC)")
+        return real_commit(*args, **kw)
+
+    monkeypatch.setattr(gateway.store, "commit", commit)
+    with pytest.raises(KernelRefused):
+        gateway.add([ex(81, "10.30.0.2")])
+    assert "store" in gateway.problems
+    monkeypatch.setattr(gateway.store, "commit", real_commit)
+    gateway.add([ex(82, "10.30.0.3")])
+    assert kernel_state() == store_state(gateway.store) and len(kernel_state()) == 3
+    assert "store" not in gateway.problems and "firewall" not in gateway.problems

@@ -64,6 +64,13 @@ def test_reserved_ports(port, proto):
     rejected({**OK, "exposed_port": port, "protocol": proto}, "exposed_port", contains="reserved")
 
 
+def test_the_gateways_own_addresses_are_never_a_target():
+    own = Policy(own_addresses=frozenset({ipaddress.ip_address("10.30.255.1"),
+                                          ipaddress.ip_address("fdff::ffff:1")}))
+    for ip in ("10.30.255.1", "fdff::ffff:1"):
+        rejected({**OK, "service_ip": ip, "service_port": 22}, "service_ip", own, "own internal")
+
+
 def test_reserved_is_per_protocol():
     assert parse_exposures({**OK, "exposed_port": 22, "protocol": "udp"}, POLICY)
 

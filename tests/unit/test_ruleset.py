@@ -85,7 +85,7 @@ def _listing(elements):
 def test_diff_matches_a_model(desired, actual):
     desired = list({e.key: e for e in desired}.values())
     actual = list({e.key: e for e in actual}.values())
-    kernel = parse_listing(_listing(actual))
+    kernel = parse_listing(_listing(actual)).elements
     assert kernel == {e.key: e.target for e in actual}
     diff = compute_diff(desired, kernel)
     want, have = {e.key: e for e in desired}, {e.key: e for e in actual}
@@ -94,6 +94,18 @@ def test_diff_matches_a_model(desired, actual):
     assert {e.key for e in diff.wrong} == {k for k in want.keys() & have.keys()
                                            if want[k].target != have[k].target}
     assert bool(diff) == (want.keys() != have.keys() or bool(diff.wrong))
+    # what the kernel held for the keys that go or change: flows to flush after a repair
+    assert {(e.key, e.target) for e in diff.stale} == {
+        (k, have[k].target) for k in set(diff.unexpected) | {e.key for e in diff.wrong}}
+
+
+def test_foreign_element_shapes_make_the_listing_unreadable_not_a_crash():
+    listing = _listing([E4])
+    listing["nftables"][1]["map"]["elem"].append(
+        [{"elem": {"val": {"concat": ["udp", 81]}, "comment": "x"}},
+         {"concat": ["10.30.0.1", 80]}])
+    parsed = parse_listing(listing)
+    assert parsed.unreadable and parsed.elements == {E4.key: E4.target}
 
 
 def test_missing_table():
