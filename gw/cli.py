@@ -652,7 +652,7 @@ def store_check(config_path):
 def teardown(config_path):
     """Remove everything the gateway put into the kernel, to decommission a node: our
     nftables table (table inet oakestra_gw, both maps, all its chains), our bridge with the
-    internal addresses, and the conntrack entries of the stored exposures (their established
+    internal addresses, and the conntrack entries of every flow it NATed (their established
     flows stop). The store and the configuration stay. Needs root; stop the daemon first.
 
     \b
@@ -661,20 +661,19 @@ def teardown(config_path):
       oakestra-gw teardown --config /etc/oakestra-gw/gateway.toml
     """
     from . import conntrack, netlink
-    from .exposure import Exposure
     from .firewall import Firewall
+    from .store import Store
 
     settings = _load(config_path)
     try:
-        exposures = [Exposure.from_dict(d) for d in _stored_exposures(settings,
-                                                                      api_fallback=False)]
+        with Store(settings.store.path, shared=True) as store:
+            meta = store.meta()
     except StoreLocked:
         raise Failure("the daemon holds the store: stop it first (systemctl stop oakestra-gw); "
                       "it would restore the table otherwise") from None
     except GatewayError as exc:
-        click.echo(f"oakestra-gw: warning: cannot read the store ({exc.message}); "
-                   "conntrack entries stay", err=True)
-        exposures = []
+        click.echo(f"oakestra-gw: warning: cannot read the store ({exc.message})", err=True)
+        meta = {}
     try:
         from .nft import NftSession
 
@@ -684,12 +683,16 @@ def teardown(config_path):
     from .ruleset import TABLE
 
     click.echo(f"table {TABLE}: {'removed' if existed else 'was not there'}")
-    removed = conntrack.delete_entries(exposures) if exposures else 0
-    click.echo(f"conntrack: {removed} entries of {len(exposures)} exposure(s) removed")
-    remove_bridge = getattr(netlink, "remove_bridge", None)
-    if remove_bridge is not None:
-        remove_bridge(settings)
-        click.echo(f"bridge {settings.network.bridge_interface}: removed")
+    # Every flow we NATed answers to an internal address (standalone: the config's; Oakestra
+    # mode: the ones the cluster assigned, kept in the store).
+    internal = {str(ip) for ip in (settings.network.internal_ipv4,
+                                   settings.network.internal_ipv6) if ip}
+    internal |= {meta[k] for k in ("internal_ipv4", "internal_ipv6") if meta.get(k)}
+    removed = conntrack.delete_snatted_to(sorted(internal))
+    click.echo(f"conntrack: {removed} NATed entries removed")
+    bridge = settings.network.bridge_interface
+    click.echo(f"bridge {bridge}: "
+               f"{'removed' if netlink.remove_bridge(settings) else 'was not there'}")
 
 
 @main.command(context_settings=CONTEXT)

@@ -44,6 +44,20 @@ def delete_entries(exposures: Iterable[Exposure]) -> int:
     return total
 
 
+def delete_snatted_to(addresses: Iterable) -> int:
+    """Remove every flow the gateway NATed (teardown): all of them are DNATed and answer to
+    one of its internal addresses, so one filtered dump per address covers them all."""
+    total = 0
+    for ip in addresses:
+        family = "ipv6" if ":" in str(ip) else "ipv4"
+        proc = subprocess.run(["conntrack", "-D", "-f", family, "--dst-nat",
+                               "--reply-dst", str(ip)], capture_output=True, text=True,
+                              timeout=60)
+        m = DELETED_RE.search(proc.stderr + proc.stdout)
+        total += int(m[1]) if m else 0
+    return total
+
+
 def table_stats() -> dict[str, int]:
     """Entries in use, the table's limit, from procfs (cheap: two small reads)."""
     stats = {}

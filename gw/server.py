@@ -261,12 +261,10 @@ class Daemon:
                 log.exception("closing the API server")
         if self.drift is not None:
             self.drift.stop()
-        stop_membership = getattr(oakestra, "stop", None)
-        if stop_membership is not None:
-            try:
-                stop_membership()  # background re-registration and ready callbacks
-            except Exception:  # noqa: BLE001 - closing anyway
-                log.exception("stopping the cluster membership")
+        try:
+            oakestra.stop()  # background re-registration and ready callbacks
+        except Exception:  # noqa: BLE001 - closing anyway
+            log.exception("stopping the cluster membership")
         if self.metrics is not None:
             self.metrics.close()
         if self.flusher is not None:

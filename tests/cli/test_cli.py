@@ -311,9 +311,10 @@ def test_teardown(tmp_path):
 
         p = cli(gw, "teardown", *c, check=0)
         assert "table inet oakestra_gw: removed" in p.stdout
-        assert "conntrack: 0 entries of 1 exposure(s) removed" in p.stdout
+        assert "conntrack: 0 NATed entries removed" in p.stdout
         assert gw.kernel() is None
         assert "oakgw0" not in gw.ns.run("ip", "link").stdout
+        assert "bridge oakgw0: removed" in p.stdout
         p = cli(gw, "teardown", *c, check=0)
         assert "was not there" in p.stdout
         p = cli(gw, "rules", "diff", *c, check=1)
