@@ -24,10 +24,10 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,docs]'
+	$(PY) -m pip install -q -e '.[test,docs,bench]'
 	touch $@
 
-test: setup node-prepare
+test: setup node-prepare bench-deps
 	tests/run-isolated $(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 
@@ -37,7 +37,7 @@ test-unit: setup
 demo: setup
 	$(VENV)/bin/oakestra-gw demo
 
-# The benchmarks (tests/bench): about 10 minutes; rewrites docs/performance.md and docs/img/bench-*.
+# The benchmarks (tests/bench): about 6 minutes; rewrites docs/performance.md and docs/img/bench-*.
 # wrk and nginx come from Debian; nginx is installed without being started or enabled (the
 # benchmark runs its own instance inside a network namespace). BENCH_ARGS: e.g. --reps 9.
 BENCH_APT_PACKAGES := wrk nginx-light
@@ -55,8 +55,6 @@ bench-deps:
 	  if [ -d /run/systemd/system ]; then systemctl disable --now nginx.service >/dev/null 2>&1 || true; fi; \
 	  exit $$rc; \
 	fi
-	@$(PY) -c 'import matplotlib' 2>/dev/null && command -v $(VENV)/bin/py-spy >/dev/null || \
-	  $(PY) -m pip install -q 'matplotlib>=3.8' 'py-spy>=0.3.14'
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict

@@ -39,18 +39,23 @@ class Transaction:
 
 
 def transactions(lines: Iterable[str]) -> Iterator[Transaction | str]:
-    """Pure: group monitor lines into transactions; yield lines that are errors as strings."""
+    """Pure: group monitor lines into transactions, keeping only the changes that name our
+    table (or flush the ruleset): a load of 50k elements prints 50k lines, each of which must
+    cost next to nothing. Yields the monitor's own error lines as strings, such as nft's
+    '# ERROR: We lost some netlink events!' (ENOBUFS)."""
     changes: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\n")
-        m = GENERATION_RE.match(line)
-        if m:
-            yield Transaction(int(m[1]), int(m[2]), changes)
-            changes = []
-        elif "Error" in line or "error" in line:
-            yield line
-        elif line.strip():
-            changes.append(line)
+    for line in lines:
+        if line.startswith("#"):
+            m = GENERATION_RE.match(line)
+            if m:
+                yield Transaction(int(m[1]), int(m[2]), changes)
+                changes = []
+            elif "error" in line.lower():
+                yield line.strip()
+        elif TABLE_NAME in line or line.startswith("flush ruleset"):
+            changes.append(line.rstrip("\n"))
+        elif "Error" in line:  # libnftables' own 'netlink: Error: ...'
+            yield line.strip()
 
 
 def touches_our_table(changes: Iterable[str]) -> bool:
@@ -98,20 +103,25 @@ class DriftWatcher:
         return self
 
     def _run(self) -> None:
+        delay, restarted = 0.5, False
         while not self._stop.is_set():
             try:
                 self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE,
                                               stderr=subprocess.STDOUT, text=True, bufsize=1)
             except OSError as exc:
                 log.error("drift watch: cannot run %s: %s", " ".join(self._argv), exc)
-                self._stop.wait(5)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30)
                 continue
             # The monitor listens once it runs; give it a moment to subscribe.
             time.sleep(0.1)
             self.started.set()
+            if restarted:  # only now: a repair before the new monitor listens would be blind
+                self._report("the nftables monitor was restarted; events may have been lost")
+            began = time.monotonic()
             for item in transactions(self._proc.stdout):
                 if isinstance(item, str):
-                    self._report(f"the monitor reported an error ({item.strip()}); "
+                    self._report(f"the monitor reported an error ({item}); "
                                  "events may be lost")
                 elif self._own_pid is None and any(PROBE_TABLE in c for c in item.changes):
                     self._own_pid = item.pid  # our probe (start): the id our commits carry
@@ -119,9 +129,13 @@ class DriftWatcher:
                 elif not self._is_own(item.pid) and touches_our_table(item.changes):
                     self._report(f"process {item.pid} changed our table: "
                                  f"{describe(item.changes)}")
-            if not self._stop.is_set():
-                self._report("the nftables monitor stopped; events may be lost")
-                self._stop.wait(0.5)
+            if self._stop.is_set():
+                break
+            log.warning("drift watch: nft monitor exited (code %s)", self._proc.wait())
+            restarted = True
+            # A monitor that keeps dying must not turn into a reconcile loop: back off.
+            delay = 0.5 if time.monotonic() - began > 10 else min(delay * 2, 30)
+            self._stop.wait(delay)
 
     def _is_own(self, pid: int) -> bool:
         """The kernel names the committing *thread* (task_pid_nr), so a commit from one of our

@@ -30,6 +30,7 @@ SERVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 ADD_FIELDS = {"exposed_port", "service_ip", "service_port", "internal_port", "protocol",
               "service_id", "family"}
 DELETE_FIELDS = {"exposed_port", "protocol", "family"}
+MAX_BATCH = 1000  # a bound for any caller; over HTTP the 64 KiB body holds about 650
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,9 @@ def parse_exposures(doc: Any, policy: Policy) -> list[Exposure]:
         items = doc["exposures"]
         if not isinstance(items, list) or not items:
             raise InvalidInput("exposures must be a non-empty list", field="exposures")
-        if len(items) > 10000:
-            raise InvalidInput("exposures holds more than 10000 items", field="exposures")
+        if len(items) > MAX_BATCH:
+            raise InvalidInput(f"exposures holds more than {MAX_BATCH} items; split the batch",
+                               field="exposures")
         exposures = [parse_exposure(item, policy, f"exposures[{i}].")
                      for i, item in enumerate(items)]
         seen: dict[Key, int] = {}

@@ -125,11 +125,20 @@ class Firewall:
         """Replace our whole table (skeleton and elements) in one transaction. Existing flows
         keep their conntrack NAT bindings, so they survive it."""
         self._run("load", ruleset.load(self.variables, exposures, self.skeleton))
-        # The chains as loaded are taken as the reference at the next listing: listing them
-        # now would cost ~1 s at 50k elements (nft 1.0.6 fetches the maps for any listing).
-        self._chains_loaded = None
+        # The chains as loaded are the reference that drift is judged by. It is listed right
+        # after the load, never later: the first listing after a repair follows a foreign
+        # change by construction and would make a tampered chain the reference. The chains
+        # depend only on the skeleton and its values, so this costs one terse listing (no
+        # elements: ~0.3 s at 50k, as nft 1.0.6 still fetches them) per set of values, at
+        # start and after a reload that changed them; never at a repair.
+        values = (str(self.skeleton), tuple(sorted(self.variables.items())))
+        if self._chains_for != values:
+            terse = self.session.run_json(f"list table {ruleset.TABLE}", terse=True)
+            self._chains_loaded = parse_listing(terse).chains
+            self._chains_for = values
 
     _chains_loaded: dict | None = None
+    _chains_for: tuple | None = None
 
     def apply(self, add: Iterable[Exposure] = (), remove: Iterable[Exposure] = ()) -> None:
         """One transaction of element deletes and adds. If the kernel disagrees with what the

@@ -26,13 +26,15 @@ class NftSession:
         self._nft.set_handle_output(False)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
 
-    def _cmd(self, text: str, json_output: bool) -> tuple[int, str, str]:
+    def _cmd(self, text: str, json_output: bool, terse: bool = False) -> tuple[int, str, str]:
         def call():
             self._nft.set_json_output(json_output)
+            self._nft.set_terse_output(terse)
             try:
                 return self._nft.cmd(text)
             finally:
                 self._nft.set_json_output(False)
+                self._nft.set_terse_output(False)
 
         return self._thread.submit(call).result()
 
@@ -43,9 +45,10 @@ class NftSession:
             raise KernelRefused(f"nftables refused the change: {_first_error(err)}")
         return out
 
-    def run_json(self, text: str) -> dict:
-        """Run a listing command and return its JSON output."""
-        rc, out, err = self._cmd(text, True)
+    def run_json(self, text: str, terse: bool = False) -> dict:
+        """Run a listing command and return its JSON output; `terse` leaves out set and map
+        elements (a third of the time, a few kB instead of MBs at 50k elements)."""
+        rc, out, err = self._cmd(text, True, terse)
         if rc != 0:
             raise KernelRefused(f"nftables refused: {_first_error(err)}")
         return json.loads(out) if out.strip() else {"nftables": []}

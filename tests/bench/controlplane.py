@@ -1,0 +1,558 @@
+"""Benchmarks 2-4: the daemon (`oakestra-gw serve`) in the lab's gateway namespace.
+
+2. Latency of POST /api/service/exposure/add and /delete over HTTP (one keep-alive client,
+   requests back to back, each an add of a new port then its delete), with 0, 10,000 and
+   50,000 exposures stored and >= 100,000 entries in the gateway's conntrack table.
+3. Cold start: process start -> /api/ready 200, with 0 and 50,000 exposures stored and our
+   table absent from the kernel.
+4. Drift repair: `nft flush ruleset` in the gateway namespace -> a new TCP connection through
+   the measured exposure succeeds again, at 50,000 exposures; and the daemon's RSS.
+
+The store lives on a disk filesystem (/var/tmp), so its fsyncs are real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import http.client
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .exposures import MEASURED_PORT, as_docs, exposures, measured_exposure
+from .stats import latency_summary, median, summary
+from .topology import (CLIENT_IP, EXTRA_SOURCES, INTERNAL_IPV4, INTERNAL_IPV6, PUBLIC_IP,
+                       SERVICE_IP, Lab, stop, wait_for)
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = Path(__file__).with_name("out")   # git-ignored
+API_PORT = 11022
+CLONE_NEWNET = 0x40000000
+UDP_PORTS = [5353, 5354, 5355, 5356]   # the exposures the conntrack filler sends through
+PROBE_PORTS = range(9000, 9990)        # exposures added and deleted by the latency benchmark
+BATCH = 10000                          # the API's limit of exposures per batch
+MAX_BODY = 60 * 1024                   # under the API's 64 KiB request limit
+
+CONFIG = """\
+[api]
+host = "127.0.0.1"
+port = {port}
+
+[store]
+path = "{store}"
+
+[network]
+tunnel_interface = "goProxyTun"
+bridge_interface = "oakgw0"
+internal_ipv4 = "{v4}"
+internal_ipv6 = "{v6}"
+"""
+
+
+def daemon_command() -> list[str]:
+    exe = Path(sys.executable).with_name("oakestra-gw")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "gw.cli"]
+
+
+# -- namespaces ------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def inside(ns):
+    """Run this thread in `ns` for the block: sockets created here belong to it (and keep
+    working after the block). The thread's own namespace is restored on exit."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {ns.name} failed")
+        try:
+            yield
+        finally:
+            if _libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back failed")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+# -- the API client ------------------------------------------------------------------------
+
+class Api:
+    """A keep-alive HTTP client to the daemon, its socket in the gateway namespace."""
+
+    def __init__(self, lab: Lab, timeout: float = 60):
+        self.lab = lab
+        self.timeout = timeout
+        self.conn = None
+
+    def _connect(self):
+        if self.conn is None:
+            with inside(self.lab.gateway):
+                self.conn = http.client.HTTPConnection("127.0.0.1", API_PORT,
+                                                       timeout=self.timeout)
+                self.conn.connect()
+                self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self.conn
+
+    def request(self, method: str, path: str, body=None) -> tuple[int, dict, float]:
+        """(status, JSON body, seconds from sending to the whole answer read)."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn = self._connect()
+        start = time.perf_counter()
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+        elapsed = time.perf_counter() - start
+        if resp.will_close:
+            self.close()
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            doc = {"raw": raw.decode(errors="replace")}
+        return resp.status, doc, elapsed
+
+    def post(self, path: str, body) -> tuple[int, dict, float]:
+        return self.request("POST", path, body)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def get_status(lab: Lab, path: str, timeout: float = 1.0) -> int | None:
+    """One GET on a fresh connection; None when nothing answers (not listening yet)."""
+    with inside(lab.gateway):
+        conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=timeout)
+        try:
+            conn.connect()
+        except OSError:
+            conn.close()
+            return None
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+class Daemon:
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        self.state = Path(lab.tmp) / "state"
+        self.state.mkdir(exist_ok=True)
+        self.config = Path(lab.tmp) / "gateway.toml"
+        self.config.write_text(CONFIG.format(port=API_PORT, store=self.state / "exposures.json",
+                                             v4=INTERNAL_IPV4, v6=INTERNAL_IPV6))
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 60, wrap: list[str] | None = None) -> dict:
+        """Start and wait for /api/ready 200. Returns seconds to health and to ready, measured
+        from just before the process is created."""
+        self.starts += 1
+        log = open(self.lab.tmp / f"daemon-{self.starts}.log", "wb")
+        cmd = [*(wrap or []), *daemon_command(), "serve", "--config", str(self.config)]
+        t0 = time.perf_counter()
+        self.proc = self.lab.spawn(self.lab.gateway, *cmd, stdout=log, stderr=log, cwd=REPO)
+        t_health = None
+        deadline = t0 + timeout
+        while True:  # bounded by the deadline
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {self.proc.returncode}: "
+                                   f"{self.log_tail()}")
+            status = get_status(self.lab, "/api/ready", timeout=5)
+            now = time.perf_counter()
+            if status is not None and t_health is None:
+                t_health = now - t0
+            if status == 200:
+                return {"health_s": t_health, "ready_s": now - t0}
+            if now > deadline:
+                raise TimeoutError(f"/api/ready not 200 after {timeout} s: {self.log_tail()}")
+            time.sleep(0.005)
+
+    def log_tail(self, n: int = 1500) -> str:
+        text = ""
+        for f in sorted(self.lab.tmp.glob("daemon-*.log")):
+            text = f.read_text(errors="replace")
+        return text[-n:]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, timeout=20)
+            self.proc = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> dict:
+        """VmRSS and VmHWM (peak) of the daemon, in MiB."""
+        fields = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0]) / 1024
+        return {"rss_mib": fields.get("VmRSS"), "hwm_mib": fields.get("VmHWM")}
+
+
+# -- the phases ------------------------------------------------------------------------------
+
+def drop_table(lab: Lab) -> None:
+    lab.nft("-f", "-", input="table inet oakestra_gw\ndelete table inet oakestra_gw\n")
+
+
+def cold_start(lab: Lab, daemon: Daemon, reps: int, log) -> dict:
+    """Stop, remove our table, start, time to ready. Returns summaries."""
+    health, ready = [], []
+    for i in range(reps):
+        daemon.stop()
+        drop_table(lab)
+        t = daemon.start()
+        health.append(t["health_s"])
+        ready.append(t["ready_s"])
+        log(f"    cold start {i + 1}/{reps}: health {t['health_s']:.3f} s, "
+            f"ready {t['ready_s']:.3f} s")
+    return {"health_s": summary(health), "ready_s": summary(ready)}
+
+
+def fill_conntrack(lab: Lab, api: Api, flows: int, log) -> dict:
+    status, body, _ = api.post("/api/service/exposure/add", {"exposures": [
+        {"exposed_port": p, "protocol": "udp", "service_ip": SERVICE_IP, "service_port": p - 5300}
+        for p in UDP_PORTS]})
+    if status not in (200, 201):
+        raise RuntimeError(f"adding the UDP exposures: {status} {body}")
+    # Per-namespace sysctl of the gateway namespace: unreplied UDP entries live an hour.
+    lab.gateway.run("sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=3600")
+    # The worker drops the datagrams silently (no ICMP back): its own namespace's table.
+    lab.worker.run("nft", "-f", "-", input=(
+        "table ip oakgw_bench_worker {\n chain input {\n"
+        "  type filter hook input priority 0; policy accept;\n"
+        "  udp dport 53-56 drop\n }\n}\n"))
+    out = lab.client.run(sys.executable, "-m", "tests.bench.udpfill", PUBLIC_IP,
+                         ",".join(map(str, UDP_PORTS)), str(flows), CLIENT_IP, *EXTRA_SOURCES,
+                         cwd=REPO, timeout=300).stdout
+    sent = json.loads(out.strip().splitlines()[-1])
+    count = wait_for(lambda: (c := lab.conntrack_count()) >= flows * 0.98 and c, 10,
+                     f"{flows} conntrack entries in the gateway namespace")
+    log(f"    conntrack: {count} entries ({sent['sent']} datagrams in {sent['seconds']:.1f} s)")
+    return {"entries": count, "fill_s": sent["seconds"]}
+
+
+def batches_of(docs: list[dict]) -> list[list[dict]]:
+    """Consecutive batches of at most BATCH documents whose JSON body fits MAX_BODY."""
+    out, current, size = [], [], 20
+    for doc in docs:
+        n = len(json.dumps(doc)) + 2
+        if current and (size + n > MAX_BODY or len(current) >= BATCH):
+            out.append(current)
+            current, size = [], 20
+        current.append(doc)
+        size += n
+    if current:
+        out.append(current)
+    return out
+
+
+def populate(lab: Lab, api: Api, target: int, have: int, log) -> list[dict]:
+    """Add filler exposures through the API, in the largest batches the API's request size
+    limit lets through, until `target` are stored."""
+    batches = []
+    start = time.perf_counter()
+    fillers = exposures(target, measured=False)
+    for chunk in batches_of(as_docs(fillers[have:target])):
+        status, body, seconds = api.post("/api/service/exposure/add", {"exposures": chunk})
+        if status != 201:
+            raise RuntimeError(f"batch add: {status} {body}")
+        batches.append({"size": len(chunk), "stored_before": have, "seconds": seconds})
+        have += len(chunk)
+    if batches:
+        sizes = sorted({b["size"] for b in batches})
+        log(f"    stored {have}: {len(batches)} batch adds of {sizes[0]}-{sizes[-1]} in "
+            f"{time.perf_counter() - start:.1f} s (median "
+            f"{median(b['seconds'] for b in batches) * 1000:.0f} ms per batch)")
+    return batches
+
+
+def in_kernel(lab: Lab, port: int) -> bool:
+    return lab.gateway.run("nft", "get", "element", "inet", "oakestra_gw", "expose_v4",
+                           f"{{ tcp . {port} }}", check=False).returncode == 0
+
+
+def metric(api: Api, name: str) -> float:
+    """The sum of a Prometheus metric's samples on /metrics (0 when absent)."""
+    try:
+        status, body, _ = api.request("GET", "/metrics")
+    except (OSError, http.client.HTTPException):
+        return math.nan
+    text = body.get("raw", "") if isinstance(body, dict) else ""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            head = line.split()[0].split("{")[0]
+            if head == name:
+                total += float(line.rsplit(None, 1)[-1])
+    return total
+
+
+def scrape(api: Api) -> str:
+    try:
+        status, body, _ = api.request("GET", "/metrics")
+    except (OSError, http.client.HTTPException):
+        return ""
+    return body.get("raw", "") if isinstance(body, dict) else ""
+
+
+def histogram(text: str, name: str, **labels: str) -> dict:
+    """A Prometheus histogram's cumulative buckets (by upper bound), count and sum, for the
+    series whose labels include `labels`."""
+    out: dict = {"buckets": {}, "count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        if not line.startswith(name + "_"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        pairs = dict(p.split("=", 1) for p in rest.rstrip("}").split(",") if "=" in p)
+        pairs = {k: v.strip('"') for k, v in pairs.items()}
+        if any(pairs.get(k) != v for k, v in labels.items()):
+            continue
+        if metric == name + "_bucket":
+            le = pairs["le"]
+            out["buckets"][le] = out["buckets"].get(le, 0.0) + float(value)
+        elif metric == name + "_count":
+            out["count"] += float(value)
+        elif metric == name + "_sum":
+            out["sum"] += float(value)
+    return out
+
+
+def over(before: dict, after: dict, seconds: str) -> dict:
+    """Between two scrapes: observations, how many took longer than `seconds` (a bucket
+    bound, e.g. "0.005"), and their mean in ms."""
+    n = after["count"] - before["count"]
+    below = after["buckets"].get(seconds, 0.0) - before["buckets"].get(seconds, 0.0)
+    return {"n": n, f"over_{float(seconds) * 1000:g}ms": n - below,
+            "mean_ms": (after["sum"] - before["sum"]) / n * 1000 if n else math.nan}
+
+
+def server_side(before: str, after: str) -> dict:
+    """What the daemon's own metrics saw between two scrapes: time inside the API handlers
+    and inside nftables transactions."""
+    out = {}
+    for key, name, labels in (
+            ("api_add", "gw_api_request_duration_seconds",
+             {"route": "/api/service/exposure/add", "method": "POST"}),
+            ("api_delete", "gw_api_request_duration_seconds",
+             {"route": "/api/service/exposure/delete", "method": "POST"}),
+            ("nft_change", "gw_firewall_transaction_duration_seconds", {"kind": "change"})):
+        b, a = histogram(before, name, **labels), histogram(after, name, **labels)
+        out[key] = {**over(b, a, "0.005"), **{k: v for k, v in over(b, a, "0.01").items()
+                                               if k.startswith("over")}}
+    return out
+
+
+def latency(lab: Lab, api: Api, pairs: int, warmup: int, log,
+            max_seconds: float = 300) -> dict:
+    """`pairs` add+delete of fresh ports, back to back (at most `max_seconds`). Checks a
+    sample of acknowledged changes against the kernel (outside the timing)."""
+    adds, deletes, health = [], [], []
+    checked = 0
+    ports = list(PROBE_PORTS)
+    repairs_before = metric(api, "gw_drift_repairs_total")
+    scraped = None
+    deadline = time.monotonic() + max_seconds
+    for i in range(warmup + pairs):
+        if time.monotonic() > deadline:
+            log(f"    stopped after {max_seconds:g} s: {len(adds)} of {pairs} pairs done")
+            break
+        if i == warmup:
+            scraped = scrape(api)
+        port = ports[i % len(ports)]
+        doc = {"exposed_port": port, "service_ip": "10.30.9.9", "service_port": 80}
+        status, body, t_add = api.post("/api/service/exposure/add", doc)
+        if status != 201:
+            raise RuntimeError(f"add {port}: {status} {body}")
+        if i % 50 == 0:
+            if not in_kernel(lab, port):
+                raise RuntimeError(f"add {port} acknowledged but not in the kernel")
+            checked += 1
+        status, body, t_del = api.post("/api/service/exposure/delete",
+                                       {"exposed_port": port, "family": "ipv4"})
+        if status != 200:
+            raise RuntimeError(f"delete {port}: {status} {body}")
+        if i % 50 == 1:
+            if in_kernel(lab, port):
+                raise RuntimeError(f"delete {port} acknowledged but still in the kernel")
+            checked += 1
+        # The control: a request that does nothing (no store, no kernel) on the same
+        # connection. Its tail is what this machine adds to any request at that moment.
+        status, _, t_health = api.request("GET", "/api/health")
+        if i >= warmup:
+            adds.append(t_add)
+            deletes.append(t_del)
+            health.append(t_health)
+    result = {"add": latency_summary(adds), "delete": latency_summary(deletes),
+              "health": latency_summary(health), "kernel_checks": checked,
+              "drift_repairs": metric(api, "gw_drift_repairs_total") - repairs_before,
+              "server": server_side(scraped or "", scrape(api))}
+    for op, client in (("add", adds), ("delete", deletes), ("health", health)):
+        result[op]["over_5ms"] = sum(t > 0.005 for t in client)
+        result[op]["over_10ms"] = sum(t > 0.01 for t in client)
+    srv = result["server"]
+    log(f"    > 5 ms: client saw add {result['add']['over_5ms']}, delete "
+        f"{result['delete']['over_5ms']}; inside the handlers add "
+        f"{srv['api_add'].get('over_5ms', 0):g}, delete {srv['api_delete'].get('over_5ms', 0):g};"
+        f" nft transactions {srv['nft_change'].get('over_5ms', 0):g} of "
+        f"{srv['nft_change']['n']:g} (mean {srv['nft_change']['mean_ms']:.2f} ms)")
+    if result["drift_repairs"]:
+        log(f"    the daemon ran {result['drift_repairs']:g} drift repairs meanwhile")
+    log(f"    add    p50 {result['add']['p50_ms']:.2f}  p99 {result['add']['p99_ms']:.2f}  "
+        f"max {result['add']['max_ms']:.2f} ms")
+    log(f"    delete p50 {result['delete']['p50_ms']:.2f}  p99 {result['delete']['p99_ms']:.2f}"
+        f"  max {result['delete']['max_ms']:.2f} ms")
+    log(f"    health p50 {result['health']['p50_ms']:.2f}  p99 {result['health']['p99_ms']:.2f}"
+        f"  max {result['health']['max_ms']:.2f} ms (the control)")
+    return result
+
+
+def connects(lab: Lab, timeout: float = 0.05) -> bool:
+    """A new TCP connection from the client through the measured exposure completes."""
+    with inside(lab.client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((PUBLIC_IP, MEASURED_PORT))
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def wait_flowing(lab: Lab, deadline: float) -> float | None:
+    """perf_counter() of the first successful connect before `deadline`, else None."""
+    while time.perf_counter() < deadline:
+        if connects(lab):
+            return time.perf_counter()
+        time.sleep(0.002)
+    return None
+
+
+def drift(lab: Lab, daemon: Daemon, reps: int, watch_s: float, log) -> dict:
+    """`nft flush ruleset` in the gateway namespace, then time until traffic flows again. If
+    nothing repairs it within `watch_s` (no drift watcher), send SIGHUP (reload and
+    reconcile) and time from there too."""
+    if not connects(lab, timeout=1):
+        raise RuntimeError("the measured exposure does not carry traffic before the flush")
+    runs = []
+    for i in range(reps):
+        lab.nft("flush", "ruleset")
+        t_flush = time.perf_counter()
+        if connects(lab, timeout=0.2):
+            raise RuntimeError("traffic still flows right after `nft flush ruleset`")
+        t_ok = wait_flowing(lab, t_flush + watch_s)
+        if t_ok is not None:
+            run = {"by": "watcher", "flush_to_flow_s": t_ok - t_flush}
+        else:
+            t_hup = time.perf_counter()
+            os.kill(daemon.pid, signal.SIGHUP)
+            t_ok = wait_flowing(lab, t_hup + 60)
+            if t_ok is None:
+                raise RuntimeError("traffic did not flow again within 60 s of SIGHUP")
+            run = {"by": "sighup", "flush_to_flow_s": t_ok - t_flush,
+                   "sighup_to_flow_s": t_ok - t_hup}
+        runs.append(run)
+        log(f"    drift {i + 1}/{reps}: repaired by {run['by']}, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in run.items() if k != "by"))
+        # Let the reconcile finish before the next round (ready again).
+        wait_for(lambda: get_status(lab, "/api/ready", timeout=5) == 200, 60, "ready")
+    by = sorted({r["by"] for r in runs})
+    out = {"by": by, "runs": runs,
+           "flush_to_flow_s": summary([r["flush_to_flow_s"] for r in runs])}
+    if "sighup" in by:
+        out["sighup_to_flow_s"] = summary([r["sighup_to_flow_s"] for r in runs
+                                           if "sighup_to_flow_s" in r])
+    return out
+
+
+def run(levels=(0, 10000, 50000), pairs: int = 500, warmup: int = 20, flows: int = 120000,
+        cold_reps: int = 5, drift_reps: int = 3, watch_s: float = 5.0, settle: float = 3.0,
+        log=print) -> dict:
+    levels = sorted(levels)
+    result: dict = {"levels": levels, "latency": {}, "batches": [], "rss": {}}
+    with Lab(bridge=False) as lab:  # the daemon sets up its bridge itself
+        lab.start_nginx()
+        daemon = Daemon(lab)
+        api = Api(lab)
+        try:
+            log("  cold start, empty store")
+            daemon.start()
+            result["cold_start_0"] = cold_start(lab, daemon, max(1, cold_reps // 2), log)
+            time.sleep(0.5)
+            result["rss"]["0"] = daemon.rss()
+            status, body, _ = api.post("/api/service/exposure/add",
+                                       measured_exposure().to_dict())
+            if status != 201:
+                raise RuntimeError(f"adding the measured exposure: {status} {body}")
+            result["conntrack"] = fill_conntrack(lab, api, flows, log)
+            stored = 0
+            for level in levels:
+                added = populate(lab, api, level, stored, log)
+                result["batches"] += added
+                stored = max(stored, level)
+                if added:
+                    time.sleep(settle)  # background work of the bulk add (compaction) ends
+                log(f"  latency with {level} exposures stored "
+                    f"(+{1 + len(UDP_PORTS)} measured/UDP), "
+                    f"{lab.conntrack_count()} conntrack entries")
+                result["latency"][str(level)] = latency(lab, api, pairs, warmup, log)
+                result["latency"][str(level)]["conntrack_entries"] = lab.conntrack_count()
+            top = levels[-1]
+            api.close()
+            log(f"  drift repair with {top} exposures")
+            result["drift"] = drift(lab, daemon, drift_reps, watch_s, log)
+            result["drift"]["exposures"] = top
+            log(f"  cold start, {top} exposures stored, our table removed")
+            result["cold_start"] = cold_start(lab, daemon, cold_reps, log)
+            result["cold_start"]["exposures"] = top
+            time.sleep(0.5)
+            result["rss"][str(top)] = daemon.rss()
+            log(f"  RSS: {result['rss']}")
+            result["flusher_backlog_note"] = daemon.log_tail(400)
+        finally:
+            api.close()
+            daemon.stop()
+            keep_logs(lab)
+    result.pop("flusher_backlog_note", None)
+    return result
+
+
+def keep_logs(lab: Lab) -> None:
+    """The daemon's logs, for a look after the run: tests/bench/out/daemon-*.log."""
+    OUT.mkdir(exist_ok=True)
+    for old in OUT.glob("daemon-*.log"):
+        old.unlink()
+    for f in lab.tmp.glob("daemon-*.log"):
+        shutil.copy(f, OUT / f.name)

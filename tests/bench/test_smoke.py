@@ -1,0 +1,141 @@
+"""A tiny run of every benchmark: the machinery works and its numbers are sane. No timing
+targets here (`make bench` measures those); seconds, not minutes."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+
+import pytest
+
+from tests.bench import controlplane, dataplane, report, udpfill
+from tests.bench.exposures import BASELINE_TABLE, MEASURED_PORT, baseline_ruleset, exposures
+
+pytestmark = [pytest.mark.bench]
+TOOLS = [t for t in ("wrk", "nginx", "conntrack", "nft") if shutil.which(t) is None]
+needs_tools = pytest.mark.skipif(bool(TOOLS), reason=f"missing tools: {', '.join(TOOLS)} "
+                                                     "(apt-get install wrk nginx-light)")
+
+
+# -- pure parts ------------------------------------------------------------------------------
+
+def test_exposure_sets_put_the_measured_port_last():
+    items = exposures(1000)
+    assert len(items) == 1000 and len({e.key for e in items}) == 1000
+    assert items[-1].exposed_port == MEASURED_PORT
+    assert all(e.exposed_port != 11022 for e in items)
+    assert len(exposures(50000)) == 50000
+
+
+def test_baseline_is_one_rule_per_exposure_measured_last():
+    text = baseline_ruleset(exposures(100))
+    rules = [line.strip() for line in text.splitlines() if " dnat ip to " in line]
+    assert len(rules) == 100
+    assert rules[-1] == f"tcp dport {MEASURED_PORT} dnat ip to 10.30.0.1:80"
+    assert f"delete table {BASELINE_TABLE}" in text
+
+
+def test_udpfill_makes_distinct_flows():
+    ports, sources = [5353, 5354], ["198.18.0.2", "198.18.0.3"]
+    flows = set()
+    for datagram in udpfill.packets("198.18.0.1", ports, 5000, sources):
+        src = datagram[12:16]
+        sport, dport = struct.unpack("!HH", datagram[20:24])
+        flows.add((src, sport, dport))
+    assert len(flows) == 5000
+
+
+def test_parse_wrk():
+    out = ("Running 1s test @ http://198.18.0.1:8080/\n  2 threads and 32 connections\n"
+           "  10234 requests in 1.00s, 1.2MB read\n"
+           "  Socket errors: connect 0, read 3, write 0, timeout 1\n"
+           "Requests/sec:  10201.55\nTransfer/sec:      1.21MB\n")
+    assert dataplane.parse_wrk(out) == {"rate": 10201.55, "requests": 10234, "errors": 4}
+
+
+def test_batches_fit_the_api_limits():
+    docs = [{"exposed_port": p, "protocol": "tcp", "service_ip": "10.30.200.200",
+             "service_port": 65535} for p in range(1, 20000)]
+    batches = controlplane.batches_of(docs)
+    assert sum(map(len, batches)) == len(docs)
+    assert all(len(json.dumps({"exposures": b})) < 64 * 1024 for b in batches)
+
+
+# -- the benchmarks, tiny --------------------------------------------------------------------
+
+@needs_tools
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_dataplane_smoke():
+    res = dataplane.run(sizes=(1, 300), reps=2, seconds=1, warmup=0, log=lambda *_: None)
+    assert len(res["runs"]) == 2 * 2 * 2
+    for variant in ("ours", "baseline"):
+        for n in (1, 300):
+            point = res["points"][variant][n]
+            assert point["n"] == 2
+            assert 50 < point["median"] < 1e6, (variant, n, point)
+        assert res["ratios"][variant][1]["median"] == 1.0
+        assert 0 < res["ratios"][variant][300]["median"] < 10
+    assert res["errors"] <= 0.01 * sum(r["requests"] or 0 for r in res["runs"])
+    assert all(l["ours_s"] > 0 and l["baseline_s"] > 0 for l in res["loads"])
+
+
+@needs_tools
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_controlplane_smoke():
+    res = controlplane.run(levels=(0, 300), pairs=10, warmup=2, flows=3000, cold_reps=2,
+                           drift_reps=1, watch_s=0.5, settle=0.2,
+                           log=lambda *_: None)
+    assert res["conntrack"]["entries"] >= 3000
+    for level in ("0", "300"):
+        for op in ("add", "delete"):
+            lat = res["latency"][level][op]
+            assert lat["n"] == 10
+            assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] < 10_000
+        assert res["latency"][level]["kernel_checks"] >= 1
+    assert sum(b["size"] for b in res["batches"]) == 300
+    for key in ("cold_start_0", "cold_start"):
+        ready = res[key]["ready_s"]
+        assert 0 < ready["median"] < 60
+    assert res["drift"]["flush_to_flow_s"]["median"] > 0
+    assert res["drift"]["by"] in (["watcher"], ["sighup"], ["sighup", "watcher"])
+    assert 5 < res["rss"]["0"]["rss_mib"] < 2000
+    assert res["rss"]["300"]["rss_mib"] > 5
+
+
+def test_report_from_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    summary = lambda v: {"n": len(v), "median": sorted(v)[len(v) // 2], "min": min(v),
+                         "max": max(v), "spread": 0.1, "values": v}
+    lat = {"n": 3, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "max_ms": 4.0, "mean_ms": 1.5}
+    results = {
+        "machine": {"cpu": "test"}, "params": {"reps": 2}, "duration": "1 s",
+        "dataplane": {"sizes": [1, 10], "errors": 0,
+                      "points": {v: {"1": summary([100.0, 110.0]), "10": summary([90.0, 95.0])}
+                                 for v in ("ours", "baseline")},
+                      "ratios": {v: {"1": summary([1.0, 1.0]), "10": summary([0.9, 0.95])}
+                                 for v in ("ours", "baseline")},
+                      "ours_over_baseline": {"1": summary([1.0]), "10": summary([1.1])},
+                      "load_times": {"1": {"ours_s": 0.01, "baseline_s": 0.02},
+                                     "10": {"ours_s": 0.01, "baseline_s": 0.02}}},
+        "controlplane": {"levels": [0, 10], "conntrack": {"entries": 100},
+                         "latency": {"0": {"add": lat, "delete": lat},
+                                     "10": {"add": lat, "delete": lat}},
+                         "batches": [], "rss": {"0": {"rss_mib": 40.0, "hwm_mib": 41.0}},
+                         "cold_start": {"exposures": 10, "ready_s": summary([0.5, 0.6])},
+                         "drift": {"exposures": 10, "by": ["sighup"],
+                                   "flush_to_flow_s": summary([1.0]),
+                                   "sighup_to_flow_s": summary([0.2])}},
+    }
+    page = tmp_path / "performance.md"
+    written = report.write(results, page, tmp_path / "img")
+    text = page.read_text()
+    assert "| 10 | 95 (90-95)" in text
+    assert "cold start to ready" in text and "![" in text
+    assert (tmp_path / "img" / "bench-dataplane.png").stat().st_size > 1000
+    assert (tmp_path / "img" / "bench-latency.png").stat().st_size > 1000
+    assert len(written) == 3
+    assert not math.isnan(float(report.all_figures(results).count("\n")))
