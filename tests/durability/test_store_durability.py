@@ -6,13 +6,9 @@ bind mount)."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import random
-import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -23,11 +19,10 @@ import pytest
 from crashwriter import apply_changes
 from gw.errors import StoreUnavailable
 from gw.store import Store
+from tests.fs import Ext4, fill, mount_namespace, require_tools
 
 WRITER = Path(__file__).with_name("crashwriter.py")
 ROUNDS = 50
-EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
-EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 
 
 def run_writer(path: Path, seed: int, seconds: float, *, power_loss=None, fsync=True) -> int:
@@ -91,104 +86,26 @@ def test_kill_9_loses_no_acknowledged_change(tmp_path):
 
 # --- power loss ----------------------------------------------------------------------------------
 
-def sh(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-class MountNamespace:
-    """A private mount namespace held by a child process. Mounts made in it are seen by no other
-    namespace: not even by one that another process creates meanwhile (`ip netns exec` does, and
-    would keep a copy of the mount, and its loop device, alive); and when the holder ends, its
-    mounts go with it. This process reaches in through /proc/<holder>/root."""
-
-    def __init__(self):
-        # `cat` ends when its stdin closes: also when this process dies without cleaning up.
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "cat"],
-                                       stdin=subprocess.PIPE)
-        for _ in range(500):
-            if os.path.realpath(f"/proc/{self.holder.pid}/exe").endswith("/cat"):
-                return
-            time.sleep(0.01)
-        self.close()
-        raise RuntimeError("unshare --mount did not start")
-
-    def run(self, *argv: str) -> str:
-        return sh("nsenter", "-t", str(self.holder.pid), "-m", *argv)
-
-    def path(self, path: Path) -> Path:
-        return Path(f"/proc/{self.holder.pid}/root") / path.relative_to("/")
-
-    def close(self) -> None:
-        self.holder.stdin.close()
-        self.holder.wait(timeout=30)
-
-
 @pytest.fixture
 def mount_ns():
-    if os.geteuid() != 0 or not all(map(shutil.which, ("unshare", "nsenter", "mount"))):
-        pytest.skip("needs root, unshare, nsenter and mount")
-    ns = MountNamespace()
-    try:
+    with mount_namespace() as ns:
         yield ns
-    finally:
-        ns.close()
-
-
-class Ext4:
-    """A loop-mounted ext4 image in a private mount namespace; `path` is the mount point as this
-    process sees it."""
-
-    def __init__(self, ns: MountNamespace, directory: Path):
-        self.ns = ns
-        self.image = directory / "ext4.img"
-        self.mountpoint = directory / "mnt"
-        self.path = ns.path(self.mountpoint)
-        self.loop: str | None = None
-
-    def create(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(64 << 20)
-        sh("mkfs.ext4", "-q", "-F", str(self.image))
-        self.mountpoint.mkdir()
-
-    def mount(self) -> None:
-        self.loop = sh("losetup", "--find", "--show", str(self.image)).strip()
-        self.ns.run("mount", "-t", "ext4", self.loop, str(self.mountpoint))
-
-    def shutdown(self) -> None:
-        """Power loss: what was not fsync'd (and committed to ext4's journal) is gone."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
-        finally:
-            os.close(fd)
-
-    def unmount(self) -> None:
-        if self.loop:
-            subprocess.run(["nsenter", "-t", str(self.ns.holder.pid), "-m", "umount",
-                            str(self.mountpoint)], capture_output=True)
-            sh("losetup", "-d", self.loop)  # or, if still busy, when the namespace goes
-            self.loop = None
-
-    def remount(self) -> None:
-        self.unmount()
-        self.mount()
 
 
 @pytest.fixture
 def ext4(mount_ns, tmp_path):
-    if not all(map(shutil.which, ("mkfs.ext4", "losetup"))):
-        pytest.skip("needs mkfs.ext4 and losetup")
-    fs = Ext4(mount_ns, tmp_path)
+    require_tools("mkfs.ext4", "losetup")
+    fs = None
     try:
         try:
-            fs.create()
+            fs = Ext4(mount_ns, tmp_path)
             fs.mount()
         except subprocess.CalledProcessError as e:
             pytest.skip(f"cannot loop-mount an ext4 image here: {e.stderr.strip()}")
         yield fs
     finally:
-        fs.unmount()
+        if fs is not None:
+            fs.unmount()
 
 
 @pytest.mark.slow
@@ -223,17 +140,6 @@ def test_the_power_loss_test_catches_a_missing_fsync(ext4):
 
 
 # --- a full or read-only filesystem --------------------------------------------------------------
-
-def fill(directory: Path) -> Path:
-    """Fills the filesystem to the last byte."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (1 << 16, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"x" * size)
-    return filler
-
 
 def exposure(port: int, **extra) -> dict:
     return {"exposed_port": port, "protocol": "udp", "service_ip": "10.30.0.1",

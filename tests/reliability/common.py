@@ -1,32 +1,25 @@
 """Shared pieces of the reliability tests: the soak switch, HTTP clients that live in a
-daemon's network namespace, a workload model, a private mount namespace for the filesystems
-we mount, and small waiting helpers.
+daemon's network namespace, a workload model, and small waiting helpers (the private mount
+namespace and the filesystems mounted in it are in tests/fs.py).
 
-Everything here cleans up after itself: a namespace, process or mount created by a helper is
-removed by the same helper's close(), also after a failure."""
+Everything here cleans up after itself: a namespace or process created by a helper is removed
+by the same helper's close(), also after a failure."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import http.client
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
-import struct
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import pytest
 
 CLONE_NEWNET = 0x40000000
 
@@ -59,14 +52,6 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s\n{log()}")
         time.sleep(interval)
-
-
-def require_tools(*names: str) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    missing = [n for n in names if shutil.which(n) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
 
 
 # -- network namespaces ---------------------------------------------------------------------
@@ -343,99 +328,6 @@ def split_by_worker(docs: set[tuple], workers: list[Worker]) -> list[dict[DocKey
         else:
             raise AssertionError(f"{doc} belongs to no client")
     return out
-
-
-# -- a private mount namespace and the filesystems in it ------------------------------------
-
-EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
-EXT4_GOING_FLAGS_NOLOGFLUSH = 2
-
-
-class MountNamespace:
-    """A private mount namespace held by a child process (`unshare --mount --propagation
-    private cat`): mounts made in it are seen by no other namespace, and go away with it (its
-    holder ends when our end of its stdin closes, also if this process dies). Other processes
-    (the daemon) reach the mounts through /proc/<holder>/root (see tests/durability)."""
-
-    def __init__(self):
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "cat"],
-                                       stdin=subprocess.PIPE)
-        for _ in range(500):
-            if os.path.realpath(f"/proc/{self.holder.pid}/exe").endswith("/cat"):
-                return
-            time.sleep(0.01)
-        self.close()
-        raise RuntimeError("unshare --mount did not start")
-
-    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", *argv],
-                              check=check, capture_output=True, text=True, timeout=60)
-
-    def path(self, path: Path) -> Path:
-        """`path` (inside the namespace) as any process sees it."""
-        return Path(f"/proc/{self.holder.pid}/root") / Path(path).relative_to("/")
-
-    def close(self) -> None:
-        if self.holder.poll() is None:
-            self.holder.stdin.close()
-            try:
-                self.holder.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.holder.kill()
-                self.holder.wait()
-
-
-class Ext4:
-    """A loop-mounted ext4 image in a private mount namespace; `path` is its mount point as
-    every process sees it."""
-
-    def __init__(self, ns: MountNamespace, directory: Path, size_mb: int = 64):
-        self.ns = ns
-        self.image = directory / "ext4.img"
-        self.mountpoint = directory / "mnt"
-        self.path = ns.path(self.mountpoint)
-        self.loop: str | None = None
-        with open(self.image, "wb") as f:
-            f.truncate(size_mb << 20)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(self.image)], check=True,
-                       capture_output=True)
-        self.mountpoint.mkdir()
-
-    def mount(self) -> None:
-        self.loop = subprocess.run(["losetup", "--find", "--show", str(self.image)], check=True,
-                                   capture_output=True, text=True).stdout.strip()
-        self.ns.run("mount", "-t", "ext4", self.loop, str(self.mountpoint))
-
-    def shutdown(self) -> None:
-        """Power loss: what was not fsync'd (and committed to ext4's journal) is gone."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
-        finally:
-            os.close(fd)
-
-    def unmount(self) -> None:
-        if self.loop:
-            for _ in range(50):
-                if self.ns.run("umount", str(self.mountpoint), check=False).returncode == 0:
-                    break
-                time.sleep(0.1)
-            subprocess.run(["losetup", "-d", self.loop], capture_output=True)
-            self.loop = None
-
-    def remount(self) -> None:
-        self.unmount()
-        self.mount()
-
-
-@contextlib.contextmanager
-def mount_namespace():
-    require_tools("unshare", "nsenter", "mount")
-    ns = MountNamespace()
-    try:
-        yield ns
-    finally:
-        ns.close()
 
 
 # -- processes ------------------------------------------------------------------------------

@@ -10,11 +10,10 @@
   file and the problem, changes no file (and leaves the kernel as it was), `oakestra-gw store
   check` says the same, and the documented recovery (docs/cli.md) brings everything back.
 
-Every mount lives in a private mount namespace (tests/reliability/common.MountNamespace)."""
+Every mount lives in a private mount namespace (tests/fs.MountNamespace)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
@@ -26,7 +25,8 @@ import pytest
 
 from gw import lab as L
 from tests.api.harness import gw_command
-from tests.reliability.common import metric, mount_namespace, report, wait_for
+from tests.fs import fill, mount_namespace
+from tests.reliability.common import metric, report, wait_for
 from tests.reliability.daemon import docs_set, gateway, kill, reap_orphans, stored_docs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -38,17 +38,6 @@ def ex(port: int, ip: str = "10.30.0.1", sport: int = 80, **extra) -> dict:
 
 def doc(port: int, ip: str = "10.30.0.1", sport: int = 80) -> tuple:
     return ("ipv4", "tcp", port, ip, sport)
-
-
-def fill(directory: Path) -> Path:
-    """Fills the filesystem to the last byte."""
-    filler = directory / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        for size in (1 << 16, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"x" * size)
-    return filler
 
 
 # -- a full or read-only state directory ----------------------------------------------------
