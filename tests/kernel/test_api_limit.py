@@ -49,11 +49,13 @@ def test_one_source_gets_at_most_64_api_connections():
             import socket, time
             s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("10.30.255.1", 11022)); s.listen(1024)
+            print("listening", flush=True)
             held = []
             while True:
                 held.append(s.accept()[0])
-        """))
+        """), stdout=subprocess.PIPE, text=True)
         try:
+            assert server.stdout.readline().strip() == "listening"
             # positive control first: a few connections from a source work
             assert connections(client, "10.30.255.3", 3) == 3
             assert connections(client, "10.30.255.2", 70) == 64
