@@ -202,7 +202,7 @@ def _run(lab: L.Lab, started: float) -> L.Daemon:
 
 
 def _explain_keep(lab: L.Lab, daemon: L.Daemon) -> None:
-    g, c, w = lab.ns["gateway"], lab.ns["client"], lab.ns["worker"]
+    g, c = lab.ns["gateway"], lab.ns["client"]
     _say(f"""
 The lab is still up (--keep), the daemon running in {g}.
 Explore it:

@@ -83,17 +83,22 @@ def ns_path(name: str) -> Path:
     return Path("/run/netns") / name
 
 
+def enter(name: str) -> None:
+    """Move the calling *thread* into network namespace `name` (setns affects only it)."""
+    target = os.open(ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+    finally:
+        os.close(target)
+
+
 @contextmanager
 def inside(name: str) -> Iterator[None]:
     """Run the body with the calling *thread* in network namespace `name`: sockets created in
     it stay in that namespace after the block. Other threads are not affected."""
     back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(ns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
+        enter(name)
         try:
             yield
         finally:

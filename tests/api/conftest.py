@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.harness import Gateway, require_root
+from tests.api.harness import running
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    require_root()
     # Without the drift watcher: some tests break the table on purpose and look at the result.
-    gateway = Gateway(tmp_path_factory.mktemp("gw"), drift_watch=False)
-    try:
-        gateway.start()
+    with running(tmp_path_factory.mktemp("gw"), drift_watch=False) as gateway:
         yield gateway
-    finally:
-        gateway.close()
 
 
 @pytest.fixture

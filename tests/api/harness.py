@@ -9,7 +9,6 @@ sysctls of the throwaway namespace only). Everything started here is stopped and
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import os
@@ -20,12 +19,16 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from gw.firewall import parse_listing
+from gw.lab import inside
 from tests.netns import Netns, veth
 
-CLONE_NEWNET = 0x40000000
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 API_PORT = 11022
@@ -40,21 +43,15 @@ def gw_command() -> list[str]:
 # -- running code inside a namespace ---------------------------------------------------------
 
 def in_netns(name: str, fn, *args, **kw):
-    """Run fn on a fresh thread that entered network namespace `name` (setns affects only the
-    calling thread); sockets it creates stay in that namespace."""
+    """Run fn on a fresh thread inside network namespace `name` (setns affects only the
+    calling thread); sockets it creates stay in that namespace. Returns fn's result or
+    raises its exception."""
     box: dict = {}
 
     def target():
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                box["error"] = OSError(ctypes.get_errno(), "setns failed")
-                return
-        finally:
-            os.close(fd)
-        try:
-            box["value"] = fn(*args, **kw)
+            with inside(name):
+                box["value"] = fn(*args, **kw)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             box["error"] = exc
 
@@ -333,9 +330,27 @@ def docs_set(exposures: list[dict]) -> set[tuple]:
 
 
 def require_root():
-    import pytest
-
     if os.geteuid() != 0:
         pytest.skip("needs root")
     if shutil.which("nft") is None:
         pytest.skip("needs nft")
+
+
+@contextmanager
+def running(path: Path, **options) -> Iterator["Gateway"]:
+    """A started daemon (see Gateway) that is closed afterwards, also after a failure."""
+    require_root()
+    gateway = Gateway(path, **options)
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.close()
+
+
+def schemathesis_bin() -> str:
+    local = Path(sys.executable).parent / "schemathesis"
+    found = str(local) if local.exists() else shutil.which("schemathesis")
+    if not found:
+        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
+    return found

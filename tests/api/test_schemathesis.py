@@ -5,25 +5,14 @@ ignored. Bounded (examples per operation) so that it stays well under a minute."
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.api.harness import API_PORT, TOKEN, docs_set
+from tests.api.harness import API_PORT, TOKEN, docs_set, schemathesis_bin
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 MAX_EXAMPLES = int(os.environ.get("GW_SCHEMATHESIS_EXAMPLES", "150"))
-
-
-def schemathesis_bin() -> str:
-    local = Path(sys.executable).parent / "schemathesis"
-    found = str(local) if local.exists() else shutil.which("schemathesis")
-    if not found:
-        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    return found
 
 
 def test_schemathesis(gw, tmp_path):

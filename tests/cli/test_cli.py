@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gw.cli import main
 from tests.api.harness import (API_PORT, INTERNAL_V4, INTERNAL_V6, Gateway, gw_command,
-                               in_netns, require_root)
+                               in_netns, require_root, running)
 
 COMMANDS = [[], ["serve"], ["expose"], ["expose", "add"], ["expose", "delete"],
             ["expose", "list"], ["status"], ["rules"], ["rules", "show"], ["rules", "diff"],
@@ -160,13 +160,8 @@ def test_demo_is_wired_lazily(monkeypatch):
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    require_root()
-    gateway = Gateway(tmp_path_factory.mktemp("gwcli"), drift_watch=False)
-    try:
-        gateway.start()
+    with running(tmp_path_factory.mktemp("gwcli"), drift_watch=False) as gateway:
         yield gateway
-    finally:
-        gateway.close()
 
 
 @pytest.fixture

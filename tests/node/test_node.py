@@ -228,7 +228,7 @@ def test_kernel_settings(lab, provisioned):
 
 
 def test_api_answers(lab, provisioned):
-    assert lab.node("ss", "-Htln", f"sport = :11022").stdout.strip(), "nothing listens on 11022"
+    assert lab.node("ss", "-Htln", "sport = :11022").stdout.strip(), "nothing listens on 11022"
     status, _ = api(lab, "GET", "/api/health")
     assert status == 200
     wait_for(lambda: api(lab, "GET", "/api/ready")[0] == 200, 30, "/api/ready to answer 200")

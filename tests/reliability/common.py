@@ -7,21 +7,20 @@ by the same helper's close(), also after a failure."""
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import os
 import random
 import re
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-CLONE_NEWNET = 0x40000000
+from gw.lab import enter as enter_netns  # noqa: F401 - the tests' name for it
+
 
 #: OAKGW_SOAK=1 runs the long variants (the numbers of issue 8); without it, short CI ones.
 SOAK = os.environ.get("OAKGW_SOAK", "") not in ("", "0")
@@ -55,18 +54,6 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "
 
 
 # -- network namespaces ---------------------------------------------------------------------
-
-def enter_netns(name: str) -> None:
-    """Move the calling *thread* into network namespace `name` for good (use on a thread made
-    for it: its sockets then live in that namespace)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-    finally:
-        os.close(fd)
-
 
 class Client:
     """A keep-alive HTTP/1.1 client of the management API. Use it from one thread that is in
@@ -107,25 +94,6 @@ class Client:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
-
-
-def run_in_netns(ns_name: str, fn, *args, **kw):
-    """fn on a fresh thread inside the namespace; its result or its exception."""
-    box: dict = {}
-
-    def target():
-        try:
-            enter_netns(ns_name)
-            box["value"] = fn(*args, **kw)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

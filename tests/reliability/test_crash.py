@@ -20,7 +20,7 @@ import pytest
 
 from gw.server import CRASH_ENV, CRASH_EXIT
 from tests.fs import Ext4, mount_namespace, require_tools
-from tests.reliability.common import (SOAK, Worker, freeze, report, scaled, split_by_worker,
+from tests.reliability.common import (Worker, freeze, report, scaled, split_by_worker,
                                       storm)
 from tests.reliability.daemon import (API_PORT, HOST, TOKEN, docs_set, gateway, kill,
                                       reap_orphans, store_path, stored_docs)

@@ -19,9 +19,7 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from gw.errors import InvalidInput
 from gw.exposure import (ADD_FIELDS, PROTOCOLS, Exposure, parse_delete, parse_exposures,
                          parse_port_notation)
 from tests.reliability.common import SOAK, Timer, enter_netns, report, scaled
+from tests.api.harness import schemathesis_bin
 from tests.reliability.daemon import API_PORT, HOST, TOKEN, docs_set, gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -248,14 +247,6 @@ def test_no_string_of_a_request_reaches_nft(app, body, route):
 
 
 # -- schemathesis against the real daemon -----------------------------------------------------
-
-def schemathesis_bin() -> str:
-    local = Path(sys.executable).parent / "schemathesis"
-    found = str(local) if local.exists() else shutil.which("schemathesis")
-    if not found:
-        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
-    return found
-
 
 @pytest.mark.kernel
 @pytest.mark.slow

@@ -15,9 +15,7 @@
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 import subprocess
 import time
 from pathlib import Path

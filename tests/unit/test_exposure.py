@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from gw.errors import InvalidInput
-from gw.exposure import (DeleteRequest, Exposure, Policy, parse_delete, parse_exposure,
-                         parse_exposures, parse_port_notation, parse_reserved)
+from gw.exposure import (DeleteRequest, Exposure, Policy, parse_delete, parse_exposures, parse_port_notation, parse_reserved)
 
 POLICY = Policy()
 OK = {"exposed_port": 8080, "service_ip": "10.30.0.1", "service_port": 80}
