@@ -54,8 +54,8 @@ EXPOSURE_IN = {
 BATCH_IN = {
     "type": "object",
     "description": "Several exposures, added all or none. One key (family, protocol, "
-                   "exposed_port) may appear only once. The body limit (64 KiB) bounds a batch "
-                   "to about a thousand exposures.",
+                   "exposed_port) may appear only once. At most 1000 items; the body limit "
+                   "(64 KiB) bounds a batch to about 650 exposures.",
     "required": ["exposures"],
     "additionalProperties": False,
     "properties": {"exposures": {"type": "array", "minItems": 1,
