@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.api.harness import TOKEN, docs_set
+from tests.helpers import ex
 
 pytestmark = pytest.mark.kernel
 
@@ -17,11 +18,6 @@ ADD = "/api/service/exposure/add"
 DELETE = "/api/service/exposure/delete"
 LIST = "/api/service/exposure"
 WEB = {"exposed_port": 8080, "service_ip": "10.30.0.1", "service_port": 80}
-
-
-def ex(port, ip="10.30.0.1", service_port=80, protocol="tcp", **extra):
-    return {"exposed_port": port, "service_ip": ip, "service_port": service_port,
-            "protocol": protocol, **extra}
 
 
 def stored(port, ip="10.30.0.1", service_port=80, protocol="tcp", **extra):

@@ -15,6 +15,7 @@ import pytest
 
 from tests.api.harness import (API_PORT, INTERNAL_V4, Gateway, docs_set, gw_command,
                                require_root)
+from tests.helpers import ex, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -34,20 +35,6 @@ def make(tmp_path):
     finally:
         for gateway in made:
             gateway.close()
-
-
-def ex(port, ip="10.30.0.1", service_port=80, protocol="tcp"):
-    return {"exposed_port": port, "service_ip": ip, "service_port": service_port,
-            "protocol": protocol}
-
-
-def wait_for(predicate, timeout=10, what="condition", log=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout} s\n{log()}")
 
 
 # -- SIGHUP ------------------------------------------------------------------------------------

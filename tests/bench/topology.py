@@ -19,9 +19,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
+from tests.helpers import wait_for  # noqa: F401 - also used by controlplane
 from tests.netns import Netns, veth
 
 PUBLIC_IP = "198.18.0.1"      # what clients of our table connect to
@@ -168,14 +168,3 @@ def stop(proc: subprocess.Popen, timeout: float = 5) -> None:
             pass
         proc.wait(timeout)
 
-
-def wait_for(check, timeout: float, what: str, interval: float = 0.05):
-    """Poll `check` until it is truthy, at most `timeout` seconds (a bounded loop)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)

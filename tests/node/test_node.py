@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_for
+
 from . import nodelab
 from .nodelab import (ECHO_PORT, HTTP_PORT, INTERNAL_V4, INTERNAL_V6, NODE_V4,
                       NODE_V6, SERVICE_V4, SERVICE_V6)
@@ -154,17 +156,6 @@ def http_get(lab, url: str, timeout: float = 5) -> subprocess.CompletedProcess:
               ".read().decode(), end='')\n")
     return lab.client("python3", "-c", script, url, str(timeout), check=False,
                       timeout=timeout + 10)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def expose(lab, exposed_port: int, service_ip: str, service_port: int) -> None:

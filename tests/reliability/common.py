@@ -1,5 +1,5 @@
 """Shared pieces of the reliability tests: the soak switch, HTTP clients that live in a
-daemon's network namespace, a workload model, and small waiting helpers (the private mount
+daemon's network namespace, and a workload model (the private mount
 namespace and the filesystems mounted in it are in tests/fs.py).
 
 Everything here cleans up after itself: a namespace or process created by a helper is removed
@@ -14,10 +14,8 @@ import random
 import re
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from gw.lab import enter as enter_netns  # noqa: F401 - the tests' name for it
 
@@ -39,18 +37,6 @@ def report(name: str, **figures) -> None:
     if path:
         with open(path, "a") as f:
             f.write(line + "\n")
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "condition",
-             interval: float = 0.02, log: Callable[[], str] = lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s\n{log()}")
-        time.sleep(interval)
 
 
 # -- network namespaces ---------------------------------------------------------------------

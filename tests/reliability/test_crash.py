@@ -20,6 +20,7 @@ import pytest
 
 from gw.server import CRASH_ENV, CRASH_EXIT
 from tests.fs import Ext4, mount_namespace, require_tools
+from tests.helpers import doc, ex
 from tests.reliability.common import (Worker, freeze, report, scaled, split_by_worker,
                                       storm)
 from tests.reliability.daemon import (API_PORT, HOST, TOKEN, docs_set, gateway, kill,
@@ -140,14 +141,6 @@ def test_power_loss_during_a_storm_loses_no_acknowledged_change(tmp_path):
 
 
 # -- a crash at the exact points around the kernel commit -------------------------------------
-
-def ex(port: int, ip: str = "10.30.0.1", sport: int = 80) -> dict:
-    return {"exposed_port": port, "service_ip": ip, "service_port": sport, "protocol": "tcp"}
-
-
-def doc(port: int, ip: str = "10.30.0.1", sport: int = 80) -> tuple:
-    return ("ipv4", "tcp", port, ip, sport)
-
 
 def crashed_request(gw, call) -> None:
     """The request that hits the injected crash gets no answer; the daemon exits with

@@ -20,7 +20,8 @@ import pytest
 
 from gw import lab as L
 from gw.drift import transactions
-from tests.reliability.common import children, cmdline, metric, report, scaled, wait_for
+from tests.helpers import wait_for
+from tests.reliability.common import children, cmdline, metric, report, scaled
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -26,18 +26,11 @@ import pytest
 from gw import lab as L
 from tests.api.harness import gw_command
 from tests.fs import fill, mount_namespace
-from tests.reliability.common import metric, report, wait_for
+from tests.helpers import doc, ex, wait_for
+from tests.reliability.common import metric, report
 from tests.reliability.daemon import docs_set, gateway, kill, reap_orphans, stored_docs
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
-
-
-def ex(port: int, ip: str = "10.30.0.1", sport: int = 80, **extra) -> dict:
-    return {"exposed_port": port, "service_ip": ip, "service_port": sport, **extra}
-
-
-def doc(port: int, ip: str = "10.30.0.1", sport: int = 80) -> tuple:
-    return ("ipv4", "tcp", port, ip, sport)
 
 
 # -- a full or read-only state directory ----------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 
 from gw import lab as L
 from tests.api.harness import gw_command
-from tests.reliability.common import wait_for
+from tests.helpers import wait_for
 from tests.reliability.daemon import TOKEN, docs_set, gateway
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
