@@ -25,8 +25,8 @@ from typing import Iterator
 
 import pytest
 
-from gw.firewall import parse_listing
 from gw.lab import inside
+from tests import oracle
 from tests.netns import Netns, veth
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,18 +301,12 @@ class Gateway:
     def nft(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.ns.run("nft", *args, check=check)
 
-    def kernel(self) -> dict | None:
-        """The maps' elements by key, read with the nft tool; None without our table."""
-        proc = self.nft("-j", "list", "table", "inet", "oakestra_gw", check=False)
-        if proc.returncode != 0:
-            assert "No such file or directory" in proc.stderr, proc.stderr
-            return None
-        listing = parse_listing(json.loads(proc.stdout))
-        return None if listing is None else listing.elements
+    def kernel(self) -> set[tuple] | None:
+        """The maps' elements as tests/oracle.py reads them; None without our table."""
+        return oracle.read(self.ns.argv())
 
     def kernel_docs(self) -> set[tuple]:
-        return {(fam, proto, port, str(ip), sport)
-                for (fam, proto, port), (ip, sport) in (self.kernel() or {}).items()}
+        return self.kernel() or set()
 
     def store_files(self) -> dict[str, bytes]:
         """The bytes of every store file (the lock file aside)."""

@@ -1,7 +1,6 @@
 """The firewall driver against the real kernel, in the test run's private network namespace."""
 
 import ipaddress
-import json
 import subprocess
 
 import pytest
@@ -12,6 +11,7 @@ from gw.errors import KernelRefused
 from gw.exposure import Exposure
 from gw.firewall import Firewall
 from gw.nft import NftSession
+from tests import oracle
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_table")]
 
@@ -37,19 +37,13 @@ def nft(*args):
 
 
 def kernel_elements():
-    """Read with the nft tool, independently of the code under test."""
-    out = json.loads(nft("-j", "list", "table", "inet", "oakestra_gw"))
-    found = set()
-    for item in out["nftables"]:
-        if "map" in item:
-            for k, v in item["map"].get("elem", []):
-                found.add((item["map"]["name"], *k["concat"], *v["concat"]))
-    return found
+    """Read with the nft tool, independently of the code under test (tests/oracle.py)."""
+    return oracle.read()
 
 
 def as_elements(exposures):
-    return {(ruleset.MAPS[e.family], e.protocol, e.exposed_port, str(e.service_ip),
-             e.service_port) for e in exposures}
+    return {(e.family, e.protocol, e.exposed_port, str(e.service_ip), e.service_port)
+            for e in exposures}
 
 
 def test_load_then_read_back(fw):
