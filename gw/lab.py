@@ -163,18 +163,24 @@ class Lab:
                 "addr add 2001:db8::2/64 dev eth0 nodad", "link set eth0 up",
                 f"route add {SERVICE_RANGES[0]} via {GATEWAY_V4}",
                 f"route add {SERVICE_RANGES[1]} via {GATEWAY_V6}")
-        # gateway <-> worker: the tunnel stand-in.
-        run(["ip", "link", "add", "goProxyTun", "netns", g, "type", "veth", "peer", "name",
-             "wtun", "netns", w])
         self.sysctl("gateway", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
-        self.ip("gateway", "link set pub0 addrgenmode none", "link set goProxyTun addrgenmode none",
+        self.ip("gateway", "link set pub0 addrgenmode none",
                 "addr add 198.18.0.1/24 dev pub0",
                 "addr add 2001:db8::1/64 dev pub0 nodad", "link set pub0 up",
+                f"route add default via {CLIENT_V4}", f"route add default via {CLIENT_V6}")
+        self.add_tunnel(wait=False)
+        self._wait_links_up({"client": ["eth0"], "gateway": ["pub0", "goProxyTun"],
+                             "worker": ["wtun"]})
+
+    def add_tunnel(self, wait: bool = True) -> None:
+        """gateway <-> worker: the tunnel stand-in, with the routes NetManager gives it."""
+        run(["ip", "link", "add", "goProxyTun", "netns", self.ns["gateway"], "type", "veth",
+             "peer", "name", "wtun", "netns", self.ns["worker"]])
+        self.ip("gateway", "link set goProxyTun addrgenmode none",
                 f"link set goProxyTun mtu {TUNNEL_MTU}",
                 "addr add fe80::1/64 dev goProxyTun nodad", "link set goProxyTun up",
                 f"route add {SERVICE_RANGES[0]} dev goProxyTun",
-                f"route add {SERVICE_RANGES[1]} dev goProxyTun",
-                f"route add default via {CLIENT_V4}", f"route add default via {CLIENT_V6}")
+                f"route add {SERVICE_RANGES[1]} dev goProxyTun")
         # One segment per packet from the worker, as on a real link: a veth would otherwise pass
         # a 64 KB GSO packet whole and the gateway would cut it for pub0, hiding MTU problems.
         self.ip("worker", "link set wtun gso_max_segs 1", "link set wtun addrgenmode none",
@@ -183,8 +189,13 @@ class Lab:
                 "link set wtun up",
                 "route add 0.0.0.0/0 via inet6 fe80::1 dev wtun",
                 "route add ::/0 via fe80::1 dev wtun")
-        self._wait_links_up({"client": ["eth0"], "gateway": ["pub0", "goProxyTun"],
-                             "worker": ["wtun"]})
+        if wait:
+            self._wait_links_up({"gateway": ["goProxyTun"], "worker": ["wtun"]})
+
+    def delete_tunnel(self) -> None:
+        """What a NetManager restart does: the TUN goes, and its routes with it (the worker's
+        end of the veth goes too; its services keep listening on the wildcard address)."""
+        self.ip("gateway", "link del goProxyTun")
 
     def _wait_links_up(self, links: dict[str, list[str]], timeout: float = 5) -> None:
         """Carrier comes a moment after `link set up` (the kernel's link watch): wait, so that
@@ -401,12 +412,14 @@ class Daemon:
     def api_port(self) -> int:
         return self.config["api"]["port"]
 
-    def start(self, wait: bool = True, timeout: float = 20) -> "Daemon":
+    def start(self, wait: bool = True, timeout: float = 20,
+              env: dict[str, str] | None = None) -> "Daemon":
         log = open(self.log_path, "ab")
         try:
             self.proc = self.lab.popen("gateway", *gateway_command(), "serve", "--config",
                                        str(self.config_path), stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, **(env or {})})
         finally:
             log.close()
         if wait:

@@ -18,6 +18,9 @@ FAMILY, TABLE_NAME = "inet", "oakestra_gw"
 TABLE = f"{FAMILY} {TABLE_NAME}"
 MAPS = {"ipv4": "expose_v4", "ipv6": "expose_v6"}
 LOOPBACK = {"ipv4": ipaddress.ip_network("127.0.0.0/8"), "ipv6": ipaddress.ip_network("::1/128")}
+# The unspecified address is never a packet's destination: it keeps a set of service ranges
+# valid nft (an anonymous set cannot be empty) for a family that has none.
+NOWHERE = {"ipv4": ipaddress.ip_network("0.0.0.0/32"), "ipv6": ipaddress.ip_network("::/128")}
 
 
 def skeleton_path() -> Path:
@@ -34,14 +37,16 @@ def skeleton_vars(settings: Settings) -> dict[str, str]:
         "internal_ipv4": str(net.internal_ipv4),
         "internal_ipv6": str(net.internal_ipv6),
         "api_port": str(api.port),
-        "api_allow_v4": _set(api.allowed_sources, "ipv4"),
-        "api_allow_v6": _set(api.allowed_sources, "ipv6"),
+        "api_allow_v4": _set(api.allowed_sources, "ipv4", LOOPBACK["ipv4"]),
+        "api_allow_v6": _set(api.allowed_sources, "ipv6", LOOPBACK["ipv6"]),
+        "service_v4": _set(net.service_ranges, "ipv4", NOWHERE["ipv4"]),
+        "service_v6": _set(net.service_ranges, "ipv6", NOWHERE["ipv6"]),
     }
 
 
-def _set(networks, family: str) -> str:
+def _set(networks, family: str, always) -> str:
     version = 4 if family == "ipv4" else 6
-    nets = [n for n in networks if n.version == version] + [LOOPBACK[family]]
+    nets = [n for n in networks if n.version == version] + [always]
     # Overlapping intervals are an error in an nft set: merge them first.
     return "{ " + ", ".join(str(n) for n in ipaddress.collapse_addresses(nets)) + " }"
 

@@ -47,6 +47,16 @@ def test_variables_merge_overlapping_sources_and_keep_loopback():
     assert v["tunnel_if"] == '"goProxyTun"' and v["internal_ipv4"] == "10.30.255.1"
 
 
+def test_service_ranges_are_variables_and_a_family_without_one_matches_nothing():
+    v = ruleset.skeleton_vars(SETTINGS)
+    assert (v["service_v4"], v["service_v6"]) == ("{ 0.0.0.0/32, 10.30.0.0/16 }",
+                                                  "{ ::/128, fdff::/16 }")
+    v4_only = parse_config({"network": {"internal_ipv4": "10.30.255.1",
+                                        "internal_ipv6": "fdff::ffff:1",
+                                        "service_ranges": ["10.30.0.0/16"]}})
+    assert ruleset.skeleton_vars(v4_only)["service_v6"] == "{ ::/128 }"
+
+
 def test_load_replaces_only_our_table_in_one_script():
     text = ruleset.load(ruleset.skeleton_vars(SETTINGS), [E4, E6])
     lines = text.splitlines()
