@@ -68,14 +68,14 @@ class _StateCollector:
     def collect(self):
         m = self._m
         if m.gateway is not None:
-            exposures = GaugeMetricFamily("gw_exposures", "Stored exposures by family and "
+            exposures = GaugeMetricFamily("oakestra_gw_exposures", "Stored exposures by family and "
                                           "protocol", labels=["family", "protocol"])
             counts = m.gateway.counts()
             for family in ("ipv4", "ipv6"):
                 for protocol in ("tcp", "udp"):
                     exposures.add_metric([family, protocol], counts.get((family, protocol), 0))
             yield exposures
-            problems = GaugeMetricFamily("gw_problems", "Causes that make the gateway not ready "
+            problems = GaugeMetricFamily("oakestra_gw_problems", "Causes that make the gateway not ready "
                                          "(firewall, drift, store), 1 while present",
                                          labels=["cause"])
             for cause in sorted(dict(m.gateway.problems)):
@@ -83,14 +83,14 @@ class _StateCollector:
             yield problems
         stats = m.conntrack_stats()
         if "nf_conntrack_count" in stats:
-            yield GaugeMetricFamily("gw_conntrack_entries", "Conntrack entries in use",
+            yield GaugeMetricFamily("oakestra_gw_conntrack_entries", "Conntrack entries in use",
                                     value=stats["nf_conntrack_count"])
         if "nf_conntrack_max" in stats:
-            yield GaugeMetricFamily("gw_conntrack_max", "Conntrack table limit",
+            yield GaugeMetricFamily("oakestra_gw_conntrack_max", "Conntrack table limit",
                                     value=stats["nf_conntrack_max"])
         drops = m.conntrack_drops()
         if drops:
-            family = CounterMetricFamily("gw_conntrack_drops", "Conntrack drops by kind "
+            family = CounterMetricFamily("oakestra_gw_conntrack_drops", "Conntrack drops by kind "
                                          "(/proc/net/stat/nf_conntrack, all CPUs)",
                                          labels=["kind"])
             for kind, value in sorted(drops.items()):
@@ -113,27 +113,27 @@ class Metrics:
         self.conntrack_drops = conntrack_drops
         self.connections: ConnectionCounter | None = None
         r = self.registry
-        self.api_requests = Counter("gw_api_requests", "API requests by route, method and "
+        self.api_requests = Counter("oakestra_gw_api_requests", "API requests by route, method and "
                                     "status", ["route", "method", "status"], registry=r)
-        self.api_latency = Histogram("gw_api_request_duration_seconds", "API request latency "
+        self.api_latency = Histogram("oakestra_gw_api_request_duration_seconds", "API request latency "
                                      "by route and method", ["route", "method"],
                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.fw_latency = Histogram("gw_firewall_transaction_duration_seconds", "nftables "
+        self.fw_latency = Histogram("oakestra_gw_firewall_transaction_duration_seconds", "nftables "
                                     "transaction latency by kind (change, load)", ["kind"],
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.fw_failures = Counter("gw_firewall_transaction_failures", "nftables transactions "
+        self.fw_failures = Counter("oakestra_gw_firewall_transaction_failures", "nftables transactions "
                                    "the kernel refused, by kind", ["kind"], registry=r)
-        self.changes = Counter("gw_kernel_commits", "Gateway commits to the kernel by kind "
+        self.changes = Counter("oakestra_gw_kernel_commits", "Gateway commits to the kernel by kind "
                                "(change, reconcile) and result", ["kind", "result"], registry=r)
-        self.reconcile_runs = Counter("gw_reconcile_runs", "Loads of the whole table from the "
+        self.reconcile_runs = Counter("oakestra_gw_reconcile_runs", "Loads of the whole table from the "
                                       "store (start, reload, repair) by result", ["result"],
                                       registry=r)
-        self.drift_repairs = Counter("gw_drift_repairs", "Reconciles that found the kernel "
+        self.drift_repairs = Counter("oakestra_gw_drift_repairs", "Reconciles that found the kernel "
                                      "different from the store and repaired it", registry=r)
-        self.drift_elements = Counter("gw_drift_repaired_elements", "Map elements repaired, by "
+        self.drift_elements = Counter("oakestra_gw_drift_repaired_elements", "Map elements repaired, by "
                                       "what was wrong (missing, unexpected, wrong_target)",
                                       ["what"], registry=r)
-        self.started = Gauge("gw_start_time_seconds", "When the process started (Unix time)",
+        self.started = Gauge("oakestra_gw_start_time_seconds", "When the process started (Unix time)",
                              registry=r)
         self.started.set(time.time())
         for kind in ("change", "load"):
@@ -273,13 +273,13 @@ class ConnectionCounter:
 
     def collect(self):
         family = CounterMetricFamily(
-            "gw_exposure_new_connections", "New connections DNATed by each exposure since "
+            "oakestra_gw_exposure_new_connections", "New connections DNATed by each exposure since "
             "the process started (conntrack NEW events; may undercount under event loss)",
             labels=["family", "protocol", "exposed_port"])
         for (fam, proto, port), value in sorted(self.snapshot().items()):
             family.add_metric([fam, proto, str(port)], value)
         yield family
-        yield CounterMetricFamily("gw_exposure_connection_events_lost",
+        yield CounterMetricFamily("oakestra_gw_exposure_connection_events_lost",
                                   "Times conntrack reported lost events", value=self.lost)
 
     def poke(self) -> None:

@@ -210,21 +210,21 @@ def test_metrics(gw, api):
     assert r.status == 200
     assert r.headers["content-type"].startswith("text/plain")
     text = r.body.decode()
-    for line in ('gw_exposures{family="ipv4",protocol="tcp"} 1.0',
-                 'gw_exposures{family="ipv6",protocol="udp"} 1.0',
-                 'gw_exposures{family="ipv6",protocol="tcp"} 0.0'):
+    for line in ('oakestra_gw_exposures{family="ipv4",protocol="tcp"} 1.0',
+                 'oakestra_gw_exposures{family="ipv6",protocol="udp"} 1.0',
+                 'oakestra_gw_exposures{family="ipv6",protocol="tcp"} 0.0'):
         assert line in text
-    assert re.search(r'gw_api_requests_total\{method="POST",route="/api/service/exposure/add",'
+    assert re.search(r'oakestra_gw_api_requests_total\{method="POST",route="/api/service/exposure/add",'
                      r'status="409"\} [1-9]', text)
-    assert 'gw_api_request_duration_seconds_count{method="POST",route=' in text
-    assert re.search(r'gw_firewall_transaction_duration_seconds_count\{kind="change"\} [1-9]',
+    assert 'oakestra_gw_api_request_duration_seconds_count{method="POST",route=' in text
+    assert re.search(r'oakestra_gw_firewall_transaction_duration_seconds_count\{kind="change"\} [1-9]',
                      text)
-    assert 'gw_firewall_transaction_failures_total{kind="change"}' in text
-    assert re.search(r'gw_reconcile_runs_total\{result="ok"\} [1-9]', text)
-    assert "gw_drift_repairs_total" in text
-    assert re.search(r"gw_conntrack_entries \d", text)
-    assert re.search(r"gw_conntrack_max \d", text)
-    assert 'gw_conntrack_drops_total{kind="drop"}' in text
+    assert 'oakestra_gw_firewall_transaction_failures_total{kind="change"}' in text
+    assert re.search(r'oakestra_gw_reconcile_runs_total\{result="ok"\} [1-9]', text)
+    assert "oakestra_gw_drift_repairs_total" in text
+    assert re.search(r"oakestra_gw_conntrack_entries \d", text)
+    assert re.search(r"oakestra_gw_conntrack_max \d", text)
+    assert 'oakestra_gw_conntrack_drops_total{kind="drop"}' in text
 
 
 def test_openapi_document_is_served(gw, api):

@@ -55,9 +55,9 @@ def test_sighup_repairs_a_tampered_map(make):
     wait_for(lambda: gw.kernel_docs() == want, what="repair", log=gw.log)
     gw.wait_log("reconcile: repaired: ")
     metrics = api.get("/metrics").body.decode()
-    assert "gw_drift_repairs_total 1.0" in metrics
-    assert 'gw_drift_repaired_elements_total{what="missing"} 2.0' in metrics
-    assert 'gw_drift_repaired_elements_total{what="unexpected"} 1.0' in metrics
+    assert "oakestra_gw_drift_repairs_total 1.0" in metrics
+    assert 'oakestra_gw_drift_repaired_elements_total{what="missing"} 2.0' in metrics
+    assert 'oakestra_gw_drift_repaired_elements_total{what="unexpected"} 1.0' in metrics
     assert api.get("/api/ready").status == 200
 
 
@@ -84,7 +84,7 @@ def test_drift_is_repaired_without_a_signal(make):
     start = time.monotonic()
     wait_for(lambda: gw.kernel_docs() == want, timeout=5, what="repair", log=gw.log)
     assert time.monotonic() - start < 2
-    wait_for(lambda: "gw_drift_repairs_total 1.0" in api.get("/metrics").body.decode(),
+    wait_for(lambda: "oakestra_gw_drift_repairs_total 1.0" in api.get("/metrics").body.decode(),
              what="repair counted", log=gw.log)
 
 
@@ -339,12 +339,12 @@ def test_per_exposure_new_connection_counter(make):
 
     def counted():
         text = api.get("/metrics").body.decode()
-        m = re.search(r'gw_exposure_new_connections_total\{exposed_port="5353",family="ipv4",'
+        m = re.search(r'oakestra_gw_exposure_new_connections_total\{exposed_port="5353",family="ipv4",'
                       r'protocol="udp"\} (\d+)', text)
         return m is not None and int(m[1]) == 3
 
     wait_for(counted, timeout=10, what="3 new connections counted", log=gw.log)
     text = api.get("/metrics").body.decode()
     assert 'exposed_port="5354"' not in text or \
-        'gw_exposure_new_connections_total{exposed_port="5354",family="ipv4",protocol="udp"} 0' \
+        'oakestra_gw_exposure_new_connections_total{exposed_port="5354",family="ipv4",protocol="udp"} 0' \
         in text

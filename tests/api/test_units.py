@@ -259,13 +259,13 @@ def test_metrics_hooks_and_registry_is_private():
     m.reconciled(Diff())
     m.observe_request("/api/health", "GET", 200, 0.001)
     text = m.render().decode()
-    for line in ('gw_firewall_transaction_failures_total{kind="change"} 1.0',
-                 'gw_reconcile_runs_total{result="ok"} 1.0', "gw_drift_repairs_total 1.0",
-                 'gw_drift_repaired_elements_total{what="missing"} 1.0',
-                 "gw_conntrack_entries 3.0", "gw_conntrack_max 10.0",
-                 'gw_conntrack_drops_total{kind="drop"} 2.0',
-                 'gw_api_requests_total{method="GET",route="/api/health",status="200"} 1.0'):
+    for line in ('oakestra_gw_firewall_transaction_failures_total{kind="change"} 1.0',
+                 'oakestra_gw_reconcile_runs_total{result="ok"} 1.0', "oakestra_gw_drift_repairs_total 1.0",
+                 'oakestra_gw_drift_repaired_elements_total{what="missing"} 1.0',
+                 "oakestra_gw_conntrack_entries 3.0", "oakestra_gw_conntrack_max 10.0",
+                 'oakestra_gw_conntrack_drops_total{kind="drop"} 2.0',
+                 'oakestra_gw_api_requests_total{method="GET",route="/api/health",status="200"} 1.0'):
         assert line in text, line
     assert "_created" not in text
-    assert REGISTRY.get_sample_value("gw_drift_repairs_total") is None
+    assert REGISTRY.get_sample_value("oakestra_gw_drift_repairs_total") is None
     Metrics()  # a second one in the same process does not collide

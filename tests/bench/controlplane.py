@@ -362,11 +362,11 @@ def server_side(before: str, after: str) -> dict:
     and inside nftables transactions."""
     out = {}
     for key, name, labels in (
-            ("api_add", "gw_api_request_duration_seconds",
+            ("api_add", "oakestra_gw_api_request_duration_seconds",
              {"route": "/api/service/exposure/add", "method": "POST"}),
-            ("api_delete", "gw_api_request_duration_seconds",
+            ("api_delete", "oakestra_gw_api_request_duration_seconds",
              {"route": "/api/service/exposure/delete", "method": "POST"}),
-            ("nft_change", "gw_firewall_transaction_duration_seconds", {"kind": "change"})):
+            ("nft_change", "oakestra_gw_firewall_transaction_duration_seconds", {"kind": "change"})):
         b, a = histogram(before, name, **labels), histogram(after, name, **labels)
         out[key] = {**over(b, a, "0.005"), **{k: v for k, v in over(b, a, "0.01").items()
                                                if k.startswith("over")}}
@@ -380,7 +380,7 @@ def latency(lab: Lab, api: Api, pairs: int, warmup: int, log,
     adds, deletes, health = [], [], []
     checked = 0
     ports = list(PROBE_PORTS)
-    repairs_before = metric(api, "gw_drift_repairs_total")
+    repairs_before = metric(api, "oakestra_gw_drift_repairs_total")
     scraped = None
     deadline = time.monotonic() + max_seconds
     for i in range(warmup + pairs):
@@ -415,7 +415,7 @@ def latency(lab: Lab, api: Api, pairs: int, warmup: int, log,
             health.append(t_health)
     result = {"add": latency_summary(adds), "delete": latency_summary(deletes),
               "health": latency_summary(health), "kernel_checks": checked,
-              "drift_repairs": metric(api, "gw_drift_repairs_total") - repairs_before,
+              "drift_repairs": metric(api, "oakestra_gw_drift_repairs_total") - repairs_before,
               "server": server_side(scraped or "", scrape(api))}
     for op, client in (("add", adds), ("delete", deletes), ("health", health)):
         result[op]["over_5ms"] = sum(t > 0.005 for t in client)

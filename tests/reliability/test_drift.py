@@ -130,7 +130,7 @@ def tamper_commands(lab, name: str) -> list[str]:
 def test_foreign_change_is_repaired_from_the_store(gw, name):
     lab, daemon = gw.lab, gw.daemon
     before = metrics(daemon)
-    repairs = metric(before, "gw_drift_repairs_total")
+    repairs = metric(before, "oakestra_gw_drift_repairs_total")
     log_start = len(daemon.log_path.read_text())
     # An established flow through an exposure, before the tampering.
     echo = L.tcp_connect(lab, "client", L.GATEWAY_V4, 7007)
@@ -150,8 +150,8 @@ def test_foreign_change_is_repaired_from_the_store(gw, name):
         REPAIR_TIMES.append(elapsed)
         assert elapsed < REPAIR_LIMIT, f"repaired after {elapsed:.2f} s"
         # Counted and logged.
-        wait_for(lambda: metric(metrics(daemon), "gw_drift_repairs_total") == repairs + 1,
-                 timeout=2, what="gw_drift_repairs_total + 1", log=daemon.log_tail)
+        wait_for(lambda: metric(metrics(daemon), "oakestra_gw_drift_repairs_total") == repairs + 1,
+                 timeout=2, what="oakestra_gw_drift_repairs_total + 1", log=daemon.log_tail)
         log = daemon.log_path.read_text()[log_start:]
         assert "drift: process" in log and "changed our table" in log, log
         assert "drift: repaired (" in log, log
@@ -180,7 +180,7 @@ def test_foreign_change_is_repaired_from_the_store(gw, name):
 
 def test_own_commits_and_other_tables_are_not_drift(gw):
     lab, daemon = gw.lab, gw.daemon
-    repairs = metric(metrics(daemon), "gw_drift_repairs_total")
+    repairs = metric(metrics(daemon), "oakestra_gw_drift_repairs_total")
     log_start = len(daemon.log_path.read_text())
     for port in range(41000, 41020):
         body = {"exposed_port": port, "service_ip": L.SERVICE_V4, "service_port": 80}
@@ -197,7 +197,7 @@ def test_own_commits_and_other_tables_are_not_drift(gw):
     # A table of the same name in another family is not ours either.
     lab.run("gateway", "nft", "add table ip oakestra_gw; delete table ip oakestra_gw")
     time.sleep(1.0)
-    assert metric(metrics(daemon), "gw_drift_repairs_total") == repairs
+    assert metric(metrics(daemon), "oakestra_gw_drift_repairs_total") == repairs
     log = daemon.log_path.read_text()[log_start:]
     assert "drift" not in log, log
     assert normalized_table(lab) == gw.good
@@ -248,9 +248,9 @@ def test_the_watcher_is_an_nft_monitor_and_idle_is_quiet(gw):
     before = metrics(daemon)
     time.sleep(2)
     after = metrics(daemon)
-    for name, labels in (("gw_reconcile_runs_total", 'result="ok"'),
-                         ("gw_reconcile_runs_total", 'result="failed"'),
-                         ("gw_drift_repairs_total", "")):
+    for name, labels in (("oakestra_gw_reconcile_runs_total", 'result="ok"'),
+                         ("oakestra_gw_reconcile_runs_total", 'result="failed"'),
+                         ("oakestra_gw_drift_repairs_total", "")):
         assert metric(before, name, labels) == metric(after, name, labels), name
 
 

@@ -125,7 +125,7 @@ def test_a_kernel_refusal_answers_503_and_leaves_the_store(tmp_path):
         assert api.add(ex(8003)).status == 201
         gw.nft("delete", "table", "inet", "oakestra_gw")
         failures = metric(api.get("/metrics").body.decode(),
-                          "gw_firewall_transaction_failures_total", 'kind="change"')
+                          "oakestra_gw_firewall_transaction_failures_total", 'kind="change"')
         for body in (ex(8002), {"exposures": [ex(8004), ex(8005, "fdff::5")]}):
             r = api.add(body)
             assert r.status == 503, r
@@ -137,7 +137,7 @@ def test_a_kernel_refusal_answers_503_and_leaves_the_store(tmp_path):
         ready = api.get("/api/ready")
         assert ready.status == 503 and "firewall" in ready.json["reasons"], ready
         assert metric(api.get("/metrics").body.decode(),
-                      "gw_firewall_transaction_failures_total", 'kind="change"') >= failures + 2
+                      "oakestra_gw_firewall_transaction_failures_total", 'kind="change"') >= failures + 2
         assert api.get("/api/health").status == 200
         # (A delete is not refused here: its element is not in the kernel either way, which is
         # all a delete asks of the kernel; the store follows.)

@@ -287,7 +287,7 @@ def test_schemathesis_fuzz_no_5xx_and_rejections_change_nothing(tmp_path):
         assert api.get("/api/ready").status == 200
         assert "Traceback" not in gw.log()
         page = api.get("/metrics").body.decode()
-        served = re.findall(r'^gw_api_requests_total\{[^}]*status="(\d+)"\} ([0-9.e+]+)$', page,
+        served = re.findall(r'^oakestra_gw_api_requests_total\{[^}]*status="(\d+)"\} ([0-9.e+]+)$', page,
                             re.M)
         assert not [s for s, _ in served if s.startswith("5")], served
         requests = int(sum(float(n) for _, n in served))
