@@ -14,16 +14,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import openapi
+from . import __version__, listing, openapi
 from .auth import bearer_matches
 from .config import Settings
 from .errors import GatewayError, InvalidInput
-from .exposure import Exposure, parse_delete, parse_exposures
+from .exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from .sockets import Listening
 
@@ -59,6 +59,8 @@ class _State:
     settings: Settings
     token: Any  # str | None | Callable[[], str | None]
     listening: Callable
+    # Keys changed in the file since the start that only a restart applies (api.port, ...).
+    restart_needed: tuple[str, ...] = ()
 
     def current_token(self) -> str | None:
         return self.token() if callable(self.token) else self.token
@@ -194,26 +196,49 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
 
     @app.get("/api/service/exposure", endpoint="list")
     def list_exposures():
-        return {"exposures": gateway.exposures()}
+        query = listing.parse_query(request.args)
+        page, next_cursor = listing.select(gateway.exposures(), query)
+        body: dict = {"exposures": page}
+        if query.limit is not None:
+            body["next_cursor"] = next_cursor
+        return body
+
+    @app.get("/api/status", endpoint="status")
+    def status():
+        reasons = _ready_reasons()
+        counts = gateway.counts()
+        return {"version": __version__,
+                "mode": "standalone" if state.settings.standalone else "oakestra",
+                "ready": not reasons, "reasons": reasons,
+                "restart_needed": list(state.restart_needed),
+                "exposures": {"total": sum(counts.values()),
+                              **{f"{family}/{protocol}": counts.get((family, protocol), 0)
+                                 for family in FAMILIES for protocol in PROTOCOLS}}}
 
     @app.get("/api/health", endpoint="health")
     def health():
         return {"status": "ok"}
 
-    @app.get("/api/ready", endpoint="ready")
-    def ready():
+    def _ready_reasons() -> dict:
         reasons = dict(gateway.problems)
         try:
             reasons.update(ready_checks() or {})
         except Exception as exc:  # noqa: BLE001 - a failing check is a reason, not a 500
             log.exception("readiness check failed")
             reasons["readiness_check"] = f"the readiness check failed: {exc}"
+        return reasons
+
+    @app.get("/api/ready", endpoint="ready")
+    def ready():
+        reasons = _ready_reasons()
+        # A pending restart does not make the data path wrong: it is reported, not a 503.
+        pending = {"restart_needed": list(state.restart_needed)} if state.restart_needed else {}
         if not reasons:
-            return {"ready": True}
+            return {"ready": True, **pending}
         return {"ready": False, "error": "not_ready",
                 "message": "not ready: " + "; ".join(f"{k}: {v}" for k, v in
                                                      sorted(reasons.items())),
-                "reasons": reasons}, 503
+                "reasons": reasons, **pending}, 503
 
     @app.get("/metrics", endpoint="metrics")
     def metrics_view():
@@ -231,11 +256,15 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     return app
 
 
-def reconfigure(app: Flask, settings: Settings | None = None, *, token=...) -> None:
-    """Apply a reloaded configuration to a serving app (policy, token)."""
+def reconfigure(app: Flask, settings: Settings | None = None, *, token=...,
+                restart_needed: Iterable[str] | None = None) -> None:
+    """Apply a reloaded configuration to a serving app (policy, token, what waits for a
+    restart)."""
     state: _State = app.extensions["oakestra_gw"]
     if settings is not None:
         state.settings = settings
+    if restart_needed is not None:
+        state.restart_needed = tuple(restart_needed)
     if token is not ...:
         state.token = token
 

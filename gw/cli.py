@@ -255,8 +255,33 @@ def _target(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class PortProto(click.ParamType):
+    """PORT or PORT/PROTO (`8080`, `5353/udp`): the port as an int (the daemon checks its
+    range), the protocol or None when not written."""
+
+    name = "PORT[/PROTO]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        port, sep, proto = str(value).strip().partition("/")
+        proto = proto.lower()
+        if not port.isdigit() or len(port) > 10 or (sep and proto not in ("tcp", "udp")):
+            self.fail(f"{value!r} is not PORT or PORT/PROTO (e.g. 8080 or 5353/udp)",
+                      param, ctx)
+        return int(port), (proto or None)
+
+
+def _protocol(port_proto: tuple[int, str | None], udp: bool) -> str:
+    """The protocol from PORT/PROTO and --udp; a contradiction is a usage error."""
+    written = port_proto[1]
+    if written == "tcp" and udp:
+        raise click.UsageError(f"{port_proto[0]}/tcp contradicts --udp")
+    return written or ("udp" if udp else "tcp")
+
+
 @expose.command("add", context_settings=CONTEXT)
-@click.argument("port", type=click.IntRange(0, 2**32), required=False)
+@click.argument("port", type=PortProto(), required=False)
 @click.argument("target", required=False)
 @click.option("--udp", is_flag=True, help="UDP instead of TCP")
 @click.option("--service-id", metavar="ID", help="A label for the exposure (e.g. Oakestra's "
@@ -268,7 +293,8 @@ def _target(text: str) -> tuple[str, int]:
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer")
 @api_options
 def expose_add(port, target, udp, service_id, ports, service_ip, as_json, **api):
-    """Expose PORT on the gateway's public addresses, forwarded to TARGET (IP:PORT).
+    """Expose PORT (TCP; PORT/udp or --udp for UDP) on the gateway's public addresses,
+    forwarded to TARGET (IP:PORT).
 
     TARGET is a service IP in the service ranges (default 10.30.0.0/16, fdff::/16) and its
     port; IPv6 targets are written [IP]:PORT. With --ports and --service-ip, several ports
@@ -280,7 +306,7 @@ def expose_add(port, target, udp, service_id, ports, service_ip, as_json, **api)
     \b
     Examples:
       oakestra-gw expose add 8080 10.30.0.1:80
-      oakestra-gw expose add 5353 10.30.0.1:53 --udp
+      oakestra-gw expose add 5353/udp 10.30.0.1:53
       oakestra-gw expose add 8443 [fdff::1]:443 --service-id web
       oakestra-gw expose add --ports "8080:80/tcp;5353:53/udp" --service-ip 10.30.0.1
 
@@ -302,8 +328,8 @@ def expose_add(port, target, udp, service_id, ports, service_ip, as_json, **api)
         if service_ip:
             raise click.UsageError("--service-ip goes with --ports; give TARGET as IP:PORT")
         ip, service_port = _target(target)
-        body = {"exposed_port": port, "service_ip": ip, "service_port": service_port,
-                "protocol": "udp" if udp else "tcp"}
+        body = {"exposed_port": port[0], "service_ip": ip, "service_port": service_port,
+                "protocol": _protocol(port, udp)}
         if service_id is not None:
             body["service_id"] = service_id
     status, doc = make_client(**api).call("POST", "/api/service/exposure/add", body)
@@ -326,30 +352,37 @@ def _port_notation(spec: str, service_ip: str, service_id: str | None) -> list[d
 
 
 @expose.command("delete", context_settings=CONTEXT)
-@click.argument("port", type=click.IntRange(0, 2**32))
+@click.argument("port", type=PortProto())
 @click.option("--udp", is_flag=True, help="The UDP exposure instead of the TCP one")
 @click.option("--family", type=click.Choice(["ipv4", "ipv6"]),
               help="Only this family [default: both]")
+@click.option("--ignore-not-found", is_flag=True,
+              help="Succeed (exit 0, nothing deleted) when PORT is not exposed")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer")
 @api_options
-def expose_delete(port, udp, family, as_json, **api):
-    """Stop exposing PORT (TCP unless --udp), for both families unless --family.
+def expose_delete(port, udp, family, ignore_not_found, as_json, **api):
+    """Stop exposing PORT (TCP unless PORT/udp or --udp), for both families unless --family.
 
     New connections stop at once; established ones through it are cut within a second.
 
     \b
     Examples:
       oakestra-gw expose delete 8080
-      oakestra-gw expose delete 5353 --udp
+      oakestra-gw expose delete 5353/udp
       oakestra-gw expose delete 8443 --family ipv6
+      oakestra-gw expose delete 8080 --ignore-not-found   # idempotent, for scripts
 
     \b
-    Exit codes: 0 deleted; 1 not exposed, refused or the daemon unreachable.
+    Exit codes: 0 deleted (or, with --ignore-not-found, not exposed); 1 not exposed, refused
+    or the daemon unreachable.
     """
-    body = {"exposed_port": port, "protocol": "udp" if udp else "tcp"}
+    body = {"exposed_port": port[0], "protocol": _protocol(port, udp)}
     if family:
         body["family"] = family
-    _, doc = make_client(**api).call("POST", "/api/service/exposure/delete", body)
+    ok = (200, 404) if ignore_not_found else (200,)
+    status, doc = make_client(**api).call("POST", "/api/service/exposure/delete", body, ok=ok)
+    if status == 404:
+        doc = {"deleted": []}
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -357,22 +390,34 @@ def expose_delete(port, udp, family, as_json, **api):
         click.echo(_line(exposure, "deleted"))
 
 
+LIST_PAGE = 1000
+
+
 @expose.command("list", context_settings=CONTEXT)
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer")
+@click.option("--family", type=click.Choice(["ipv4", "ipv6"]), help="Only this family")
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), help="Only this protocol")
+@click.option("--service-id", metavar="ID", help="Only exposures with this label")
+@click.option("--port", "ports", metavar="PORT[-PORT]", help="Only this port or port range")
+@click.option("--json", "as_json", is_flag=True, help="Print the exposures as JSON "
+              "({\"exposures\": [...]})")
 @api_options
-def expose_list(as_json, **api):
+def expose_list(family, protocol, service_id, ports, as_json, **api):
     """List the exposures the daemon holds, by family, protocol and port.
+
+    The filters are applied by the daemon; the list is fetched in pages of 1000 (the API's
+    `limit` and `cursor`), so a large table never travels in one answer.
 
     \b
     Examples:
       oakestra-gw expose list
-      oakestra-gw expose list --json | jq '.exposures[] | select(.protocol == "udp")'
+      oakestra-gw expose list --protocol udp --port 5000-5999
+      oakestra-gw expose list --service-id web --json | jq '.exposures[].exposed_port'
     """
-    _, doc = make_client(**api).call("GET", "/api/service/exposure")
+    query = {"family": family, "protocol": protocol, "service_id": service_id, "port": ports}
+    rows = list(_pages(make_client(**api), {k: v for k, v in query.items() if v}))
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps({"exposures": rows}, indent=2))
         return
-    rows = doc["exposures"]
     if not rows:
         click.echo("no exposures", err=True)
         return
@@ -384,36 +429,56 @@ def expose_list(as_json, **api):
                    f"{d.get('service_id') or '-'}")
 
 
+def _pages(client: Client, query: dict):
+    """Every exposure matching `query`, page by page along the API's cursor."""
+    from urllib.parse import urlencode
+
+    params = {**query, "limit": LIST_PAGE}
+    while True:
+        _, doc = client.call("GET", "/api/service/exposure?" + urlencode(params))
+        yield from doc["exposures"]
+        if not doc.get("next_cursor"):
+            return
+        params["cursor"] = doc["next_cursor"]
+
+
 @main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's status as JSON")
 @api_options
-def status(**api):
-    """Whether the daemon is alive and ready, and how many exposures it holds.
+def status(as_json, **api):
+    """Whether the daemon is alive and ready, its version and mode, configuration changes
+    that wait for a restart, and how many exposures it holds (by family and protocol).
 
     Ready means: the last kernel transaction or reconcile succeeded, no drift is unrepaired,
-    the tunnel route exists and forwarding is on. Otherwise the reasons are printed.
+    the tunnel route exists and forwarding is on. Otherwise the reasons are printed. Keys
+    changed in the configuration that a reload cannot apply (api.port, store.path, ...) are
+    listed under "restart needed" until `systemctl restart oakestra-gw`.
 
     \b
-    Example:
+    Examples:
       oakestra-gw status
+      oakestra-gw status --json | jq .restart_needed
 
     \b
     Exit codes: 0 ready; 1 not ready or unreachable.
     """
     client = make_client(**api)
-    client.call("GET", "/api/health")
-    ready_status, ready = client.call("GET", "/api/ready", ok=(200, 503))
-    _, listing = client.call("GET", "/api/service/exposure")
-    counts: dict[str, int] = {}
-    for d in listing["exposures"]:
-        name = f"{d['family']}/{d['protocol']}"
-        counts[name] = counts.get(name, 0) + 1
-    click.echo(f"gateway:   {client.url}")
-    click.echo(f"state:     {'ready' if ready_status == 200 else 'NOT READY'}")
-    for cause, reason in sorted((ready or {}).get("reasons", {}).items()):
-        click.echo(f"  {cause}: {reason}")
-    detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    click.echo(f"exposures: {len(listing['exposures'])}" + (f" ({detail})" if detail else ""))
-    if ready_status != 200:
+    _, doc = client.call("GET", "/api/status")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(f"gateway:   {client.url} (version {doc['version']}, {doc['mode']} mode)")
+        click.echo(f"state:     {'ready' if doc['ready'] else 'NOT READY'}")
+        for cause, reason in sorted(doc["reasons"].items()):
+            click.echo(f"  {cause}: {reason}")
+        if doc["restart_needed"]:
+            click.echo(f"restart needed: {', '.join(doc['restart_needed'])} changed "
+                       "(systemctl restart oakestra-gw applies them)")
+        counts = {k: n for k, n in doc["exposures"].items() if k != "total" and n}
+        detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        click.echo(f"exposures: {doc['exposures']['total']}" +
+                   (f" ({detail})" if detail else ""))
+    if not doc["ready"]:
         sys.exit(1)
 
 
@@ -488,7 +553,9 @@ def rules():
 @rules.command("show", context_settings=CONTEXT)
 @config_option
 @click.option("--no-exposures", is_flag=True, help="Only the skeleton, without map elements")
-def rules_show(config_path, no_exposures):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {\"ruleset\": <the nft script>, \"exposures\": <count>}")
+def rules_show(config_path, no_exposures, as_json):
     """Print the ruleset the gateway would load: its table (skeleton with the configured
     values) and the stored exposures as map elements. Needs no root when the store is
     readable; changes nothing. The output is an nft script (`nft -c -f` checks it).
@@ -517,12 +584,16 @@ def rules_show(config_path, no_exposures):
                           "assigns them, and bridge "
                           f"{settings.network.bridge_interface} carries none") from None
         raise _config_failure(exc, config_path or DEFAULT_CONFIG_PATH) from None
+    if as_json:
+        click.echo(json.dumps({"ruleset": text, "exposures": len(exposures)}, indent=2))
+        return
     click.echo(text, nl=False)
 
 
 @rules.command("diff", context_settings=CONTEXT)
 @config_option
-def rules_diff(config_path):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+def rules_diff(config_path, as_json):
     """Compare the exposures in the kernel (our nftables maps) with the store.
 
     Reads the store under a shared lock, or asks the daemon when it holds the store. Lists
@@ -550,6 +621,14 @@ def rules_diff(config_path):
         raise
     except (GatewayError, ImportError, OSError) as exc:
         raise Failure(getattr(exc, "message", None) or str(exc), code=2) from None
+    if as_json:
+        click.echo(json.dumps({
+            "in_sync": not diff, "stored": len(desired),
+            "missing": [e.to_dict() for e in diff.missing],
+            "wrong": [e.to_dict() for e in diff.wrong],
+            "unexpected": [{"family": f, "protocol": p, "exposed_port": n}
+                           for f, p, n in diff.unexpected]}, indent=2))
+        sys.exit(1 if diff else 0)
     if not diff:
         click.echo(f"in sync: {len(desired)} exposure(s) in the store and the kernel")
         return
@@ -575,7 +654,8 @@ def config_group():
 
 @config_group.command("check", context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False))
-def config_check(file):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+def config_check(file, as_json):
     """Validate FILE (TOML) as the daemon would at start, without starting anything.
 
     \b
@@ -597,6 +677,12 @@ def config_check(file):
         except ConfigError as exc:
             raise _config_failure(exc, file) from None
     host = settings.api.host or "the internal IPv4"
+    if as_json:
+        click.echo(json.dumps({"file": str(file), "valid": True,
+                               "mode": "standalone" if settings.standalone else "oakestra",
+                               "api_host": settings.api.host, "api_port": settings.api.port,
+                               "store_path": settings.store.path}, indent=2))
+        return
     click.echo(f"{file}: ok: {mode}, API on {host}:{settings.api.port}, store "
                f"{settings.store.path}")
 
@@ -613,7 +699,8 @@ def store_group():
 
 @store_group.command("check", context_settings=CONTEXT)
 @config_option
-def store_check(config_path):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+def store_check(config_path, as_json):
     """Read the store's snapshot and journal and report damage; changes nothing.
 
     The daemon holds the store exclusively: stop it first (`systemctl stop oakestra-gw`;
@@ -632,6 +719,9 @@ def store_check(config_path):
     settings = _load(config_path)
     path = Path(settings.store.path)
     if not _store_exists(path):
+        if as_json:
+            click.echo(json.dumps({"store": str(path), "exists": False, "problems": []}))
+            return
         click.echo(f"{path}: no store yet (nothing was ever stored)")
         return
     try:
@@ -640,6 +730,12 @@ def store_check(config_path):
             count = len(store.exposures())
     except GatewayError as exc:
         raise Failure(exc.message) from None
+    if as_json:
+        click.echo(json.dumps({"store": str(path), "exists": True, "exposures": count,
+                               "problems": problems}, indent=2))
+        if problems:
+            sys.exit(1)
+        return
     if problems:
         for problem in problems:
             click.echo(f"{path}: {problem}", err=True)
@@ -649,7 +745,8 @@ def store_check(config_path):
 
 @main.command(context_settings=CONTEXT)
 @config_option
-def teardown(config_path):
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+def teardown(config_path, as_json):
     """Remove everything the gateway put into the kernel, to decommission a node: our
     nftables table (table inet oakestra_gw, both maps, all its chains), our bridge with the
     internal addresses, and the conntrack entries of every flow it NATed (their established
@@ -682,17 +779,23 @@ def teardown(config_path):
         raise Failure(f"cannot remove the table: {getattr(exc, 'message', None) or exc}") from None
     from .ruleset import TABLE
 
-    click.echo(f"table {TABLE}: {'removed' if existed else 'was not there'}")
+    if not as_json:
+        click.echo(f"table {TABLE}: {'removed' if existed else 'was not there'}")
     # Every flow we NATed answers to an internal address (standalone: the config's; Oakestra
     # mode: the ones the cluster assigned, kept in the store).
     internal = {str(ip) for ip in (settings.network.internal_ipv4,
                                    settings.network.internal_ipv6) if ip}
     internal |= {meta[k] for k in ("internal_ipv4", "internal_ipv6") if meta.get(k)}
     removed = conntrack.delete_snatted_to(sorted(internal))
-    click.echo(f"conntrack: {removed} NATed entries removed")
+    if not as_json:
+        click.echo(f"conntrack: {removed} NATed entries removed")
     bridge = settings.network.bridge_interface
-    click.echo(f"bridge {bridge}: "
-               f"{'removed' if netlink.remove_bridge(settings) else 'was not there'}")
+    bridge_removed = netlink.remove_bridge(settings)
+    if as_json:
+        click.echo(json.dumps({"table_removed": existed, "conntrack_removed": removed,
+                               "bridge_removed": bridge_removed}, indent=2))
+        return
+    click.echo(f"bridge {bridge}: {'removed' if bridge_removed else 'was not there'}")
 
 
 @main.command(context_settings=CONTEXT)

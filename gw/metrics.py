@@ -81,6 +81,10 @@ class _StateCollector:
             for cause in sorted(dict(m.gateway.problems)):
                 problems.add_metric([cause], 1)
             yield problems
+        yield GaugeMetricFamily("gw_restart_needed", "Configuration keys changed since the "
+                                "start that only a restart applies (0: none; the keys are in "
+                                "/api/ready and `oakestra-gw status`)",
+                                value=len(m.restart_needed))
         stats = m.conntrack_stats()
         if "nf_conntrack_count" in stats:
             yield GaugeMetricFamily("oakestra_gw_conntrack_entries", "Conntrack entries in use",
@@ -112,6 +116,7 @@ class Metrics:
         self.conntrack_stats = conntrack_stats
         self.conntrack_drops = conntrack_drops
         self.connections: ConnectionCounter | None = None
+        self.restart_needed: list[str] = []  # set by the daemon's reload
         r = self.registry
         self.api_requests = Counter("oakestra_gw_api_requests", "API requests by route, method and "
                                     "status", ["route", "method", "status"], registry=r)

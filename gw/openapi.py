@@ -133,14 +133,60 @@ DELETE_OUT = {
 LIST_OUT = {
     "type": "object", "required": ["exposures"], "additionalProperties": False,
     "properties": {"exposures": {"type": "array",
-                                 "items": {"$ref": "#/components/schemas/Exposure"}}},
+                                 "items": {"$ref": "#/components/schemas/Exposure"}},
+                   "next_cursor": {"type": "string", "nullable": True,
+                                   "description": "With `limit`: pass it as `cursor` for the "
+                                                  "next page; `null` on the last page"}},
+}
+
+LIST_PARAMETERS = [
+    {"name": "family", "in": "query", "required": False, "schema": FAMILY,
+     "description": "Only this family"},
+    {"name": "protocol", "in": "query", "required": False,
+     "schema": {k: v for k, v in PROTOCOL.items() if k != "default"},
+     "description": "Only this protocol"},
+    {"name": "service_id", "in": "query", "required": False,
+     "schema": {"type": "string", "minLength": 1}, "description": "Only this label"},
+    {"name": "port", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,4}(-[1-9][0-9]{0,4})?$",
+                "example": "8000-8999"},
+     "description": "An exposed port or a range LOW-HIGH (within 1-65535)"},
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+     "description": "At most this many per page; the answer then carries `next_cursor`. "
+                    "Without it, everything that matches"},
+    {"name": "cursor", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^ipv[46]/(tcp|udp)/[0-9]{1,5}$"},
+     "description": "`next_cursor` of the previous page: this page starts after it"},
+]
+
+RESTART_NEEDED = {"type": "array", "items": {"type": "string"},
+                  "description": "Configuration keys changed in the file since the start that "
+                                 "only a restart applies (e.g. `api.port`)"}
+
+STATUS_OUT = {
+    "type": "object",
+    "required": ["version", "mode", "ready", "reasons", "restart_needed", "exposures"],
+    "additionalProperties": False,
+    "properties": {
+        "version": {"type": "string"},
+        "mode": {"type": "string", "enum": ["standalone", "oakestra"]},
+        "ready": {"type": "boolean"},
+        "reasons": {"type": "object", "additionalProperties": {"type": "string"},
+                    "description": "Why not ready, by cause (as `/api/ready`); empty when ready"},
+        "restart_needed": RESTART_NEEDED,
+        "exposures": {"type": "object", "required": ["total"],
+                      "additionalProperties": {"type": "integer", "minimum": 0},
+                      "description": "`total`, and one count per `family/protocol`"},
+    },
 }
 
 HEALTH_OUT = {"type": "object", "required": ["status"], "additionalProperties": False,
               "properties": {"status": {"type": "string", "enum": ["ok"]}}}
 
 READY_OUT = {"type": "object", "required": ["ready"], "additionalProperties": False,
-             "properties": {"ready": {"type": "boolean", "enum": [True]}}}
+             "properties": {"ready": {"type": "boolean", "enum": [True]},
+                            "restart_needed": RESTART_NEEDED}}
 
 NOT_READY_OUT = {
     "type": "object",
@@ -153,6 +199,7 @@ NOT_READY_OUT = {
         "reasons": {"type": "object", "description": "Why, by cause (e.g. `firewall`, `drift`, "
                     "`store`, `tunnel_route`, `forwarding`)",
                     "additionalProperties": {"type": "string"}},
+        "restart_needed": RESTART_NEEDED,
     },
 }
 
@@ -226,9 +273,20 @@ def document(auth: bool = True) -> dict:
              "503": _error("The kernel refused the change or the store could not write. "
                            "Nothing was changed.")},
             body={"$ref": "#/components/schemas/DeleteRequest"}, op_id="deleteExposure")},
-        "/api/service/exposure": {"get": op(
-            "List exposures", "Every stored exposure, ordered by family, protocol and port.",
-            {"200": _json("The exposures", "ExposureList")}, op_id="listExposures")},
+        "/api/service/exposure": {"get": {**op(
+            "List exposures",
+            "The stored exposures, ordered by family, protocol and port, optionally filtered "
+            "and in pages: with `limit`, follow `next_cursor` until it is `null`; each "
+            "exposure that exists throughout comes exactly once.",
+            {"200": _json("The exposures", "ExposureList"),
+             "400": _error("A query parameter is invalid or unknown (`invalid`, with `field`)")},
+            op_id="listExposures"), "parameters": LIST_PARAMETERS}},
+        "/api/status": {"get": op(
+            "Status",
+            "Version, mode, readiness (as `/api/ready`), configuration keys waiting for a "
+            "restart, and the number of exposures by family and protocol: what `oakestra-gw "
+            "status` shows, without listing the exposures.",
+            {"200": _json("The status", "Status")}, op_id="status")},
         "/api/health": {"get": op(
             "Liveness", "200 while the process serves. Needs no token.",
             {"200": _json("Alive", "Health")}, open_route=True, op_id="health")},
@@ -263,7 +321,7 @@ def document(auth: bool = True) -> dict:
             "ExposureIn": EXPOSURE_IN, "ExposureBatch": BATCH_IN, "Exposure": EXPOSURE,
             "DeleteRequest": DELETE_IN, "AddResult": ADD_OUT, "DeleteResult": DELETE_OUT,
             "ExposureList": LIST_OUT, "Health": HEALTH_OUT, "Ready": READY_OUT,
-            "NotReady": NOT_READY_OUT, "Error": ERROR})},
+            "NotReady": NOT_READY_OUT, "Status": STATUS_OUT, "Error": ERROR})},
     }
     if auth:
         doc["components"]["securitySchemes"] = {

@@ -133,6 +133,12 @@ def config_changes(before: Settings, after: Settings) -> list[str]:
     return changed
 
 
+def restart_needed(started: Settings, now: Settings) -> list[str]:
+    """Pure: the keys whose value in the file (`now`) differs from the one the process started
+    with and that only a restart applies."""
+    return [key for key in config_changes(started, now) if key not in LIVE]
+
+
 def apply_live(running: Settings, new: Settings) -> Settings:
     """Pure: the running settings with the live keys of `new`."""
     return replace(
@@ -309,9 +315,9 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", one_line(exc))
             return False
-        for key in config_changes(self.config, new):
-            if key not in LIVE:
-                log.warning("reload: %s changed: restart needed to apply it", key)
+        pending = restart_needed(self.config, new)
+        for key in pending:
+            log.warning("reload: %s changed: restart needed to apply it", key)
         settings = apply_live(self.settings, new)
         changed = [k for k in config_changes(self.settings, settings)]
         try:
@@ -330,7 +336,8 @@ class Daemon:
             self.firewall.variables = variables
             self.settings = settings
             self.token = token
-            api.reconfigure(self.app, settings)
+            api.reconfigure(self.app, settings, restart_needed=pending)
+        self.metrics.restart_needed = pending
         if token_changed and not settings.standalone:
             # The cluster calls us with the token of the last ready callback: hand it the new one.
             oakestra.announce_ready(settings, self.store, token)

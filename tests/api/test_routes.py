@@ -232,8 +232,8 @@ def test_openapi_document_is_served(gw, api):
     assert r.status == 200 and r.headers["content-type"] == "application/json"
     doc = r.json
     assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {ADD, DELETE, LIST, "/api/health", "/api/ready", "/metrics",
-                                 "/api/openapi.json"}
+    assert set(doc["paths"]) == {ADD, DELETE, LIST, "/api/health", "/api/ready", "/api/status",
+                                 "/metrics", "/api/openapi.json"}
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert set(doc["paths"][ADD]["post"]["responses"]) == {"200", "201", "400", "401", "409",
                                                            "413", "415", "503"}
