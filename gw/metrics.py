@@ -81,9 +81,9 @@ class _StateCollector:
             for cause in sorted(dict(m.gateway.problems)):
                 problems.add_metric([cause], 1)
             yield problems
-        yield GaugeMetricFamily("gw_restart_needed", "Configuration keys changed since the "
-                                "start that only a restart applies (0: none; the keys are in "
-                                "/api/ready and `oakestra-gw status`)",
+        yield GaugeMetricFamily("oakestra_gw_restart_needed", "Configuration keys changed "
+                                "since the start that only a restart applies (0: none; the keys "
+                                "are in /api/ready and `oakestra-gw status`)",
                                 value=len(m.restart_needed))
         stats = m.conntrack_stats()
         if "nf_conntrack_count" in stats:

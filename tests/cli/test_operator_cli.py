@@ -84,7 +84,7 @@ def test_status_and_restart_needed(gw):
     ready = gw.http().get("/api/ready")
     assert ready.status == 200 and ready.json["restart_needed"] == ["api.threads"]
     metrics = gw.http().get("/metrics").body.decode()
-    assert any(line.endswith("restart_needed 1.0") for line in metrics.splitlines()), metrics
+    assert any(line == "oakestra_gw_restart_needed 1.0" for line in metrics.splitlines()), metrics
     # The live key did apply: 9999/tcp is reserved now.
     p = cli(gw, "expose", "add", "9999", "10.30.0.1:80", *c, check=1)
     assert "[field exposed_port]" in p.stderr
@@ -95,7 +95,7 @@ def test_status_and_restart_needed(gw):
     reload(gw)
     assert json.loads(cli(gw, "status", "--json", *c, check=0).stdout)["restart_needed"] == []
     metrics = gw.http().get("/metrics").body.decode()
-    assert any(line.endswith("restart_needed 0.0") for line in metrics.splitlines()), metrics
+    assert any(line == "oakestra_gw_restart_needed 0.0" for line in metrics.splitlines()), metrics
 
 
 def reload(gw):
