@@ -40,7 +40,9 @@ demo: setup
 # The benchmarks (tests/bench): about 6 minutes; rewrites docs/performance.md and docs/img/bench-*.
 # wrk and nginx come from Debian; nginx is installed without being started or enabled (the
 # benchmark runs its own instance inside a network namespace). BENCH_ARGS: e.g. --reps 9.
-BENCH_APT_PACKAGES := wrk nginx-light
+# prometheus is there for its promtool (tests/api/test_prometheus.py checks a real scrape and
+# the shipped alerting rules); its server is never started or enabled either.
+BENCH_APT_PACKAGES := wrk nginx-light prometheus
 BENCH_ARGS ?=
 bench: setup bench-deps
 	tests/run-isolated $(PY) -m tests.bench $(BENCH_ARGS)
@@ -52,7 +54,7 @@ bench-deps:
 	  made_policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
 	  [ -z "$$made_policy" ] || rm -f /usr/sbin/policy-rc.d; \
-	  if [ -d /run/systemd/system ]; then systemctl disable --now nginx.service >/dev/null 2>&1 || true; fi; \
+	  if [ -d /run/systemd/system ]; then for unit in nginx prometheus prometheus-node-exporter; do systemctl disable --now $$unit.service >/dev/null 2>&1 || true; done; fi; \
 	  exit $$rc; \
 	fi
 

@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterable
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, listing, openapi
+from . import __version__, listing, openapi, readiness
 from .auth import bearer_matches
 from .config import Settings
-from .errors import GatewayError, InvalidInput
+from .errors import GatewayError, InvalidInput, StoreUnavailable
 from .exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from .sockets import Listening
@@ -84,9 +84,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     app.json.compact = True
     state = _State(settings, token, listening or Listening())
     metrics = metrics if metrics is not None else Metrics(gateway)
-    if metrics.gateway is None:
-        metrics.bind(gateway)
     ready_checks = ready_checks or (lambda: {})
+    metrics.bind(gateway, ready=lambda: _ready_reasons())
     app.extensions["oakestra_gw"] = state
     app.extensions["oakestra_gw.metrics"] = metrics
     schema_cache: dict[bool, bytes] = {}
@@ -114,7 +113,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     @app.after_request
     def _finish(response: Response):
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        route = request.url_rule.rule if request.url_rule is not None else None
         metrics.observe_request(route, request.method, response.status_code, seconds)
         if request.endpoint in MUTATING_ENDPOINTS:
             _audit(response)
@@ -140,6 +139,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
 
     @app.errorhandler(GatewayError)
     def _gateway_error(exc: GatewayError):
+        if isinstance(exc, StoreUnavailable):
+            metrics.store_failures.inc()
         if exc.status >= 500:
             log.error("%s: %s", exc.code, exc.message)
         response = app.json.response(exc.to_dict())
@@ -220,17 +221,14 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
         return {"status": "ok"}
 
     def _ready_reasons() -> dict:
-        reasons = dict(gateway.problems)
-        try:
-            reasons.update(ready_checks() or {})
-        except Exception as exc:  # noqa: BLE001 - a failing check is a reason, not a 500
-            log.exception("readiness check failed")
-            reasons["readiness_check"] = f"the readiness check failed: {exc}"
-        return reasons
+        return readiness.reasons(gateway.problems, ready_checks)
 
     @app.get("/api/ready", endpoint="ready")
     def ready():
         reasons = _ready_reasons()
+        token_now = state.current_token()
+        if token_now and not bearer_matches(request.headers.get("Authorization"), token_now):
+            reasons = readiness.public(reasons)  # the details are for the token's holder
         # A pending restart does not make the data path wrong: it is reported, not a 503.
         pending = {"restart_needed": list(state.restart_needed)} if state.restart_needed else {}
         if not reasons:

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics)
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               PlatformCollector, ProcessCollector, disable_created_metrics)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from . import conntrack
+from . import __version__, conntrack, readiness
 from .exposure import Key
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 CONNTRACK_STAT = Path("/proc/net/stat/nf_conntrack")
 DROP_COLUMNS = ("drop", "early_drop", "insert_failed")
+# Label values never come from a client: any other method is "other", a path that matches no
+# route is "unmatched" (routes are their templates), a status is the code we answered.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+UNMATCHED = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -75,11 +79,16 @@ class _StateCollector:
                 for protocol in ("tcp", "udp"):
                     exposures.add_metric([family, protocol], counts.get((family, protocol), 0))
             yield exposures
-            problems = GaugeMetricFamily("oakestra_gw_problems", "Causes that make the gateway not ready "
-                                         "(firewall, drift, store), 1 while present",
+        found = m.ready() if m.ready is not None else (
+            dict(m.gateway.problems) if m.gateway is not None else None)
+        if found is not None:
+            yield GaugeMetricFamily("oakestra_gw_ready", "1 when /api/ready answers 200, else 0",
+                                    value=0 if found else 1)
+            problems = GaugeMetricFamily("oakestra_gw_problems", "Why the gateway is not ready, "
+                                         "by cause as /api/ready names it: 1 while present",
                                          labels=["cause"])
-            for cause in sorted(dict(m.gateway.problems)):
-                problems.add_metric([cause], 1)
+            for cause, present in sorted(readiness.by_cause(found).items()):
+                problems.add_metric([cause], present)
             yield problems
         yield GaugeMetricFamily("oakestra_gw_restart_needed", "Configuration keys changed "
                                 "since the start that only a restart applies (0: none; the keys "
@@ -108,11 +117,12 @@ class Metrics:
     """Everything /metrics shows. Create it before the firewall and the gateway (they report
     to `observe_firewall` and `on_change`), then `bind` the gateway."""
 
-    def __init__(self, gateway=None, *, conntrack_stats: Callable[[], dict] = conntrack.table_stats,
+    def __init__(self, gateway=None, *, ready: Callable[[], dict] | None = None, conntrack_stats: Callable[[], dict] = conntrack.table_stats,
                  conntrack_drops: Callable[[], dict] = read_conntrack_drops):
         disable_created_metrics()  # no *_created series: they only double the output
         self.registry = CollectorRegistry(auto_describe=True)
         self.gateway = gateway
+        self.ready = ready
         self.conntrack_stats = conntrack_stats
         self.conntrack_drops = conntrack_drops
         self.connections: ConnectionCounter | None = None
@@ -138,6 +148,9 @@ class Metrics:
         self.drift_elements = Counter("oakestra_gw_drift_repaired_elements", "Map elements repaired, by "
                                       "what was wrong (missing, unexpected, wrong_target)",
                                       ["what"], registry=r)
+        self.store_failures = Counter("oakestra_gw_store_failures", "Changes the store could "
+                                      "not make durable (answered 503 store_unavailable)",
+                                      registry=r)
         self.started = Gauge("oakestra_gw_start_time_seconds", "When the process started (Unix time)",
                              registry=r)
         self.started.set(time.time())
@@ -145,10 +158,20 @@ class Metrics:
             self.fw_failures.labels(kind)
         for result in ("ok", "failed"):
             self.reconcile_runs.labels(result)
+        self.build_info = Gauge("oakestra_gw_build_info", "The running version (always 1)",
+                                ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        # The standard collectors (process_*, python_*), on our registry rather than the global.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         r.register(_StateCollector(self))
 
-    def bind(self, gateway) -> "Metrics":
+    def bind(self, gateway, ready: Callable[[], dict] | None = None) -> "Metrics":
+        """`ready()`: the reasons /api/ready gives (gw.readiness.reasons), read per scrape."""
         self.gateway = gateway
+        if ready is not None:
+            self.ready = ready
         return self
 
     # -- hooks ---------------------------------------------------------------------------
@@ -168,7 +191,11 @@ class Metrics:
         if ok and self.connections is not None:
             self.connections.poke()  # the set of exposures changed: re-read it soon
 
-    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+    def observe_request(self, route: str | None, method: str, status: int,
+                        seconds: float) -> None:
+        """`route`: the matched rule's template, None for no match."""
+        route = route or UNMATCHED
+        method = method if method in METHODS else "other"
         self.api_requests.labels(route, method, str(status)).inc()
         self.api_latency.labels(route, method).observe(seconds)
 

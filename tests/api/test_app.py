@@ -157,10 +157,14 @@ def test_unexpected_error_is_a_json_500(env, monkeypatch, caplog):
 
 def test_ready_reasons_and_a_failing_check(env):
     client, gateway, firewall, store, problems, app = env
-    problems["forwarding_ipv4"] = "ipv4 forwarding is off"
+    problems["forwarding_ipv4"] = "ipv4 forwarding is off (detail)"
+    r = call(client, "GET", "/api/ready")
+    assert r.status_code == 503
+    assert r.get_json()["reasons"] == {"forwarding_ipv4": "ipv4 forwarding is off (detail)"}
+    # Without the token: the cause, in a fixed sentence, not the details.
     r = call(client, "GET", "/api/ready", token=None)
     assert r.status_code == 503
-    assert r.get_json()["reasons"] == {"forwarding_ipv4": "ipv4 forwarding is off"}
+    assert r.get_json()["reasons"] == {"forwarding_ipv4": "IPv4 forwarding is off"}
     app2 = create_app(gateway, SETTINGS, ready_checks=lambda: 1 / 0)
     r = app2.test_client().get("/api/ready")
     assert r.status_code == 503 and "readiness_check" in r.get_json()["reasons"]
