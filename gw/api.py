@@ -132,8 +132,10 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
             result = body.get("error", "")
             if body.get("field"):
                 result += f" field={body['field']}"
-        audit.info("who=%s what=%s result=%s", request.remote_addr or "-",
-                   json.dumps(what), json.dumps(f"{response.status_code} {result}".strip()))
+        who, outcome = request.remote_addr or "-", f"{response.status_code} {result}".strip()
+        # The fields again as record attributes: log.format = "json" gives them keys of their own.
+        audit.info("who=%s what=%s result=%s", who, json.dumps(what), json.dumps(outcome),
+                   extra={"who": who, "what": what, "result": outcome})
 
     # -- errors: one handler for our errors, one for werkzeug's ------------------------------
 

@@ -60,12 +60,23 @@ class OakestraSettings:
     backoff_max: float = 30.0     # cap of the exponential backoff between tries (from 0.5 s)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "text"  # json: one JSON object per line, the audit record's fields as keys
+
+
 @dataclass(frozen=True)
 class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     network: NetworkSettings = field(default_factory=NetworkSettings)
     oakestra: OakestraSettings = field(default_factory=OakestraSettings)
+    log: LogSettings = field(default_factory=LogSettings)
 
     @property
     def standalone(self) -> bool:
@@ -105,6 +116,7 @@ SECTIONS: dict[str, set[str]] = {
                 "internal_ipv6", "service_ranges", "reserved_ports"},
     "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6", "give_up_after",
                  "backoff_max"},
+    "log": {"level", "format"},
 }
 
 
@@ -131,7 +143,8 @@ def parse_config(raw: dict[str, Any]) -> Settings:
         for key in value:
             if key not in SECTIONS[section]:
                 raise ConfigError(f"unknown key {section}.{key}", field=f"{section}.{key}")
-    api, store, net, oak = (raw.get(s, {}) for s in ("api", "store", "network", "oakestra"))
+    api, store, net, oak, logs = (raw.get(s, {}) for s in ("api", "store", "network",
+                                                            "oakestra", "log"))
     settings = Settings(
         api=ApiSettings(
             host=_str(api, "host", "api", "") or None,
@@ -164,6 +177,8 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             public_ipv6=_str(oak, "public_ipv6", "oakestra", ""),
             give_up_after=_seconds(oak, "give_up_after", "oakestra", 120.0, 0, 86400),
             backoff_max=_seconds(oak, "backoff_max", "oakestra", 30.0, 0.1, 3600)),
+        log=LogSettings(level=_choice(logs, "level", "log", "info", LOG_LEVELS),
+                        format=_choice(logs, "format", "log", "text", LOG_FORMATS)),
     )
     if not settings.network.service_ranges:
         raise ConfigError("network.service_ranges must name at least one network",
@@ -188,6 +203,14 @@ def _get(table: dict, key: str, section: str, default: Any, kind: type | tuple, 
 
 def _str(table, key, section, default) -> str:
     return _get(table, key, section, default, str, "a string").strip()
+
+
+def _choice(table, key, section, default, choices) -> str:
+    value = _str(table, key, section, default).lower()
+    if value not in choices:
+        raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}, not {value!r}",
+                          field=f"{section}.{key}")
+    return value
 
 
 def _bool(table, key, section, default) -> bool:

@@ -31,6 +31,7 @@ from .errors import ConfigError, GatewayError
 from .exposure import Exposure
 from .firewall import Firewall
 from .gateway import Gateway
+from .logs import setup_logging
 from .metrics import Metrics
 
 log = logging.getLogger("gw.server")
@@ -55,36 +56,10 @@ CRASH_EXIT = 97
 
 # Keys a reload applies live; any other change is logged as "restart needed".
 LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
-        "network.service_ranges", "network.tunnel_interface"}
+        "network.service_ranges", "network.tunnel_interface", "log.level", "log.format"}
 
 
 # -- logging and systemd -------------------------------------------------------------------------
-
-class _Formatter(logging.Formatter):
-    """`LEVEL logger: message`; under journald (JOURNAL_STREAM) with a `<priority>` prefix
-    instead of the level, so `journalctl -p err` works. journald adds the timestamps."""
-
-    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-                logging.DEBUG: 7}
-
-    def __init__(self, journal: bool):
-        super().__init__("%(name)s: %(message)s")
-        self.journal = journal
-
-    def format(self, record):
-        text = super().format(record).replace("\n", "\n    ")
-        if self.journal:
-            return f"<{self.PRIORITY.get(record.levelno, 6)}>{text}"
-        return f"{record.levelname} {text}"
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(bool(os.environ.get("JOURNAL_STREAM"))))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
 
 def sd_notify(state: str, environ=os.environ) -> bool:
     """Send `state` (e.g. "READY=1") to systemd's notify socket; False without one."""
@@ -125,7 +100,7 @@ def one_line(exc: GatewayError) -> str:
 def config_changes(before: Settings, after: Settings) -> list[str]:
     """Pure: the dotted keys whose values differ."""
     changed = []
-    for section in ("api", "store", "network", "oakestra"):
+    for section in ("api", "store", "network", "oakestra", "log"):
         a, b = getattr(before, section), getattr(after, section)
         for name in a.__dataclass_fields__:
             if getattr(a, name) != getattr(b, name):
@@ -147,7 +122,8 @@ def apply_live(running: Settings, new: Settings) -> Settings:
                     token_file=new.api.token_file),
         network=replace(running.network, reserved_ports=new.network.reserved_ports,
                         service_ranges=new.network.service_ranges,
-                        tunnel_interface=new.network.tunnel_interface))
+                        tunnel_interface=new.network.tunnel_interface),
+        log=new.log)
 
 
 # -- the daemon ----------------------------------------------------------------------------------
@@ -176,6 +152,7 @@ class Daemon:
         from .store import Store  # noqa: PLC0415 - imported here so `config check` stays light
 
         self.config = load_config(self.config_path)
+        setup_logging(self.config.log.level, self.config.log.format)
         if self.config.standalone:
             self.config.require_internal_ips()
         self.store = Store(self.config.store.path)
@@ -332,6 +309,8 @@ class Daemon:
             return False
         skeleton_changed = variables != self.firewall.variables
         token_changed = token != self.token
+        if settings.log != self.settings.log:
+            setup_logging(settings.log.level, settings.log.format)
         with self.gateway._lock:
             self.firewall.variables = variables
             self.settings = settings

@@ -60,7 +60,7 @@ def env(tmp_path):
 DOC = document(auth=True)
 ROUTES = {("POST", "/api/service/exposure/add"), ("POST", "/api/service/exposure/delete"),
           ("GET", "/api/service/exposure"), ("GET", "/api/health"), ("GET", "/api/ready"),
-          ("GET", "/metrics"), ("GET", "/api/openapi.json")}
+          ("GET", "/api/status"), ("GET", "/metrics"), ("GET", "/api/openapi.json")}
 
 
 def conforms(method: str, path: str, response) -> None:

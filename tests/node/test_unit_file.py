@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gw.server import EXIT_CONFIG
+
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "oakestra-gw.service"
 ROLE_UNIT = REPO / "ansible" / "roles" / "oakestra_gateway" / "files" / "oakestra-gw.service"
@@ -42,6 +44,7 @@ def test_lifecycle_directives():
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert "ExecStop" not in d and "ExecStopPost" not in d, "stopping must leave the rules"
     assert d["Restart"] == ["on-failure"]
+    assert d["RestartPreventExitStatus"] == [str(EXIT_CONFIG)]  # a bad config: no loop
     assert d["WatchdogSec"] and d["StateDirectory"] == ["oakestra-gw"]
     assert d["ConfigurationDirectory"] == ["oakestra-gw"]
     assert "network-online.target" in " ".join(d["After"]) and \
