@@ -58,9 +58,20 @@ def env(tmp_path):
 
 
 DOC = document(auth=True)
-ROUTES = {("POST", "/api/service/exposure/add"), ("POST", "/api/service/exposure/delete"),
-          ("GET", "/api/service/exposure"), ("GET", "/api/health"), ("GET", "/api/ready"),
-          ("GET", "/api/status"), ("GET", "/metrics"), ("GET", "/api/openapi.json")}
+
+
+def documented_routes(doc: dict) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, item in doc["paths"].items() for method in item
+            if method in ("get", "put", "post", "delete", "patch")}
+
+
+def served_routes(app) -> set[tuple[str, str]]:
+    """What Flask routes, as (method, path); HEAD and OPTIONS are Flask's own."""
+    return {(method, rule.rule) for rule in app.url_map.iter_rules()
+            if rule.endpoint != "static" for method in rule.methods - {"HEAD", "OPTIONS"}}
+
+
+ROUTES = documented_routes(DOC)
 
 
 def conforms(method: str, path: str, response) -> None:
@@ -214,6 +225,12 @@ def test_repeated_json_key_names_the_field(env):
     r = call(client, "POST", ADD, raw=b'{"exposed_port": 8080, "exposed_port": 22, '
                                      b'"service_ip": "10.30.0.1", "service_port": 80}')
     assert r.status_code == 400 and r.get_json()["field"] == "exposed_port"
+
+
+def test_every_served_route_is_documented_and_every_documented_one_served(env):
+    app = env[-1]
+    assert served_routes(app) == ROUTES
+    assert ("POST", "/api/service/exposure/add") in ROUTES and len(ROUTES) >= 7
 
 
 def test_the_document_loads_in_schemathesis():

@@ -4,7 +4,6 @@ targets here (`make bench` measures those); seconds, not minutes."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import struct
 
@@ -138,4 +137,14 @@ def test_report_from_results(tmp_path):
     assert (tmp_path / "img" / "bench-dataplane.png").stat().st_size > 1000
     assert (tmp_path / "img" / "bench-latency.png").stat().st_size > 1000
     assert len(written) == 3
-    assert not math.isnan(float(report.all_figures(results).count("\n")))
+    figures = report.all_figures(results).splitlines()
+    # One line per figure, each carrying the numbers it was given.
+    assert len(figures) == 2 * 3 + 2 * 2 + 4, figures
+    assert any(f.startswith("dataplane ours") and "95 conn/s" in f and "ratio to 1: 0.950"
+               in f for f in figures), figures
+    assert "load              10: ours 10 ms, baseline 20 ms" in figures
+    assert "add    at     10 stored: p50 1.00 ms, p99 3.00 ms, max 4.00 ms (n 3)" in figures
+    assert "cold_start: median 0.600 s (min 0.500, max 0.600, n 2)" in figures
+    assert ("drift (sighup): flush->flow median 1.000 s, sighup->flow median 0.200 s"
+            in figures)
+    assert "rss at 0: 40.0 MiB (peak 41.0)" in figures and figures[-1] == "conntrack entries: 100"

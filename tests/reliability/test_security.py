@@ -27,6 +27,7 @@ import pytest
 from gw import lab as L
 from tests.api.harness import gw_command
 from tests.helpers import wait_for
+from tests.reliability.common import children, cmdline
 from tests.reliability.daemon import TOKEN, docs_set, gateway
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -329,8 +330,9 @@ def test_the_daemon_does_its_job_with_cap_net_admin_alone(tmp_path):
                  what="the drift repair", log=gw.log)
         assert api.get("/api/ready").status == 200
         assert api.get("/metrics").status == 200
-        monitors = [p for p in subprocess.run(["pgrep", "-P", str(gw.proc.pid)],
-                                              capture_output=True, text=True).stdout.split()]
+        kids = children(gw.proc.pid)
+        monitors = [pid for pid in kids if cmdline(pid).startswith("nft monitor")]
+        assert monitors, f"no `nft monitor` child to check: {[cmdline(p) for p in kids]}"
         for pid in monitors:
             assert capabilities(int(pid))["CapEff"] & ~CAP_NET_ADMIN_MASK == 0
         assert gw.stop() == 0

@@ -184,16 +184,33 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            max_leaves=8)
 
 
-@given(st.dictionaries(st.sampled_from(sorted(["exposed_port", "service_ip", "service_port",
-                                                "protocol", "service_id", "internal_port",
-                                                "family", "exposures", "junk"])),
-                       json_values, max_size=6))
-def test_any_json_is_accepted_or_rejected_cleanly(doc):
-    try:
-        result = parse_exposures(doc, POLICY)
-    except InvalidInput as exc:
-        assert exc.message
-    else:
-        for e in result:  # whatever passes is a sane, typed exposure
-            assert isinstance(e.exposed_port, int) and 1 <= e.exposed_port <= 65535
-            assert any(e.service_ip in net for net in POLICY.service_ranges)
+FIELDS = sorted(["exposed_port", "service_ip", "service_port", "protocol", "service_id",
+                 "internal_port", "family", "exposures", "junk"])
+any_json_docs = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=6)
+# A valid document with one field replaced: rejected or accepted for the right reason.
+near_valid_docs = st.tuples(valid_docs, st.sampled_from(FIELDS), json_values).map(
+    lambda t: {**t[0], t[1]: t[2]})
+mixed_docs = st.one_of(valid_docs, valid_docs.map(lambda d: {"exposures": [d]}),
+                       near_valid_docs, any_json_docs)
+
+
+def test_any_json_is_accepted_or_rejected_cleanly():
+    outcomes = {"accepted": 0, "rejected": 0}
+
+    @given(mixed_docs)
+    def check(doc):
+        try:
+            result = parse_exposures(doc, POLICY)
+        except InvalidInput as exc:
+            assert exc.message
+            outcomes["rejected"] += 1
+        else:
+            outcomes["accepted"] += 1
+            for e in result:  # whatever passes is a sane, typed exposure
+                assert isinstance(e.exposed_port, int) and 1 <= e.exposed_port <= 65535
+                assert any(e.service_ip in net for net in POLICY.service_ranges)
+
+    check()
+    # Both branches really ran: about half the inputs are valid by construction.
+    share = outcomes["accepted"] / sum(outcomes.values())
+    assert 0.3 <= share <= 0.9, outcomes

@@ -377,16 +377,21 @@ def test_compaction_while_commits_go_on(path):
 
         compactor = threading.Thread(target=compact_all_the_time)
         compactor.start()
+        model = {}  # what the commits say the store holds, independent of the store
         try:
             for i in range(400):
-                store.commit(put=[doc(1 + i % 50, service_port=1 + i)])
+                change = doc(1 + i % 50, service_port=1 + i)
+                store.commit(put=[change])
+                model[change["exposed_port"]] = change
         finally:
             stop.set()
             compactor.join()
-        expected = store.exposures()
+        expected = sorted(model.values(), key=lambda d: d["exposed_port"])
+        assert sorted(store.exposures(), key=lambda d: d["exposed_port"]) == expected
         crash(store)
     with Store(path) as store:
-        assert store.exposures() == expected and store.check() == []
+        assert sorted(store.exposures(), key=lambda d: d["exposed_port"]) == expected
+        assert store.check() == []
 
 
 # --- check ---------------------------------------------------------------------------------------
