@@ -562,6 +562,41 @@ def tcp_connect(lab: Lab, role: str, host: str, port: int, *, timeout: float = 3
     return sock
 
 
+def tcp_echo(sock: socket.socket, text: bytes) -> bytes:
+    """One line to the worker's TCP echo service over `sock` and its answer. Raises OSError
+    when the connection is cut (reset, closed or silent past the socket's timeout)."""
+    sock.sendall(text + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionResetError("closed by the peer")
+        data += chunk
+    return data
+
+
+class UdpFlow:
+    """One UDP client socket in `role`'s namespace: every datagram belongs to one flow (one
+    conntrack entry on the gateway)."""
+
+    def __init__(self, lab: Lab, role: str, host: str, port: int):
+        self.sock = lab.socket(role, family_of(host), socket.SOCK_DGRAM)
+        self.sock.connect((host, port))
+
+    def exchange(self, message: bytes, timeout: float) -> bytes | None:
+        """The answer to `message`, or None when none comes within `timeout`. Raises
+        ConnectionRefusedError when a port unreachable came back."""
+        self.sock.settimeout(timeout)
+        self.sock.send(message)
+        try:
+            return self.sock.recv(65535)
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 # -- the worker's services (run inside the worker namespace) -----------------------------------
 
 def _serve() -> None:
@@ -616,9 +651,12 @@ def _serve() -> None:
         def log_message(self, *args):
             pass
 
+    # socketserver listens with a backlog of 5: a burst of connections would lose SYNs to a
+    # full accept queue (and the client retries only after a second), as no real service does.
     class DualStack(socketserver.ThreadingMixIn, http.server.HTTPServer):
         address_family = socket.AF_INET6
         daemon_threads = True
+        request_queue_size = 128
 
         def server_bind(self):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -637,6 +675,7 @@ def _serve() -> None:
         address_family = socket.AF_INET6
         daemon_threads = True
         allow_reuse_address = True
+        request_queue_size = 128
 
         def server_bind(self):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -14,15 +14,7 @@ from gw import lab as L
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 
-def echo(sock, text: bytes) -> bytes:
-    sock.sendall(text + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionResetError("closed by the peer")
-        data += chunk
-    return data
+echo = L.tcp_echo
 
 
 def bridge_addresses(lab):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 from types import SimpleNamespace
 
@@ -163,17 +162,6 @@ def _conntrack_count(lab, port: int, family: str) -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("tcp"))
 
 
-def _echo(sock: socket.socket, text: bytes) -> bytes:
-    sock.sendall(text + b"\n")
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise ConnectionResetError("closed")
-        data += chunk
-    return data
-
-
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_a_deleted_exposure_stops_new_flows_at_once_and_existing_ones_within_a_second(gw, fam):
     public, service, _internal = FAMILIES[fam]
@@ -182,7 +170,7 @@ def test_a_deleted_exposure_stops_new_flows_at_once_and_existing_ones_within_a_s
     assert status == 201
     conn = L.tcp_connect(gw.lab, "client", public, port)
     try:
-        assert _echo(conn, b"before") == b"before\n"
+        assert L.tcp_echo(conn, b"before") == b"before\n"
         assert _conntrack_count(gw.lab, port, fam) == 1
         status, answer = gw.daemon.request("POST", "/api/service/exposure/delete",
                                            {"exposed_port": port, "family": fam})
@@ -197,13 +185,13 @@ def test_a_deleted_exposure_stops_new_flows_at_once_and_existing_ones_within_a_s
         flushed = time.monotonic() - deleted
         assert flushed <= 1.0, f"conntrack entries still there after {flushed:.2f} s"
         conn.settimeout(NEGATIVE_TIMEOUT)
-        assert fails(lambda: _echo(conn, b"after")) is not None
+        assert fails(lambda: L.tcp_echo(conn, b"after")) is not None
     finally:
         conn.close()
     # Positive control: another exposure's flows are untouched.
     other = L.tcp_connect(gw.lab, "client", public, 7007)
     try:
-        assert _echo(other, b"still") == b"still\n"
+        assert L.tcp_echo(other, b"still") == b"still\n"
     finally:
         other.close()
 

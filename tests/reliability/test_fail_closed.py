@@ -55,25 +55,6 @@ def peer(lab, public: str) -> str:
     return json.loads(body)["peer"]
 
 
-class UdpFlow:
-    """One client socket, so every datagram belongs to the same conntrack entry."""
-
-    def __init__(self, lab, public: str):
-        self.sock = lab.socket("client", L.family_of(public), socket.SOCK_DGRAM)
-        self.sock.connect((public, 5353))
-
-    def exchange(self, message: bytes, timeout: float) -> bytes | None:
-        self.sock.settimeout(timeout)
-        self.sock.send(message)
-        try:
-            return self.sock.recv(65535)
-        except TimeoutError:
-            return None
-
-    def close(self):
-        self.sock.close()
-
-
 def unsnatted_entries(lab) -> list[str]:
     """Conntrack entries of DNATed flows whose reply does not go to an internal address,
     i.e. confirmed without the SNAT binding."""
@@ -101,7 +82,7 @@ def test_without_the_tunnel_dnated_flows_leave_nowhere_and_recover_when_it_retur
         try:
             for family, (public, _svc, internal) in FAMILIES.items():
                 assert peer(lab, public) == internal
-                flows[family, "before"] = UdpFlow(lab, public)
+                flows[family, "before"] = L.UdpFlow(lab, "client", public, 5353)
                 reply = flows[family, "before"].exchange(b"hello", timeout=2)
                 assert reply is not None and internal.encode() in reply, reply
             assert leaked(lab) == {"ipv4": 0, "ipv6": 0}
@@ -111,7 +92,8 @@ def test_without_the_tunnel_dnated_flows_leave_nowhere_and_recover_when_it_retur
                 # The client gets no answer: neither a SYN-ACK nor a reset.
                 with pytest.raises(TimeoutError):
                     peer(lab, public)
-                flows[family, "during"] = UdpFlow(lab, public)  # its first datagram: now
+                # A flow whose first datagram is sent now:
+                flows[family, "during"] = L.UdpFlow(lab, "client", public, 5353)
                 for when in ("before", "during"):
                     assert flows[family, when].exchange(b"anyone?", timeout=0.5) is None
             assert leaked(lab) == {"ipv4": 0, "ipv6": 0}, "DNATed packets left by the public link"
