@@ -2,20 +2,27 @@
 element is gone) but established flows keep their NAT binding until their entries go; a
 background worker removes them so the API can answer before the flush (DESIGN: within 1 s).
 
+A flush can be lost (a crash between the kernel commit and the flush, a SIGTERM with flushes
+queued, an element someone else added while the daemon was down). So after every load of the
+table (start, repair) the same worker sweeps: one dump of the DNATed flows, and every flow our
+table NATed that no current exposure explains is deleted by its exact tuple.
+
 The `conntrack` tool filters in C against a kernel dump; at 100k entries that is far faster
 than walking the table from Python."""
 
 from __future__ import annotations
 
+import collections
+import ipaddress
 import logging
-import queue
 import re
 import shutil
+import socket
 import subprocess
 import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .exposure import Exposure
 
@@ -71,6 +78,91 @@ def delete_snatted_to(addresses: Iterable) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Flow:
+    """One conntrack entry: its original tuple and where its reply comes from and goes to."""
+
+    family: str
+    protocol: str
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    reply_src: str
+    reply_sport: int
+    reply_dst: str
+
+    @property
+    def through(self) -> tuple:
+        """The exposure that would explain it: (family, protocol, exposed port, service IP,
+        service port), as `explained` sets hold them."""
+        return (self.family, self.protocol, self.dport, ipaddress.ip_address(self.reply_src),
+                self.reply_sport)
+
+
+def parse_flows(text: str) -> list[Flow]:
+    """Pure: the TCP and UDP entries of `conntrack -L -o extended` output. Each line holds
+    the original tuple's src, dst, sport, dport, then the reply tuple's."""
+    flows = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 4 or words[0] not in ("ipv4", "ipv6") or words[2] not in ("tcp", "udp"):
+            continue
+        fields: dict[str, list[str]] = {}
+        for word in words:
+            name, eq, value = word.partition("=")
+            if eq:
+                fields.setdefault(name, []).append(value)
+        try:
+            (src, rsrc), (dst, rdst) = fields["src"][:2], fields["dst"][:2]
+            (sport, rsport), dport = fields["sport"][:2], fields["dport"][0]
+            flows.append(Flow(words[0], words[2], src, dst, int(sport), int(dport), rsrc,
+                              int(rsport), rdst))
+        except (KeyError, ValueError):
+            continue
+    return flows
+
+
+def dnated_flows() -> list[Flow]:
+    """Every DNATed TCP and UDP flow, both families: one dump of the kernel's table."""
+    proc = _run_idle(["conntrack", "-L", "--dst-nat", "-o", "extended"])
+    return parse_flows(proc.stdout)
+
+
+def orphans(flows: Iterable[Flow], ours: set[str], explained: set[tuple]) -> list[Flow]:
+    """Pure: the flows our table NATed (DNATed, and SNATed to one of our internal addresses
+    `ours`, so their replies come back to us) that no exposure in `explained` accounts for."""
+    ours = {ipaddress.ip_address(a) for a in ours}
+    return [f for f in flows
+            if ipaddress.ip_address(f.reply_dst) in ours and f.through not in explained]
+
+
+def delete_flows(flows: Iterable[Flow]) -> int:
+    """Delete each entry by its original tuple: a direct lookup per flow, no dump, and a flow
+    opened since (another source port) is never touched. Returns how many went."""
+    from pyroute2 import NFCTSocket  # noqa: PLC0415 - only the daemon needs netlink here
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # noqa: PLC0415
+
+    flows = list(flows)
+    total = 0
+    for family in ("ipv4", "ipv6"):
+        group = [f for f in flows if f.family == family]
+        if not group:
+            continue
+        af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+        with NFCTSocket(nfgen_family=af) as ct:
+            for f in group:
+                try:
+                    ct.entry("del", tuple_orig=NFCTAttrTuple(
+                        family=af, saddr=f.src, daddr=f.dst, proto=socket.getprotobyname(
+                            f.protocol), sport=f.sport, dport=f.dport))
+                    total += 1
+                except NetlinkError:  # gone meanwhile (timed out, closed)
+                    pass
+    return total
+
+
 def table_stats() -> dict[str, int]:
     """Entries in use, the table's limit, from procfs (cheap: two small reads)."""
     stats = {}
@@ -83,43 +175,88 @@ def table_stats() -> dict[str, int]:
 
 
 class Flusher:
-    """A worker thread draining a queue of removed exposures."""
+    """A worker thread that removes flows, in the order asked: the flushes of deleted
+    exposures and the sweeps after a load. One condition guards the queue and the job that
+    runs, so a re-add can tell, in one look, that no flush of its exposures is queued or
+    running."""
 
-    def __init__(self, delete=delete_entries):
-        self._delete = delete
-        self._queue: queue.Queue[list[Exposure] | None] = queue.Queue()
+    def __init__(self, delete=delete_entries, dump=dnated_flows, remove=delete_flows):
+        self._delete, self._dump, self._remove = delete, dump, remove
+        self._cond = threading.Condition()
+        self._jobs: collections.deque = collections.deque()
+        self._running: tuple | None = None
         self._thread = threading.Thread(target=self._run, name="conntrack-flush", daemon=True)
         self._thread.start()
 
-    def flush(self, exposures: Iterable[Exposure]) -> None:
-        self._queue.put(list(exposures))
+    def _put(self, job) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify_all()
 
-    def cancel(self, exposures: Iterable[Exposure]) -> None:
-        """Forget queued flushes of these exposures (same port and target): they were added
-        again, and the flows now open through them are new ones."""
+    def flush(self, exposures: Iterable[Exposure]) -> None:
+        self._put(("flush", list(exposures)))
+
+    def sweep(self, ours: set[str], explained: Callable[[], set[tuple]]) -> None:
+        """Remove the flows our table NATed (replies to an address in `ours`) that no exposure
+        explains. `explained()` is asked after the dump: an exposure deleted since the dump
+        explains nothing, one added since has no flow in it."""
+        self._put(("sweep", (set(ours), explained)))
+
+    def settle(self, exposures: Iterable[Exposure], timeout: float = 30) -> None:
+        """Before these exposures (same port and target) are added again: forget their queued
+        flushes and wait for a running one to end, so that no flow opened through them after
+        the add is flushed. Call it before the kernel commit of the add."""
         gone = {(e.key, e.target) for e in exposures}
-        with self._queue.mutex:
-            for batch in self._queue.queue:
-                if batch:
+
+        def running_one() -> bool:
+            job = self._running
+            return bool(job and job[0] == "flush"
+                        and any((e.key, e.target) in gone for e in job[1]))
+
+        with self._cond:
+            for kind, batch in (job for job in self._jobs if job is not None):
+                if kind == "flush":
                     batch[:] = [e for e in batch if (e.key, e.target) not in gone]
+            self._cond.wait_for(lambda: not running_one(), timeout)
 
     def wait(self, timeout: float = 10.0) -> bool:
         """Whether everything queued so far was done within `timeout` (tests, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._queue.unfinished_tasks
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and self._running is None,
+                                       timeout)
 
     def _run(self) -> None:
-        while (batch := self._queue.get()) is not None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs)
+                job = self._running = self._jobs.popleft()
+            if job is None:
+                return
+            kind, payload = job
             try:
-                n = self._delete(batch)
-                log.info("conntrack: removed %d entries of %d deleted exposure(s)", n, len(batch))
+                if kind == "flush":
+                    n = self._delete(payload)
+                    log.info("conntrack: removed %d entries of %d deleted exposure(s)", n,
+                             len(payload))
+                else:
+                    self._sweep(*payload)
             except (OSError, subprocess.SubprocessError) as exc:
                 log.error("conntrack: could not remove entries: %s", exc)
+            except Exception:  # noqa: BLE001 - the worker must outlive one bad job
+                log.exception("conntrack: the %s failed", kind)
             finally:
-                self._queue.task_done()
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+    def _sweep(self, ours: set[str], explained: Callable[[], set[tuple]]) -> None:
+        flows = self._dump()
+        lost = orphans(flows, ours, explained())
+        if lost:
+            n = self._remove(lost)
+            log.warning("conntrack: swept %d flow(s) that no exposure explains (of %d "
+                        "DNATed)", n, len(flows))
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._put(None)
         self._thread.join(timeout=5)

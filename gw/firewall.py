@@ -25,7 +25,6 @@ class Diff:
     missing: list[Exposure] = field(default_factory=list)      # desired, not in the kernel
     unexpected: list[Key] = field(default_factory=list)        # in the kernel, not desired
     wrong: list[Exposure] = field(default_factory=list)        # in the kernel with another target
-    stale: list[Exposure] = field(default_factory=list)        # kernel's view of unexpected+wrong
     table_missing: bool = False
     chains_changed: bool = False  # someone edited our chains (not the maps)
     unreadable: bool = False      # elements we cannot parse (e.g. added with a comment)
@@ -69,8 +68,6 @@ def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) 
         elif actual[key] != e.target:
             diff.wrong.append(e)
     diff.unexpected = sorted(k for k in actual if k not in wanted)
-    diff.stale = [Exposure(key[2], key[1], *actual[key]) for key in
-                  diff.unexpected + [e.key for e in diff.wrong]]
     return diff
 
 
@@ -111,6 +108,10 @@ class Firewall:
         self.skeleton = skeleton or ruleset.skeleton_path()
         # observe(kind, seconds, ok): where metrics hook in, without the firewall knowing them.
         self._observe = observe or (lambda kind, seconds, ok: None)
+
+    def internal_addresses(self) -> set[str]:
+        """The addresses our SNAT gives the flows we hand to the tunnel."""
+        return {self.variables["internal_ipv4"], self.variables["internal_ipv6"]}
 
     def _run(self, kind: str, text: str) -> None:
         start = time.perf_counter()

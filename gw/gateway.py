@@ -78,8 +78,9 @@ class Gateway:
             self.store.commit(put=[e.to_dict() for e in new + relabel])
             if new:
                 if self.flusher is not None:
-                    # A delete of the same exposure moments ago must not flush the new flows.
-                    self.flusher.cancel(new)
+                    # The flush of a delete of the same exposure moments ago, queued or
+                    # running, must not cut the flows opened after this commit.
+                    self.flusher.settle(new)
                 try:
                     self._kernel(lambda: self.firewall.apply(add=new))
                 except Exception:
@@ -102,8 +103,9 @@ class Gateway:
             except Exception:
                 self._revert(put=[e.to_dict() for e in found], delete=[])
                 raise
-        if self.flusher is not None:
-            self.flusher.flush(found)
+            if self.flusher is not None:
+                # Queued under the lock: a re-add that follows finds it, to cancel or await.
+                self.flusher.flush(found)
         return found
 
     # -- kernel sync ------------------------------------------------------------------------
@@ -118,6 +120,16 @@ class Gateway:
             self._store_ahead = False
             for cause in ("drift", "store"):
                 self.problems.pop(cause, None)
+            if self.flusher is not None:
+                # Flows of elements that are gone (a flush lost to a crash or a stop, an
+                # element someone else added) would live on: one sweep finds them all.
+                self.flusher.sweep(self.firewall.internal_addresses(), self._explained)
+
+    def _explained(self) -> set[tuple]:
+        """What the current exposures account for: (family, protocol, exposed port, service
+        IP, service port), the shape of `conntrack.Flow.through`."""
+        with self._lock:
+            return {(*e.key, *e.target) for e in map(Exposure.from_dict, self.store.exposures())}
 
     def diff(self) -> Diff:
         """Kernel versus store. Lists the maps (~1 s at 50k): never on a request path."""
@@ -132,9 +144,7 @@ class Gateway:
             if diff:
                 log.warning("reconcile: kernel differed from the store (%s); repairing",
                             diff.summary())
-                self.load()
-                if self.flusher is not None and diff.stale:
-                    self.flusher.flush(diff.stale)  # flows DNATed by elements that are gone
+                self.load()  # its sweep removes the flows of elements that are gone
             else:
                 for cause in ("drift", "firewall"):
                     self.problems.pop(cause, None)
