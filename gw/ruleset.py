@@ -23,6 +23,13 @@ LOOPBACK = {"ipv4": ipaddress.ip_network("127.0.0.0/8"), "ipv6": ipaddress.ip_ne
 NOWHERE = {"ipv4": ipaddress.ip_network("0.0.0.0/32"), "ipv6": ipaddress.ip_network("::/128")}
 
 
+# Waitress's connection limit, and how many of its slots remote sources may take together:
+# the rest stays free for the gateway's own connections (the watchdog's health probe). The
+# skeleton's input chain holds API_REMOTE_CAP as a literal (nft takes no variable there).
+API_CONNECTION_LIMIT = 1000
+API_REMOTE_CAP = 900
+
+
 def skeleton_path() -> Path:
     return Path(str(resources.files("gw") / "rules" / "gateway.nft"))
 

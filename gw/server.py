@@ -42,7 +42,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # event loop, never by a worker thread, so a trickling client holds a socket, not a thread;
 # an idle connection is closed after CHANNEL_TIMEOUT. Bodies past MAX_BODY_BUFFER are refused by
 # waitress before they are buffered (the app's own limit, 64 KiB, answers JSON below that).
-WAITRESS = dict(channel_timeout=30, cleanup_interval=5, connection_limit=1000,
+# The input chain keeps remote connections below the connection limit
+# (ruleset.API_REMOTE_CAP), so the watchdog's probe from the gateway itself always gets in.
+WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
+                connection_limit=ruleset.API_CONNECTION_LIMIT,
                 max_request_header_size=16 * 1024, max_request_body_size=128 * 1024,
                 asyncore_use_poll=True, ident="oakestra-gw", expose_tracebacks=False,
                 clear_untrusted_proxy_headers=True)

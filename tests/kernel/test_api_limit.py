@@ -64,3 +64,9 @@ def test_one_source_gets_at_most_64_api_connections():
         finally:
             server.kill()
             server.wait()
+
+
+def test_the_global_cap_in_the_skeleton_is_below_waitress_limit():
+    text = ruleset.skeleton_path().read_text()
+    assert f"ct state new ct count over {ruleset.API_REMOTE_CAP} drop" in text
+    assert ruleset.API_REMOTE_CAP < ruleset.API_CONNECTION_LIMIT
