@@ -8,7 +8,7 @@ APT_PACKAGES := nftables python3-nftables conntrack iproute2 python3-venv python
                 e2fsprogs util-linux procps curl iputils-ping socat
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv test test-unit demo bench bench-deps docs clean
+.PHONY: setup deps venv test test-unit demo bench bench-deps mqtt-deps docs clean
 
 setup: deps venv
 
@@ -27,7 +27,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test,docs,bench]'
 	touch $@
 
-test: setup node-prepare bench-deps
+test: setup node-prepare bench-deps mqtt-deps
 	tests/run-isolated $(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 
@@ -48,15 +48,27 @@ bench: setup bench-deps
 	tests/run-isolated $(PY) -m tests.bench $(BENCH_ARGS)
 
 bench-deps:
-	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:" $$missing; \
-	  made_policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
-	  [ -z "$$made_policy" ] || rm -f /usr/sbin/policy-rc.d; \
-	  if [ -d /run/systemd/system ]; then for unit in nginx prometheus prometheus-node-exporter; do systemctl disable --now $$unit.service >/dev/null 2>&1 || true; done; fi; \
-	  exit $$rc; \
-	fi
+	$(call apt_no_start,$(BENCH_APT_PACKAGES),nginx.service prometheus.service prometheus-node-exporter.service)
+
+# Installs Debian packages without starting or enabling their services: the tests run their own
+# instances inside network namespaces. $(1): the packages, $(2): the units to disable.
+define apt_no_start
+@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+if [ -n "$$missing" ]; then \
+  echo "installing:" $$missing; \
+  made_policy=; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; made_policy=1; fi; \
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
+  [ -z "$$made_policy" ] || rm -f /usr/sbin/policy-rc.d; \
+  if [ -d /run/systemd/system ]; then systemctl disable --now $(2) >/dev/null 2>&1 || true; fi; \
+  exit $$rc; \
+fi
+endef
+
+# The MQTT front end's tests (tests/mqtt) start Debian's mosquitto broker in the lab's
+# namespaces and talk to it with mosquitto_pub/mosquitto_sub; the packaged service stays off.
+MQTT_APT_PACKAGES := mosquitto mosquitto-clients
+mqtt-deps:
+	$(call apt_no_start,$(MQTT_APT_PACKAGES),mosquitto.service)
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict

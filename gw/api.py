@@ -61,6 +61,7 @@ class _State:
     listening: Callable
     # Keys changed in the file since the start that only a restart applies (api.port, ...).
     restart_needed: tuple[str, ...] = ()
+    gateway_id: Callable[[], str | None] = lambda: None
 
     def current_token(self) -> str | None:
         return self.token() if callable(self.token) else self.token
@@ -68,21 +69,27 @@ class _State:
     def policy(self):
         # One procfs read per request, however many exposures it carries.
         ports = frozenset(self.listening())
-        return replace(self.settings.policy(), listening=lambda: ports)
+        return replace(self.settings.policy(gateway_id=self.gateway_id()),
+                       listening=lambda: ports)
 
 
 def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | None = None,
                ready_checks: Callable[[], dict] | None = None,
-               listening: Callable | None = None) -> Flask:
+               listening: Callable | None = None,
+               gateway_id: Callable[[], str | None] | None = None,
+               cluster: Callable[[], dict] | None = None) -> Flask:
     """The WSGI app. `token`: the bearer token (a string, None for none, or a callable giving
     either, read per request). `ready_checks()`: data-path problems by cause (normally
     ``gw.netlink.readiness_problems(settings)``). `listening()`: the (port, proto) pairs local
-    processes listen on (default: procfs, gw.sockets)."""
+    processes listen on (default: procfs, gw.sockets). `gateway_id()`: the id the cluster
+    knows this gateway by (an add naming another is refused). `cluster()`: which orchestrator
+    or broker the gateway uses and whether it is connected, shown by /api/ready."""
     app = Flask("gw.api")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.json.compact = True
-    state = _State(settings, token, listening or Listening())
+    state = _State(settings, token, listening or Listening(), gateway_id or (lambda: None))
+    cluster = cluster or (lambda: {})
     metrics = metrics if metrics is not None else Metrics(gateway)
     ready_checks = ready_checks or (lambda: {})
     metrics.bind(gateway, ready=lambda: _ready_reasons())
@@ -214,6 +221,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                 "mode": "standalone" if state.settings.standalone else "oakestra",
                 "ready": not reasons, "reasons": reasons,
                 "restart_needed": list(state.restart_needed),
+                **({"cluster": joined} if (joined := cluster()) else {}),
                 "exposures": {"total": sum(counts.values()),
                               **{f"{family}/{protocol}": counts.get((family, protocol), 0)
                                  for family in FAMILIES for protocol in PROTOCOLS}}}
@@ -229,10 +237,15 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     def ready():
         reasons = _ready_reasons()
         token_now = state.current_token()
-        if token_now and not bearer_matches(request.headers.get("Authorization"), token_now):
+        holder = not token_now or bearer_matches(request.headers.get("Authorization"), token_now)
+        if not holder:
             reasons = readiness.public(reasons)  # the details are for the token's holder
         # A pending restart does not make the data path wrong: it is reported, not a 503.
         pending = {"restart_needed": list(state.restart_needed)} if state.restart_needed else {}
+        if (joined := cluster()):
+            # Which orchestrator or broker (its address) is a detail too.
+            pending["cluster"] = joined if holder else {
+                k: v for k, v in joined.items() if k in ("mode", "connected")}
         if not reasons:
             return {"ready": True, **pending}
         return {"ready": False, "error": "not_ready",

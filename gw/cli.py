@@ -471,6 +471,11 @@ def status(as_json, **api):
         click.echo(f"state:     {'ready' if doc['ready'] else 'NOT READY'}")
         for cause, reason in sorted(doc["reasons"].items()):
             click.echo(f"  {cause}: {reason}")
+        if cluster := doc.get("cluster"):
+            link = {True: ", connected", False: ", NOT connected"}.get(cluster.get("connected"), "")
+            others = [u for u in cluster.get("configured", []) if u != cluster.get("active")]
+            click.echo(f"cluster:   {cluster['mode']} {cluster.get('active') or '(none)'}{link}"
+                       + (f" (replicas: {', '.join(others)})" if others else ""))
         if doc["restart_needed"]:
             click.echo(f"restart needed: {', '.join(doc['restart_needed'])} changed "
                        "(systemctl restart oakestra-gw applies them)")

@@ -20,6 +20,9 @@ from .exposure import (DEFAULT_RESERVED, DEFAULT_SERVICE_RANGES, IPNetwork, Poli
 DEFAULT_CONFIG_PATH = "/etc/oakestra-gw/gateway.toml"
 DEFAULT_STORE_PATH = "/var/lib/oakestra-gw/exposures.json"
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+# A gateway (node) id: it names MQTT topics and URL paths, so no '/', '+', '#' or spaces.
+GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MQTT_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,31 @@ class NetworkSettings:
 
 @dataclass(frozen=True)
 class OakestraSettings:
-    cluster_url: str = ""
+    # The cluster orchestrator and its replicas, in order of preference (empty: standalone).
+    cluster_urls: tuple[str, ...] = ()
     gateway_id: str = ""
     public_ipv4: str = ""
     public_ipv6: str = ""
     give_up_after: float = 120.0  # first start: seconds of failed registration before exit 1
     backoff_max: float = 30.0     # cap of the exponential backoff between tries (from 0.5 s)
+    probe_interval: float = 5.0   # how often the active orchestrator is checked once joined
+    # MQTT mode: the cluster's brokers (the first that answers is used) and this node's id,
+    # which names the topics nodes/<node_id>/net/gateway/...
+    mqtt_urls: tuple[str, ...] = ()
+    node_id: str = ""
+    mqtt_client_id: str = ""      # default oakestra-gw-<node_id>: never the NetManager's id
+    mqtt_username: str = ""
+    mqtt_password_file: str = ""
+    mqtt_ca_file: str = ""        # mqtts:// without it: the system's CA store
+
+    @property
+    def cluster_url(self) -> str:
+        """The preferred orchestrator ("" in standalone and MQTT mode)."""
+        return self.cluster_urls[0] if self.cluster_urls else ""
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt_client_id or f"oakestra-gw-{self.node_id}"
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -80,12 +102,19 @@ class Settings:
 
     @property
     def standalone(self) -> bool:
-        return not self.oakestra.cluster_url
+        return not self.oakestra.cluster_urls and not self.oakestra.mqtt_urls
 
-    def policy(self, listening: Callable = lambda: ()) -> Policy:
+    @property
+    def mqtt_mode(self) -> bool:
+        return bool(self.oakestra.mqtt_urls)
+
+    def policy(self, listening: Callable = lambda: (), gateway_id: str | None = None) -> Policy:
+        """`gateway_id`: the id the cluster registered this gateway under, when it has one;
+        else the configured one (node_id in MQTT mode, oakestra.gateway_id)."""
         reserved = frozenset(self.network.reserved_ports) | {(self.api.port, "tcp")}
         own = frozenset(ip for ip in (self.network.internal_ipv4, self.network.internal_ipv6) if ip)
-        return Policy(self.network.service_ranges, reserved, listening, own)
+        gid = gateway_id or self.oakestra.node_id or self.oakestra.gateway_id or None
+        return Policy(self.network.service_ranges, reserved, listening, own, gid)
 
     def with_internal_ips(self, ipv4: str, ipv6: str) -> "Settings":
         """The settings once the cluster has handed out the internal addresses."""
@@ -115,7 +144,8 @@ SECTIONS: dict[str, set[str]] = {
     "network": {"public_interfaces", "tunnel_interface", "bridge_interface", "internal_ipv4",
                 "internal_ipv6", "service_ranges", "reserved_ports"},
     "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6", "give_up_after",
-                 "backoff_max"},
+                 "backoff_max", "probe_interval", "mqtt_url", "node_id", "mqtt_client_id",
+                 "mqtt_username", "mqtt_password_file", "mqtt_ca_file"},
     "log": {"level", "format"},
 }
 
@@ -171,15 +201,23 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             reserved_ports=tuple(_wrap(parse_reserved, r, "network.reserved_ports") for r in
                                  _list(net, "reserved_ports", "network", list(DEFAULT_RESERVED)))),
         oakestra=OakestraSettings(
-            cluster_url=_url(_str(oak, "cluster_url", "oakestra", "")),
+            cluster_urls=_urls(oak, "cluster_url", HTTP_URL_RE, "an http(s) URL"),
             gateway_id=_str(oak, "gateway_id", "oakestra", ""),
             public_ipv4=_str(oak, "public_ipv4", "oakestra", ""),
             public_ipv6=_str(oak, "public_ipv6", "oakestra", ""),
             give_up_after=_seconds(oak, "give_up_after", "oakestra", 120.0, 0, 86400),
-            backoff_max=_seconds(oak, "backoff_max", "oakestra", 30.0, 0.1, 3600)),
+            backoff_max=_seconds(oak, "backoff_max", "oakestra", 30.0, 0.1, 3600),
+            probe_interval=_seconds(oak, "probe_interval", "oakestra", 5.0, 0.1, 3600),
+            mqtt_urls=_urls(oak, "mqtt_url", MQTT_URL_RE, "an mqtt:// or mqtts:// URL"),
+            node_id=_str(oak, "node_id", "oakestra", ""),
+            mqtt_client_id=_str(oak, "mqtt_client_id", "oakestra", ""),
+            mqtt_username=_str(oak, "mqtt_username", "oakestra", ""),
+            mqtt_password_file=_str(oak, "mqtt_password_file", "oakestra", ""),
+            mqtt_ca_file=_str(oak, "mqtt_ca_file", "oakestra", "")),
         log=LogSettings(level=_choice(logs, "level", "log", "info", LOG_LEVELS),
                         format=_choice(logs, "format", "log", "text", LOG_FORMATS)),
     )
+    _check_mqtt(settings.oakestra)
     if not settings.network.service_ranges:
         raise ConfigError("network.service_ranges must name at least one network",
                           field="network.service_ranges")
@@ -276,11 +314,45 @@ def _ifname(value: Any, name: str) -> str:
     return value
 
 
-def _url(text: str) -> str:
-    if text and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", text):
-        raise ConfigError(f"oakestra.cluster_url: {text!r} is not an http(s) URL",
-                          field="oakestra.cluster_url")
-    return text.rstrip("/")
+HTTP_URL_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
+MQTT_URL_RE = re.compile(r"mqtts?://(\[[0-9A-Fa-f:.]+\]|[^\s/:@\[\]]+)(:\d{1,5})?/?")
+
+
+def _urls(table, key, pattern: re.Pattern, what: str) -> tuple[str, ...]:
+    """One URL or a list of them (the orchestrator and its replicas, in order)."""
+    value = _get(table, key, "oakestra", "", (str, list), f"{what} or a list of them")
+    items = ([value] if value.strip() else []) if isinstance(value, str) else value
+    urls = []
+    for item in items:
+        if not isinstance(item, str) or not pattern.fullmatch(item.strip()):
+            raise ConfigError(f"oakestra.{key}: {item!r} is not {what}", field=f"oakestra.{key}")
+        url = item.strip().rstrip("/")
+        if url in urls:
+            raise ConfigError(f"oakestra.{key}: {url} is listed twice", field=f"oakestra.{key}")
+        urls.append(url)
+    return tuple(urls)
+
+
+def _check_mqtt(oak: OakestraSettings) -> None:
+    if not oak.mqtt_urls:
+        return
+    if oak.cluster_urls:
+        raise ConfigError("oakestra.mqtt_url and oakestra.cluster_url exclude each other: the "
+                          "gateway joins either over MQTT or over HTTP", field="oakestra.mqtt_url")
+    if not GATEWAY_ID_RE.fullmatch(oak.node_id):
+        raise ConfigError(f"oakestra.node_id must be set with oakestra.mqtt_url: the node's id "
+                          f"(1-128 of A-Z a-z 0-9 and . _ : -), not {oak.node_id!r}",
+                          field="oakestra.node_id")
+    if not MQTT_CLIENT_ID_RE.fullmatch(oak.client_id):
+        raise ConfigError(f"oakestra.mqtt_client_id {oak.mqtt_client_id!r} is not a client id "
+                          "(1-128 of A-Z a-z 0-9 and . _ : -)", field="oakestra.mqtt_client_id")
+    if oak.client_id == oak.node_id:
+        raise ConfigError("oakestra.mqtt_client_id must differ from oakestra.node_id: the "
+                          "node's NetManager connects with that id, and the broker would "
+                          "disconnect one of the two", field="oakestra.mqtt_client_id")
+    if oak.mqtt_password_file and not oak.mqtt_username:
+        raise ConfigError("oakestra.mqtt_password_file needs oakestra.mqtt_username",
+                          field="oakestra.mqtt_password_file")
 
 
 def _wrap(parse, value, name):

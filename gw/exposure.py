@@ -28,7 +28,7 @@ DEFAULT_RESERVED = ("22/tcp", "50103/udp")
 SERVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 
 ADD_FIELDS = {"exposed_port", "service_ip", "service_port", "internal_port", "protocol",
-              "service_id", "family"}
+              "service_id", "family", "gateway_id"}
 DELETE_FIELDS = {"exposed_port", "protocol", "family"}
 MAX_BATCH = 1000  # a bound for any caller; over HTTP the 64 KiB body holds about 650
 
@@ -92,6 +92,8 @@ class Policy:
     reserved: frozenset[tuple[int, str]] = frozenset({(22, "tcp"), (50103, "udp"), (11022, "tcp")})
     listening: Callable[[], Iterable[tuple[int, str]]] = lambda: ()
     own_addresses: frozenset[IPAddress] = frozenset()
+    # The id the gateway serves under (the cluster's add payload names it); None: no id yet.
+    gateway_id: str | None = None
 
 
 # -- field parsers --------------------------------------------------------------------------
@@ -162,6 +164,19 @@ def check_not_reserved(port: int, protocol: str, policy: Policy, name: str = "ex
                            field=name)
 
 
+def check_gateway_id(value: Any, policy: Policy, name: str = "gateway_id") -> None:
+    """A request addressed to another gateway (a cluster's routing mistake) changes nothing."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, not {_kind(value)}", field=name)
+    if policy.gateway_id is None:
+        raise InvalidInput(f"{name} {_show(value)} cannot be checked: this gateway has no id "
+                           "(standalone without oakestra.gateway_id); leave the field out",
+                           field=name)
+    if value != policy.gateway_id:
+        raise InvalidInput(f"{name} {_show(value)} is not this gateway's id "
+                           f"({policy.gateway_id})", field=name)
+
+
 # -- documents ------------------------------------------------------------------------------
 
 def parse_exposure(doc: Any, policy: Policy, where: str = "") -> Exposure:
@@ -182,6 +197,8 @@ def parse_exposure(doc: Any, policy: Policy, where: str = "") -> Exposure:
     ip = parse_service_ip(doc["service_ip"], policy, where + "service_ip")
     port = _service_port(doc, where)
     service_id = parse_service_id(doc.get("service_id"), where + "service_id")
+    if "gateway_id" in doc:
+        check_gateway_id(doc["gateway_id"], policy, where + "gateway_id")
     exposure = Exposure(exposed, protocol, ip, port, service_id)
     if "family" in doc and parse_family(doc["family"], where + "family") != exposure.family:
         raise InvalidInput(f"{where}family {doc['family']} does not match service_ip {ip}",

@@ -97,16 +97,33 @@ class Gateway:
                 fam = f" ({request.family})" if request.family else ""
                 raise NotFound(f"{request.exposed_port}/{request.protocol}{fam} is not exposed",
                                field="exposed_port")
-            self.store.commit(delete=[e.key for e in found])
-            try:
-                self._kernel(lambda: self.firewall.apply(remove=found))
-            except Exception:
-                self._revert(put=[e.to_dict() for e in found], delete=[])
-                raise
-            if self.flusher is not None:
-                # Queued under the lock: a re-add that follows finds it, to cancel or await.
-                self.flusher.flush(found)
+            self._remove(found)
         return found
+
+    def delete_service(self, service_id: str, exposed_port: int | None = None) -> list[Exposure]:
+        """Delete every exposure labelled `service_id` (only those of `exposed_port` when
+        given), all or none. Nothing labelled so: nothing happens (a repeated delete is a
+        no-op). Scans the store: for the cluster's per-service delete, not a hot path."""
+        with self._lock:
+            self._settle()
+            found = [Exposure.from_dict(d) for d in self.store.exposures()
+                     if d.get("service_id") == service_id
+                     and exposed_port in (None, int(d["exposed_port"]))]
+            if found:
+                self._remove(found)
+        return found
+
+    def _remove(self, found: list[Exposure]) -> None:
+        """Under the lock: store, kernel, then the flush of their flows."""
+        self.store.commit(delete=[e.key for e in found])
+        try:
+            self._kernel(lambda: self.firewall.apply(remove=found))
+        except Exception:
+            self._revert(put=[e.to_dict() for e in found], delete=[])
+            raise
+        if self.flusher is not None:
+            # Queued under the lock: a re-add that follows finds it, to cancel or await.
+            self.flusher.flush(found)
 
     # -- kernel sync ------------------------------------------------------------------------
 

@@ -109,6 +109,19 @@ class _StateCollector:
             for kind, value in sorted(drops.items()):
                 family.add_metric([kind], value)
             yield family
+        cluster = m.cluster()
+        if cluster:
+            mode = cluster.get("mode", "")
+            if "connected" in cluster:
+                yield GaugeMetricFamily("oakestra_gw_cluster_connected", "1 while the gateway is "
+                                        "connected to the cluster's broker (MQTT mode)",
+                                        value=int(bool(cluster["connected"])))
+            endpoints = GaugeMetricFamily("oakestra_gw_cluster_endpoint", "The configured cluster "
+                                          "orchestrators (http) or brokers (mqtt): 1 for the "
+                                          "one in use", labels=["mode", "url"])
+            for url in cluster.get("configured", ()):
+                endpoints.add_metric([mode, url], int(url == cluster.get("active")))
+            yield endpoints
         if m.connections is not None:
             yield from m.connections.collect()
 
@@ -151,6 +164,12 @@ class Metrics:
         self.store_failures = Counter("oakestra_gw_store_failures", "Changes the store could "
                                       "not make durable (answered 503 store_unavailable)",
                                       registry=r)
+        self.mqtt_messages = Counter("oakestra_gw_mqtt_messages", "MQTT messages from the cluster by "
+                                     "kind (deploy, expose, unexpose) and result (ok, "
+                                     "invalid, conflict, failed)", ["kind", "result"],
+                                     registry=r)
+        # The cluster orchestrator or broker in use (gw.server sets it in Oakestra mode).
+        self.cluster: Callable[[], dict] = lambda: {}
         self.started = Gauge("oakestra_gw_start_time_seconds", "When the process started (Unix time)",
                              registry=r)
         self.started.set(time.time())
@@ -190,6 +209,9 @@ class Metrics:
             self.reconcile_runs.labels(result).inc()
         if ok and self.connections is not None:
             self.connections.poke()  # the set of exposures changed: re-read it soon
+
+    def observe_mqtt(self, kind: str, result: str) -> None:
+        self.mqtt_messages.labels(kind, result).inc()
 
     def observe_request(self, route: str | None, method: str, status: int,
                         seconds: float) -> None:

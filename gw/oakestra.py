@@ -500,6 +500,22 @@ def announce_ready(settings: Settings, store, token: str | None) -> None:
     membership.announce_ready(token)
 
 
+def gateway_id() -> str | None:
+    """The id this gateway is registered under (None before the first registration)."""
+    with _current_lock:
+        return _current.gateway_id if _current is not None else None
+
+
+def cluster_status() -> dict:
+    """Which orchestrator the gateway uses ({} in standalone mode)."""
+    with _current_lock:
+        membership = _current
+    if membership is None or membership.client is None:
+        return {}
+    return {"mode": "http", "active": membership.client.url,
+            "configured": list(membership.settings.oakestra.cluster_urls)}
+
+
 def stop() -> None:
     """At shutdown: end the background retries."""
     with _current_lock:

@@ -46,6 +46,9 @@ EXPOSURE_IN = {
         "protocol": PROTOCOL,
         "service_id": SERVICE_ID,
         "family": FAMILY,
+        "gateway_id": {"type": "string", "description": "The cluster's add payload names the "
+                       "gateway it is meant for: accepted when it is this gateway's id, "
+                       "else 400 with `field: gateway_id`"},
     },
     "example": {"exposed_port": 8080, "service_ip": "10.30.0.1", "service_port": 80,
                 "protocol": "tcp", "service_id": "web"},
@@ -164,6 +167,13 @@ RESTART_NEEDED = {"type": "array", "items": {"type": "string"},
                   "description": "Configuration keys changed in the file since the start that "
                                  "only a restart applies (e.g. `api.port`)"}
 
+CLUSTER = {"type": "object", "description": "Oakestra mode: the orchestrator (`http`) or broker "
+           "(`mqtt`) in use, out of the configured list, and whether the broker is connected",
+           "properties": {"mode": {"type": "string", "enum": ["http", "mqtt"]},
+                          "active": {"type": "string"},
+                          "configured": {"type": "array", "items": {"type": "string"}},
+                          "connected": {"type": "boolean"}}}
+
 STATUS_OUT = {
     "type": "object",
     "required": ["version", "mode", "ready", "reasons", "restart_needed", "exposures"],
@@ -175,6 +185,7 @@ STATUS_OUT = {
         "reasons": {"type": "object", "additionalProperties": {"type": "string"},
                     "description": "Why not ready, by cause (as `/api/ready`); empty when ready"},
         "restart_needed": RESTART_NEEDED,
+        "cluster": CLUSTER,
         "exposures": {"type": "object", "required": ["total"],
                       "additionalProperties": {"type": "integer", "minimum": 0},
                       "description": "`total`, and one count per `family/protocol`"},
@@ -186,7 +197,8 @@ HEALTH_OUT = {"type": "object", "required": ["status"], "additionalProperties": 
 
 READY_OUT = {"type": "object", "required": ["ready"], "additionalProperties": False,
              "properties": {"ready": {"type": "boolean", "enum": [True]},
-                            "restart_needed": RESTART_NEEDED}}
+                            "restart_needed": RESTART_NEEDED,
+                            "cluster": CLUSTER}}
 
 NOT_READY_OUT = {
     "type": "object",
@@ -200,6 +212,7 @@ NOT_READY_OUT = {
                     "`store`, `tunnel_route`, `forwarding`)",
                     "additionalProperties": {"type": "string"}},
         "restart_needed": RESTART_NEEDED,
+        "cluster": CLUSTER,
     },
 }
 

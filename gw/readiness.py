@@ -25,6 +25,7 @@ SUMMARY = {
     "forwarding_ipv6": "IPv6 forwarding is off",
     "netlink": "links and routes cannot be read",
     "readiness_check": "the readiness check failed",
+    "mqtt": "not connected to the cluster's MQTT broker",
 }
 CAUSES = tuple(SUMMARY)
 

@@ -145,6 +145,7 @@ class Daemon:
         self.server = None
         self.token: str | None = None
         self.drift = None
+        self.mqtt = None                          # the MQTT front end (MQTT mode)
         self._reload = threading.Event()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -160,7 +161,16 @@ class Daemon:
             self.config.require_internal_ips()
         self.store = Store(self.config.store.path)
         self.token = auth.daemon_token(self.config)
-        self.settings = oakestra.bring_up(self.config, self.store)
+        self.metrics = Metrics()
+        if self.config.mqtt_mode:
+            from .mqtt import MqttFront  # noqa: PLC0415 - only MQTT mode needs paho
+
+            self.mqtt = MqttFront(lambda: self.settings or self.config, self.store,
+                                  self.metrics)
+            self.settings = self.mqtt.bring_up()
+        else:
+            self.settings = oakestra.bring_up(self.config, self.store)
+        self.metrics.cluster = self._cluster_status
         ruleset.skeleton_vars(self.settings)  # names a missing internal IP as a config error
         host = self.settings.api_host
         if self.token is None and not auth.is_loopback_host(host):
@@ -169,7 +179,6 @@ class Daemon:
 
         from .nft import NftSession  # noqa: PLC0415 - needs python3-nftables
 
-        self.metrics = Metrics()
         self.firewall = Firewall(NftSession(), ruleset.skeleton_vars(self.settings),
                                  observe=self.metrics.observe_firewall)
         self.flusher = Flusher()
@@ -190,8 +199,11 @@ class Daemon:
         log.info("loaded table %s with %d exposure(s) from %s", ruleset.TABLE,
                  len(self.store.exposures()), self.settings.store.path)
 
+        if self.mqtt is not None:
+            self.mqtt.attach(self.gateway)
         self.app = api.create_app(self.gateway, self.settings, token=lambda: self.token,
-                                  metrics=self.metrics, ready_checks=self._ready_checks)
+                                  metrics=self.metrics, ready_checks=self._ready_checks,
+                                  gateway_id=self._gateway_id, cluster=self._cluster_status)
         if self.settings.api.per_exposure_metrics:
             self.metrics.start_connection_counter(self.gateway.exposures)
 
@@ -205,9 +217,11 @@ class Daemon:
                                f"{exc.strerror or exc}") from None
         log.info("serving the API on http://%s:%d (%s mode, %s)",
                  f"[{host}]" if ":" in host else host, self.settings.api.port,
-                 "standalone" if self.settings.standalone else "Oakestra",
+                 "standalone" if self.settings.standalone else
+                 "Oakestra MQTT" if self.settings.mqtt_mode else "Oakestra",
                  "token required" if self.token else "no token")
-        oakestra.announce_ready(self.settings, self.store, self.token)
+        if self.mqtt is None:
+            oakestra.announce_ready(self.settings, self.store, self.token)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on port "
                   f"{self.settings.api.port}")
         self._thread("reload", self._reload_loop)
@@ -218,7 +232,21 @@ class Daemon:
     def _ready_checks(self) -> dict:
         from . import netlink  # noqa: PLC0415
 
-        return netlink.readiness_problems(self.settings)
+        problems = netlink.readiness_problems(self.settings)
+        if self.mqtt is not None:
+            problems.update(self.mqtt.problems())
+        return problems
+
+    def _gateway_id(self) -> str | None:
+        """The id the cluster knows this gateway by."""
+        if self.mqtt is not None:
+            return self.mqtt.node_id
+        return oakestra.gateway_id() or self.settings.oakestra.gateway_id or None
+
+    def _cluster_status(self) -> dict:
+        if self.mqtt is not None:
+            return self.mqtt.status()
+        return oakestra.cluster_status()
 
     def _thread(self, name, target, *args) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -247,6 +275,8 @@ class Daemon:
                 log.exception("closing the API server")
         if self.drift is not None:
             self.drift.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
         try:
             oakestra.stop()  # background re-registration and ready callbacks
         except Exception:  # noqa: BLE001 - closing anyway
@@ -320,7 +350,7 @@ class Daemon:
             self.token = token
             api.reconfigure(self.app, settings, restart_needed=pending)
         self.metrics.restart_needed = pending
-        if token_changed and not settings.standalone:
+        if token_changed and not settings.standalone and self.mqtt is None:
             # The cluster calls us with the token of the last ready callback: hand it the new one.
             oakestra.announce_ready(settings, self.store, token)
         outside = [d for d in self.gateway.exposures()

@@ -243,3 +243,23 @@ def test_the_document_loads_in_schemathesis():
 
 def test_max_body_is_64k():
     assert api_module.MAX_BODY == 64 * 1024
+
+
+def test_gateway_id_in_an_add_must_be_ours(tmp_path):
+    store = Store(tmp_path / "exposures.json")
+    try:
+        app = create_app(Gateway(store, FakeFirewall()), SETTINGS, token=TOKEN,
+                         gateway_id=lambda: "gw-1", listening=lambda: set())
+        client = app.test_client()
+        r = call(client, "POST", ADD, {**WEB, "gateway_id": "gw-2"})
+        assert r.status_code == 400 and r.get_json()["field"] == "gateway_id"
+        assert store.exposures() == []
+        r = call(client, "POST", ADD, {"exposures": [{**WEB, "gateway_id": "gw-1"}]})
+        assert r.status_code == 201
+        # Standalone without an id: nothing to check it against, so it is refused.
+        bare = create_app(Gateway(store, FakeFirewall()), SETTINGS, token=TOKEN,
+                          listening=lambda: set()).test_client()
+        r = call(bare, "POST", ADD, {**WEB, "exposed_port": 8081, "gateway_id": "gw-1"})
+        assert r.status_code == 400 and "has no id" in r.get_json()["message"]
+    finally:
+        store.close()

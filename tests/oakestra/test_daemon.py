@@ -164,3 +164,27 @@ def test_server_errors_are_retried_until_the_give_up_time(lab):
     assert "the cluster answered 500" in log and "database down" in log
     assert log.count("try ") >= 3  # a line per failed try
     assert kernel_state(lab) == before
+
+
+def test_the_clusters_add_payload_with_its_gateway_id(lab):
+    """The cluster's own add body (as its MQTT expose message) names the gateway: accepted
+    for this gateway's id, refused naming the field for another's, and nothing changes."""
+    with orchestrator(lab).running() as cluster:
+        daemon = oakestra_daemon(lab).start()
+        assert cluster.state.ready_event.wait(10), daemon.log_tail()
+        token = generated_token(daemon)
+        body = {"gateway_id": "gw-1", "service_id": "web.app.svc", "exposed_port": 8080,
+                "internal_port": 80, "service_ip": L.SERVICE_V4}
+        status, answer = daemon.request("POST", "/api/service/exposure/add", body, token=token)
+        assert status == 201, answer
+        assert L.http_get(lab, "client", L.GATEWAY_V4, 8080, "/whoami")[0] == 200
+        before = kernel_state(lab)
+        status, answer = daemon.request("POST", "/api/service/exposure/add",
+                                        {**body, "gateway_id": "gw-2", "exposed_port": 8081},
+                                        token=token)
+        assert status == 400 and answer["field"] == "gateway_id", answer
+        assert "not this gateway's id (gw-1)" in answer["message"]
+        assert kernel_state(lab) == before
+        listing = daemon.request("GET", "/api/service/exposure", token=token)[1]["exposures"]
+        assert [e["exposed_port"] for e in listing] == [8080]
+        assert daemon.stop() == 0, daemon.log_tail()
