@@ -88,7 +88,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.json.compact = True
-    state = _State(settings, token, listening or Listening(), gateway_id or (lambda: None))
+    state = _State(settings, token, listening or Listening(),
+                   gateway_id=gateway_id or (lambda: None))
     cluster = cluster or (lambda: {})
     metrics = metrics if metrics is not None else Metrics(gateway)
     ready_checks = ready_checks or (lambda: {})

@@ -286,9 +286,11 @@ class MqttFront:
             log.exception("MQTT %s message failed", kind)
             answer, label = M.failure(kind, GatewayError(f"internal error: {exc}")), "failed"
         if kind != "deploy" or not answer.get("ok"):
-            audit.info("who=%s what=%s result=%s", json.dumps(f"mqtt:{self._active}"),
-                       json.dumps(f"{kind} {_brief(doc)}"),
-                       json.dumps(answer.get("outcome") or answer.get("error")))
+            who, what = f"mqtt:{self._active}", f"{kind} {_brief(doc)}"
+            outcome = answer.get("outcome") or answer.get("error")
+            # As the API's audit lines: the fields again as record attributes for log.format json.
+            audit.info("who=%s what=%s result=%s", who, json.dumps(what), json.dumps(outcome),
+                       extra={"who": who, "what": what, "result": outcome})
         if self.metrics is not None:
             self.metrics.observe_mqtt(kind, label)
         self._publish(f"{kind}/result", answer)

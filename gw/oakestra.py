@@ -23,6 +23,10 @@ Every call is retried with capped exponential backoff, one log line per failed t
   next start; the running process keeps the ones it serves on, and says so).
 - Step 4 always runs in the background once the API listens, after steps 1-2 succeeded.
 - Standalone (no ``cluster_url``): the addresses come from the config; only step 3.
+- Replicas (``cluster_url`` a list): every call goes to the orchestrator in use and moves to
+  the next on a failure that may work elsewhere. Once ready, the one in use is probed every
+  ``oakestra.probe_interval``; when it stops answering the gateway switches and announces
+  itself to the next (steps 1, 2 and 4 again, under its id).
 
 The server calls `bring_up` and `announce_ready` (and `stop` at shutdown); their signatures are
 the contract between gw.server and this module.
@@ -86,16 +90,40 @@ class _Stopped(Exception):
 
 class ClusterClient:
     """One call per contract step; each returns validated values or raises `_Retryable`,
-    `ClusterRefused` or `ClusterGarbage`."""
+    `ClusterRefused` or `ClusterGarbage`.
 
-    def __init__(self, url: str, timeout=REQUEST_TIMEOUT, session=None):
+    `url` may be a list: the orchestrator and the replicas that take over when it fails
+    (Oakestra's gateway error-handling design). Calls go to the current one; a failure that
+    may work elsewhere (connection refused, timeout, 5xx) moves to the next before the
+    caller's retry."""
+
+    def __init__(self, url: str | tuple[str, ...], timeout=REQUEST_TIMEOUT, session=None):
         import requests
 
-        self.url = url.rstrip("/")
+        self.urls = tuple(u.rstrip("/") for u in ((url,) if isinstance(url, str) else url))
+        self._index = 0
         self.timeout = timeout
         self._requests = requests
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = f"oakestra-gw/{__version__}"
+
+    @property
+    def url(self) -> str:
+        """The orchestrator in use."""
+        return self.urls[self._index]
+
+    def advance(self, why: str) -> None:
+        """Move to the next orchestrator of the list (a list of one stays)."""
+        if len(self.urls) < 2:
+            return
+        old = self.url
+        self._index = (self._index + 1) % len(self.urls)
+        log.warning("cluster orchestrator %s failed (%s): switching to %s", old, why, self.url)
+
+    def probe(self) -> None:
+        """Whether the orchestrator in use answers at all: any answer below 500 to
+        ``GET /`` counts (the contract has no side-effect-free call to use instead)."""
+        self._call("GET", "/", None, want_json=False, probe=True)
 
     def register(self, gateway_id: str, public_ipv4: str, public_ipv6: str) -> str:
         body = {"gateway_id": gateway_id, "gateway_ipv4": public_ipv4,
@@ -120,7 +148,16 @@ class ClusterClient:
                    {"oakestra_gateway_ipv4": ipv4, "oakestra_gateway_ipv6": ipv6,
                     "api_port": api_port, "api_token": token}, want_json=False)
 
-    def _call(self, method: str, path: str, body: dict | None, want_json: bool = True) -> Any:
+    def _call(self, method: str, path: str, body: dict | None, want_json: bool = True,
+              probe: bool = False) -> Any:
+        try:
+            return self._call_one(method, path, body, want_json, probe)
+        except _Retryable as exc:
+            self.advance(str(exc))
+            raise
+
+    def _call_one(self, method: str, path: str, body: dict | None, want_json: bool,
+                  probe: bool) -> Any:
         what = f"{method} {path}"
         try:
             resp = self.session.request(method, self.url + path, json=body,
@@ -136,6 +173,8 @@ class ClusterClient:
         if status >= 500 or status in RETRY_STATUS:
             raise _Retryable(f"{what}: the cluster answered {status} {resp.reason}"
                              f"{_excerpt(resp.text)}")
+        if probe:
+            return None  # it answers: alive, whatever it thinks of GET /
         if status >= 300:
             raise ClusterRefused(f"the cluster refused {what}: {status} {resp.reason}"
                                  f"{_excerpt(resp.text)}")
@@ -244,13 +283,14 @@ class Membership:
         self.settings = settings
         self.store = store
         self.client = client or (None if settings.standalone
-                                 else ClusterClient(settings.oakestra.cluster_url))
+                                 else ClusterClient(settings.oakestra.cluster_urls))
         self._stop = threading.Event()
         self._joined: Joined | None = None        # the id and addresses we serve with
         self._rejoined = threading.Event()        # steps 1-2 done (at once on a first start)
         self._rejoin_ok = False
         self._threads: list[threading.Thread] = []
         self.ready_sent = threading.Event()       # the cluster acknowledged step 4
+        self._watching = threading.Lock()         # one watch of the orchestrator at a time
 
     # -- step 1-3 ---------------------------------------------------------------------------
 
@@ -278,7 +318,7 @@ class Membership:
         self._rejoin_ok = True
         self._rejoined.set()
         log.info("joined the Oakestra cluster at %s: gateway id %s, internal %s and %s",
-                 settings.oakestra.cluster_url, joined.gateway_id, joined.ipv4, joined.ipv6)
+                 self.client.url, joined.gateway_id, joined.ipv4, joined.ipv6)
         return live
 
     def _stored(self) -> Joined | None:
@@ -286,7 +326,8 @@ class Membership:
         if not any(meta.get(k) for k in ("gateway_id", "internal_ipv4", "internal_ipv6")):
             return None
         url = self.settings.oakestra.cluster_url
-        if meta.get("cluster_url") and meta["cluster_url"] != url:
+        # A replica of the same cluster knows the registration as well.
+        if meta.get("cluster_url") and meta["cluster_url"] not in self.settings.oakestra.cluster_urls:
             log.warning("the stored registration (gateway id %s) belongs to %s, not to %s: "
                         "registering as a new gateway", meta.get("gateway_id"),
                         meta["cluster_url"], url)
@@ -383,10 +424,10 @@ class Membership:
                                         public.get("ipv6", ""))
 
         try:
-            gid = retry(f"re-register gateway {current.gateway_id} with {oak.cluster_url}",
+            gid = retry(f"re-register gateway {current.gateway_id} with the cluster",
                         register, give_up_after=None, backoff_max=oak.backoff_max,
                         stop=self._stop, retry_all=True)
-            ipv4, ipv6 = retry(f"fetch the internal addresses from {oak.cluster_url}",
+            ipv4, ipv6 = retry("fetch the internal addresses from the cluster",
                                lambda: self.client.internal_ips(gid), give_up_after=None,
                                backoff_max=oak.backoff_max, stop=self._stop, retry_all=True)
         except _Stopped:
@@ -410,7 +451,7 @@ class Membership:
             except GatewayError as exc:
                 log.error("could not store the new registration: %s", exc.message)
         self._joined = Joined(gid, current.ipv4, current.ipv6)
-        log.info("re-registered with %s as gateway %s", oak.cluster_url, gid)
+        log.info("re-registered with %s as gateway %s", self.client.url, gid)
         self._rejoin_ok = True
         self._rejoined.set()
 
@@ -426,21 +467,48 @@ class Membership:
         while not self._rejoined.wait(0.5):
             if self._stop.is_set():
                 return
-        if not self._rejoin_ok:
+        if not self._rejoin_ok or not self._send_ready(token):
             return
+        if len(self.client.urls) > 1 and self._watching.acquire(blocking=False):
+            try:
+                self._watch(token)
+            finally:
+                self._watching.release()
+
+    def _watch(self, token: str | None) -> None:
+        """With replicas: check the orchestrator in use every `oakestra.probe_interval`; when
+        it stops answering, switch to the next and announce the gateway there (register
+        under its id, then ready with the token), as on a restart."""
+        oak = self.settings.oakestra
+        while not self._stop.wait(oak.probe_interval):
+            try:
+                self.client.probe()  # a failure has already switched to the next one
+                continue
+            except _Retryable as exc:
+                log.warning("the cluster orchestrator stopped answering (%s): announcing the "
+                            "gateway to %s", exc, self.client.url)
+            self._rejoin_ok = False
+            self._rejoined.clear()
+            self._rejoin()
+            if not self._rejoin_ok or not self._send_ready(token):
+                return
+
+    def _send_ready(self, token: str | None) -> bool:
+        """Step 4, retried (through the replicas) until it works; False when stopped."""
         oak = self.settings.oakestra
         joined = self._joined
         try:
-            retry(f"report ready to {oak.cluster_url}",
+            retry("report ready to the cluster",
                   lambda: self.client.ready(joined.gateway_id, joined.ipv4, joined.ipv6,
                                             self.settings.api.port, token),
                   give_up_after=None, backoff_max=oak.backoff_max, stop=self._stop,
                   retry_all=True)
         except _Stopped:
-            return
-        log.info("reported ready to %s: gateway %s, API on port %d", oak.cluster_url,
+            return False
+        log.info("reported ready to %s: gateway %s, API on port %d", self.client.url,
                  joined.gateway_id, self.settings.api.port)
         self.ready_sent.set()
+        return True
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -56,6 +56,22 @@ def deploy(lab, broker: Broker, daemon: L.Daemon) -> None:
     daemon.wait_healthy(20)
 
 
+def deployed_gateway(lab, broker: Broker, **oak) -> L.Daemon:
+    daemon = mqtt_daemon(lab, broker, **oak).start(wait=False)
+    deploy(lab, broker, daemon)
+    return daemon
+
+
+def send(broker: Broker, kind: str, doc) -> dict:
+    """Publish one message and return the gateway's answer on its result topic."""
+    results = broker.sub(f"{kind}/result")
+    try:
+        broker.pub(kind, doc)
+        return results.wait(1)[0]
+    finally:
+        results.close()
+
+
 def exposures(daemon: L.Daemon) -> list[dict]:
     status, body = daemon.request("GET", "/api/service/exposure")
     assert status == 200, body
@@ -137,8 +153,7 @@ def test_deploy_expose_both_families_then_unexpose_cuts_the_flows(lab):
 
 def test_messages_sent_while_the_gateway_is_stopped_are_applied_when_it_starts(lab):
     broker = Broker(lab).start()
-    daemon = mqtt_daemon(lab, broker).start(wait=False)
-    deploy(lab, broker, daemon)
+    daemon = deployed_gateway(lab, broker)
     assert daemon.stop() == 0, daemon.log_tail()
     # The gateway is down; the cluster publishes (and QoS 1 redelivers: the same twice).
     broker.pub("expose", expose(L.SERVICE_V4))
@@ -158,12 +173,8 @@ def test_messages_sent_while_the_gateway_is_stopped_are_applied_when_it_starts(l
 
 def test_broker_restart_traffic_keeps_flowing_and_changes_resume(lab):
     broker = Broker(lab).start()
-    daemon = mqtt_daemon(lab, broker).start(wait=False)
-    deploy(lab, broker, daemon)
-    results = broker.sub("expose/result")
-    broker.pub("expose", expose(L.SERVICE_V4))
-    results.wait(1)
-    results.close()
+    daemon = deployed_gateway(lab, broker)
+    assert send(broker, "expose", expose(L.SERVICE_V4))["outcome"] == "created"
     status, ready = daemon.request("GET", "/api/ready")
     assert status == 200 and ready["cluster"] == {
         "mode": "mqtt", "active": broker.url, "configured": [broker.url], "connected": True}
@@ -179,12 +190,9 @@ def test_broker_restart_traffic_keeps_flowing_and_changes_resume(lab):
     broker.start()
     wait_for(lambda: daemon.request("GET", "/api/ready")[0] == 200, 20,
              "reconnected to the restarted broker", log=daemon.log_tail)
-    results = broker.sub("expose/result")
-    broker.pub("expose", expose(L.SERVICE_V6))
-    assert results.wait(1)[0]["outcome"] == "created"
+    assert send(broker, "expose", expose(L.SERVICE_V6))["outcome"] == "created"
     assert reaches(lab, L.GATEWAY_V6)
     assert metric(daemon, "oakestra_gw_cluster_connected") == {"oakestra_gw_cluster_connected": 1.0}
-    results.close()
     assert daemon.stop() == 0, daemon.log_tail()
 
 
@@ -203,8 +211,7 @@ BAD = [
 
 def test_invalid_messages_change_nothing_and_say_why(lab):
     broker = Broker(lab).start()
-    daemon = mqtt_daemon(lab, broker).start(wait=False)
-    deploy(lab, broker, daemon)
+    daemon = deployed_gateway(lab, broker)
     results = broker.sub("expose/result")
     broker.pub("expose", expose(L.SERVICE_V4, port=9000))
     results.wait(1)
@@ -226,11 +233,8 @@ def test_invalid_messages_change_nothing_and_say_why(lab):
     assert counts['oakestra_gw_mqtt_messages_total{kind="expose",result="invalid"}'] == len(BAD)
     assert counts['oakestra_gw_mqtt_messages_total{kind="expose",result="ok"}'] == 1
     # A deploy for another node changes nothing either, and says so.
-    deployed = broker.sub("deploy/result")
-    broker.pub("deploy", {**DEPLOY, "gateway_id": "node-other"})
-    answer = deployed.wait(1)[0]
+    answer = send(broker, "deploy", {**DEPLOY, "gateway_id": "node-other"})
     assert answer["ok"] is False and answer["field"] == "gateway_id"
-    deployed.close()
     results.close()
     assert daemon.stop() == 0, daemon.log_tail()
 
@@ -280,10 +284,7 @@ def test_failover_between_two_brokers_reannounces_and_keeps_applying(lab):
     endpoints = metric(daemon, "oakestra_gw_cluster_endpoint")
     assert endpoints[f'oakestra_gw_cluster_endpoint{{mode="mqtt",url="{second.url}"}}'] == 1
     assert endpoints[f'oakestra_gw_cluster_endpoint{{mode="mqtt",url="{first.url}"}}'] == 0
-    results = second.sub("expose/result")
-    second.pub("expose", expose(L.SERVICE_V4))
-    assert results.wait(1)[0]["outcome"] == "created"
+    assert send(second, "expose", expose(L.SERVICE_V4))["outcome"] == "created"
     assert reaches(lab, L.GATEWAY_V4)
     announced.close()
-    results.close()
     assert daemon.stop() == 0, daemon.log_tail()

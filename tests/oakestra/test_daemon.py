@@ -188,3 +188,46 @@ def test_the_clusters_add_payload_with_its_gateway_id(lab):
         listing = daemon.request("GET", "/api/service/exposure", token=token)[1]["exposures"]
         assert [e["exposed_port"] for e in listing] == [8080]
         assert daemon.stop() == 0, daemon.log_tail()
+
+
+def test_replicated_orchestrators_the_active_one_stops_and_the_next_takes_over(lab):
+    """Two stand-ins that replicate one cluster (the same gateways known to both): the
+    gateway uses the first, moves to the second when the first stops, announces itself there
+    again, and the second one's changes (with the token it was handed) are applied."""
+    first = ClusterState(internal_ipv4=lab.internal_v4, internal_ipv6=lab.internal_v6)
+    second = ClusterState(internal_ipv4=lab.internal_v4, internal_ipv6=lab.internal_v6,
+                          gateways=first.gateways, _ids=first._ids)
+    active = orchestrator(lab, first).start()
+    replica = Orchestrator(second, port=PORT + 1, enter=lambda: lab.inside("gateway")).start()
+    urls = [active.url, replica.url]
+    daemon = L.Daemon(lab, standalone=False, token=False, overrides={"oakestra": {
+        "cluster_url": urls, "give_up_after": 20, "backoff_max": 0.5,
+        "probe_interval": 0.5}}).start()
+    try:
+        assert first.ready_event.wait(10), daemon.log_tail()
+        assert second.ready == []
+        token = generated_token(daemon)
+        status, ready = daemon.request("GET", "/api/ready", token=token)
+        assert ready["cluster"] == {"mode": "http", "active": urls[0], "configured": urls}
+        active.stop()
+        assert second.ready_event.wait(15), daemon.log_tail()
+        assert second.steps() == ["POST /api/gateway/register", "GET /api/gateway/gw-1/ip",
+                                  "POST /api/gateway/gw-1/ready"]
+        assert second.calls[0][2]["gateway_id"] == "gw-1"
+        assert second.ready[0][1]["api_token"] == token
+        assert daemon.request("GET", "/api/ready", token=token)[1]["cluster"]["active"] == \
+            urls[1]
+        metrics = daemon.request("GET", "/metrics", token=token)[1]
+        assert f'oakestra_gw_cluster_endpoint{{mode="http",url="{urls[1]}"}} 1.0' in metrics
+        assert f'oakestra_gw_cluster_endpoint{{mode="http",url="{urls[0]}"}} 0.0' in metrics
+        # The replica now drives the gateway.
+        status, answer = daemon.request("POST", "/api/service/exposure/add", {
+            "gateway_id": "gw-1", "exposed_port": 8080, "service_ip": L.SERVICE_V4,
+            "internal_port": 80}, token=second.ready[0][1]["api_token"])
+        assert status == 201, answer
+        assert L.http_get(lab, "client", L.GATEWAY_V4, 8080, "/whoami")[0] == 200
+        assert "switching to " + urls[1] in daemon.log_tail(80)
+        assert daemon.stop() == 0, daemon.log_tail()
+    finally:
+        active.stop()
+        replica.stop()
