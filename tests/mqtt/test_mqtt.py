@@ -118,8 +118,7 @@ def test_deploy_expose_both_families_then_unexpose_cuts_the_flows(lab):
         assert status == 200, host
         assert json.loads(body)["peer"] == (L.INTERNAL_V4 if ":" not in host else L.INTERNAL_V6)
     echo = L.tcp_connect(lab, "client", L.GATEWAY_V4, 7007)
-    echo.sendall(b"before\n")  # the worker's echo service answers line by line
-    assert echo.recv(100) == b"before\n"
+    assert L.tcp_echo(echo, b"before") == b"before\n"
 
     unexposed = broker.sub("unexpose/result")
     broker.pub("unexpose", {"gateway_id": NODE_ID, "service_id": "web.app.svc"})
@@ -133,8 +132,7 @@ def test_deploy_expose_both_families_then_unexpose_cuts_the_flows(lab):
 
     def cut():  # the established flow's conntrack entry is gone: its next packet is not DNATed
         try:
-            echo.sendall(b"after\n")
-            return echo.recv(100) != b"after\n"
+            return L.tcp_echo(echo, b"after") != b"after\n"
         except OSError:
             return True
     echo.settimeout(1)
