@@ -71,6 +71,11 @@ def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) 
     return diff
 
 
+# Without a protocols database (/etc/protocols: Debian's netbase, absent on a minimal system)
+# libnftables lists a map key's protocol as its number.
+PROTOCOL_NUMBERS = {"6": "tcp", "17": "udp"}
+
+
 def parse_listing(listing: dict) -> Listing | None:
     """Pure: our maps' elements and chains' rules from `nft -j list table` output; None when
     the table is gone. Elements in a shape we never write (a comment, a timeout: someone
@@ -96,7 +101,7 @@ def parse_listing(listing: dict) -> Listing | None:
             except (KeyError, TypeError, ValueError, IndexError):
                 unreadable = True
                 continue
-            elements[(family, proto, int(port))] = target
+            elements[(family, PROTOCOL_NUMBERS.get(str(proto), proto), int(port))] = target
     return Listing(elements, chains, unreadable) if seen_map else None
 
 
