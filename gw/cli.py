@@ -674,8 +674,10 @@ def config_check(file, as_json):
         settings = load_config(file)
     except ConfigError as exc:
         raise _config_failure(exc, file) from None
+    oak = settings.oakestra
     mode = ("standalone" if settings.standalone
-            else f"Oakestra mode ({settings.oakestra.cluster_url})")
+            else f"Oakestra MQTT mode (node {oak.node_id}, {', '.join(oak.mqtt_urls)})"
+            if settings.mqtt_mode else f"Oakestra mode ({', '.join(oak.cluster_urls)})")
     if settings.standalone:
         try:
             settings.require_internal_ips()

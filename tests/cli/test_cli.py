@@ -63,6 +63,16 @@ def test_config_check(tmp_path):
     assert r.exit_code == 2 and "network.internal_ipv6" in r.stderr
     r = invoke("config", "check", tmp_path / "missing.toml")
     assert r.exit_code == 2 and "no such file" in r.stderr
+    mqtt = tmp_path / "mqtt.toml"
+    mqtt.write_text('[oakestra]\nmqtt_url = ["mqtt://10.30.0.1:10003", "mqtt://10.30.0.2:10003"]\n'
+                    'node_id = "node-1"\n')
+    r = invoke("config", "check", mqtt)
+    assert r.exit_code == 0, r.output
+    assert "Oakestra MQTT mode (node node-1, mqtt://10.30.0.1:10003, mqtt://10.30.0.2:10003)" \
+        in r.output
+    mqtt.write_text('[oakestra]\nmqtt_url = "mqtt://10.30.0.1:10003"\n')
+    r = invoke("config", "check", mqtt)
+    assert r.exit_code == 2 and "oakestra.node_id" in r.stderr
 
 
 def test_rules_show_renders_skeleton_and_stored_exposures(tmp_path):

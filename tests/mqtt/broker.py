@@ -28,7 +28,7 @@ class Broker:
     restart keeps sessions and queued messages, as the cluster's broker does on a volume)."""
 
     def __init__(self, lab: L.Lab, port: int = 10003, role: str = "worker", *,
-                 users: dict[str, str] | None = None):
+                 users: dict[str, str] | None = None, tls: bool = False):
         self.lab, self.port, self.role = lab, port, role
         self.dir = Path(lab.dir) / f"mosquitto-{port}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -46,12 +46,17 @@ class Broker:
             lines += ["allow_anonymous false", f"password_file {passwd}"]
         else:
             lines += ["allow_anonymous true"]
+        self.tls = tls
+        if tls:
+            self.ca = make_certificates(self.dir)
+            lines += [f"cafile {self.ca}", f"certfile {self.dir}/server.pem",
+                      f"keyfile {self.dir}/server.key"]
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
 
     @property
     def url(self) -> str:
-        return f"mqtt://{BROKER_IP}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{BROKER_IP}:{self.port}"
 
     def start(self) -> "Broker":
         self.proc = self.lab.popen(self.role, "mosquitto", "-c", str(self.conf),
@@ -80,9 +85,10 @@ class Broker:
     # -- the cluster's side -------------------------------------------------------------------
 
     def _auth(self, user: str | None) -> list[str]:
+        tls = ["--cafile", str(self.ca)] if self.tls else []
         if user is None:
-            return []
-        return ["-u", user, "-P", self.users[user]]
+            return tls
+        return [*tls, "-u", user, "-P", self.users[user]]
 
     def pub(self, name: str, payload, *, user: str | None = None, check: bool = True,
             node_id: str = NODE_ID) -> subprocess.CompletedProcess:
@@ -94,6 +100,21 @@ class Broker:
 
     def sub(self, name: str, *, user: str | None = None) -> "Subscription":
         return Subscription(self, topic(name), self._auth(user))
+
+
+def make_certificates(directory: Path) -> Path:
+    """A throw-away CA and a server certificate for BROKER_IP (its subjectAltName); returns
+    the CA's file."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=lab cluster CA", "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=lab broker", "-keyout",
+            "server.key", "-out", "server.csr")
+    (directory / "san.ext").write_text(f"subjectAltName = IP:{BROKER_IP}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
+    return directory / "ca.pem"
 
 
 class Subscription:

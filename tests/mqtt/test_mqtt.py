@@ -268,6 +268,19 @@ def test_username_and_password_against_a_password_file(lab, tmp_path):
     assert daemon.stop() == 0, daemon.log_tail()
 
 
+def test_mqtts_with_the_clusters_ca(lab):
+    broker = Broker(lab, 8883, tls=True).start()
+    # Without the cluster's CA the broker's certificate is not trusted: no connection.
+    untrusted = mqtt_daemon(lab, broker).start(wait=False)
+    wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in untrusted.log_tail(), 15,
+             "the certificate refused", log=untrusted.log_tail)
+    assert untrusted.stop() == 0
+    daemon = deployed_gateway(lab, broker, mqtt_ca_file=str(broker.ca))
+    assert send(broker, "expose", expose(L.SERVICE_V4))["outcome"] == "created"
+    assert reaches(lab, L.GATEWAY_V4)
+    assert daemon.stop() == 0, daemon.log_tail()
+
+
 def test_failover_between_two_brokers_reannounces_and_keeps_applying(lab):
     first, second = Broker(lab, 10003).start(), Broker(lab, 10004).start()
     daemon = mqtt_daemon(lab, first, second).start(wait=False)
