@@ -297,5 +297,8 @@ def test_failover_between_two_brokers_reannounces_and_keeps_applying(lab):
     assert endpoints[f'oakestra_gw_cluster_endpoint{{mode="mqtt",url="{first.url}"}}'] == 0
     assert send(second, "expose", expose(L.SERVICE_V4))["outcome"] == "created"
     assert reaches(lab, L.GATEWAY_V4)
+    status = lab.run("gateway", *L.gateway_command(), "status", "--config",
+                     str(daemon.config_path)).stdout
+    assert f"cluster:   mqtt {second.url}, connected (replicas: {first.url})" in status, status
     announced.close()
     assert daemon.stop() == 0, daemon.log_tail()
