@@ -27,12 +27,14 @@ import pytest
 
 from gw.lab import inside
 from tests import oracle
+from tests.helpers import wait_for
 from tests.netns import Netns, veth
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
 API_PORT = 11022
 INTERNAL_V4, INTERNAL_V6 = "10.30.255.1", "fdff::ffff:1"
+PUBLIC_V4, PUBLIC_CLIENT, SERVICE_V4 = "198.18.0.1", "198.18.0.2", "10.30.0.1"
 
 
 def gw_command() -> list[str]:
@@ -186,6 +188,7 @@ class Gateway:
         self.proc: subprocess.Popen | None = None
         self.ns = Netns("oakapi")
         self.worker: Netns | None = None
+        self.client: Netns | None = None
         self._log_offset = 0
         try:
             if data_path:
@@ -290,8 +293,32 @@ class Gateway:
                 self.proc.wait(timeout=10)
         finally:
             self.ns.delete()
-            if self.worker is not None:
-                self.worker.delete()
+            for ns in (self.worker, self.client):
+                if ns is not None:
+                    ns.delete()
+
+    # -- a packet path through an exposure ---------------------------------------------------
+
+    def open_path(self) -> None:
+        """A client namespace on a public link (it is PUBLIC_CLIENT, the gateway PUBLIC_V4) and,
+        in the worker, SERVICE_V4 with a TCP echo on port 80: `exchange` then sends a real
+        packet through an exposure of SERVICE_V4:80."""
+        assert self.worker is not None, "needs the data path"
+        self.client = Netns("oakcli")
+        veth(self.ns, "pub0", self.client, "c0")
+        self.ns.run("ip", "addr", "add", f"{PUBLIC_V4}/24", "dev", "pub0")
+        self.client.run("ip", "addr", "add", f"{PUBLIC_CLIENT}/24", "dev", "c0")
+        # A /16 on the tunnel's far end: the gateway's SNAT address is on-link from there.
+        self.worker.run("ip", "addr", "add", f"{SERVICE_V4}/16", "dev", "w0")
+        self.worker.popen("socat", "TCP-LISTEN:80,fork,reuseaddr", "PIPE",
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: ":80 " in self.worker.run("ss", "-tlnH").stdout, what="the echo")
+
+    def exchange(self, port: int, text: str = "ping") -> str:
+        """Send `text` from the client to PUBLIC_V4:port; what came back ("" for nothing)."""
+        proc = self.client.run("socat", "-T5", "-", f"TCP:{PUBLIC_V4}:{port},connect-timeout=5",
+                               input=text + "\n", check=False, timeout=30)
+        return proc.stdout.strip()
 
     # -- looking at it -------------------------------------------------------------------
 

@@ -159,6 +159,7 @@ def test_sighup_rotates_the_token(make):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_leaves_rules_and_store_and_a_restart_serves_the_same(make, sig):
     gw = make().start()
+    gw.open_path()
     api = gw.http()
     bodies = [ex(8080), ex(8081, "fdff::1"), ex(53, "10.30.0.2", 53, "udp")]
     assert api.add({"exposures": bodies}).status == 201
@@ -167,9 +168,11 @@ def test_stop_leaves_rules_and_store_and_a_restart_serves_the_same(make, sig):
     kernel = gw.kernel_docs()
     assert kernel == docs_set(listed)
     table = gw.nft("list", "table", "inet", "oakestra_gw").stdout
+    assert gw.exchange(8080, "before") == "before"
 
     assert gw.stop(sig) == 0
-    assert gw.kernel_docs() == kernel           # traffic keeps flowing
+    assert gw.kernel_docs() == kernel
+    assert gw.exchange(8080, "stopped") == "stopped"  # traffic keeps flowing
     assert gw.nft("list", "table", "inet", "oakestra_gw").stdout == table
     assert "left in place" in gw.log()
     files = gw.store_files()

@@ -25,7 +25,7 @@ from tests.reliability.common import children, cmdline, metric, report, scaled
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
-REPAIR_LIMIT = 2.0
+HANG = 30  # seconds: only catches a hang; the repair time is a figure (tests/bench)
 EXPOSURES = [
     {"exposed_port": 8080, "service_ip": L.SERVICE_V4, "service_port": 80},
     {"exposed_port": 8080, "service_ip": L.SERVICE_V6, "service_port": 80},
@@ -144,14 +144,13 @@ def test_foreign_change_is_repaired_from_the_store(gw, name):
         started = time.monotonic()
         for command in commands:
             lab.run("gateway", "nft", command)
-        wait_for(lambda: normalized_table(lab) == gw.good, timeout=REPAIR_LIMIT + 3,
+        wait_for(lambda: normalized_table(lab) == gw.good, timeout=HANG,
                  interval=0.01, what=f"repair after {name}", log=daemon.log_tail)
         elapsed = time.monotonic() - started
         REPAIR_TIMES.append(elapsed)
-        assert elapsed < REPAIR_LIMIT, f"repaired after {elapsed:.2f} s"
         # Counted and logged.
         wait_for(lambda: metric(metrics(daemon), "oakestra_gw_drift_repairs_total") == repairs + 1,
-                 timeout=2, what="oakestra_gw_drift_repairs_total + 1", log=daemon.log_tail)
+                 timeout=HANG, what="oakestra_gw_drift_repairs_total + 1", log=daemon.log_tail)
         log = daemon.log_path.read_text()[log_start:]
         assert "drift: process" in log and "changed our table" in log, log
         assert "drift: repaired (" in log, log
@@ -178,6 +177,20 @@ def test_foreign_change_is_repaired_from_the_store(gw, name):
     print(f"{name}: repaired in {elapsed * 1000:.0f} ms")
 
 
+SENTINEL = "add element inet oakestra_gw expose_v4 { tcp . 9998 : 10.30.0.1 . 80 }"
+
+
+def assert_only_the_sentinel_was_drift(lab, daemon, repairs: int, log_start: int) -> None:
+    lab.run("gateway", "nft", SENTINEL)
+    wait_for(lambda: metric(metrics(daemon), "oakestra_gw_drift_repairs_total") > repairs,
+             timeout=HANG, what="the sentinel's repair", log=daemon.log_tail)
+    wait_for(lambda: "drift: repaired (" in daemon.log_path.read_text()[log_start:],
+             timeout=HANG, what="the repair logged", log=daemon.log_tail)
+    assert metric(metrics(daemon), "oakestra_gw_drift_repairs_total") == repairs + 1
+    log = daemon.log_path.read_text()[log_start:]
+    assert log.count("changed our table") == 1, log
+
+
 def test_own_commits_and_other_tables_are_not_drift(gw):
     lab, daemon = gw.lab, gw.daemon
     repairs = metric(metrics(daemon), "oakestra_gw_drift_repairs_total")
@@ -196,10 +209,9 @@ def test_own_commits_and_other_tables_are_not_drift(gw):
     lab.run("gateway", "nft", "flush chain inet neighbour c; delete table inet neighbour")
     # A table of the same name in another family is not ours either.
     lab.run("gateway", "nft", "add table ip oakestra_gw; delete table ip oakestra_gw")
-    time.sleep(1.0)
-    assert metric(metrics(daemon), "oakestra_gw_drift_repairs_total") == repairs
-    log = daemon.log_path.read_text()[log_start:]
-    assert "drift" not in log, log
+    # Then one foreign change: the monitor reports events in order, so once it is repaired
+    # every event above has been judged, however long that took.
+    assert_only_the_sentinel_was_drift(lab, daemon, repairs, log_start)
     assert normalized_table(lab) == gw.good
 
 
@@ -215,7 +227,7 @@ def test_the_watcher_survives_its_monitor_dying(gw):
              timeout=5, what="a new nft monitor")
     time.sleep(0.3)
     lab.run("gateway", "nft", "delete table inet oakestra_gw")
-    wait_for(lambda: normalized_table(lab) == gw.good, timeout=REPAIR_LIMIT + 3,
+    wait_for(lambda: normalized_table(lab) == gw.good, timeout=HANG,
              interval=0.01, what="repair after the monitor restarted", log=daemon.log_tail)
     log = daemon.log_tail(200)
     assert "nft monitor exited" in log and "monitor was restarted" in log, log
@@ -223,9 +235,11 @@ def test_the_watcher_survives_its_monitor_dying(gw):
 
 
 def test_a_burst_of_foreign_changes_converges(gw):
-    """Many foreign changes in a row (a script fighting the gateway): the repairs coalesce,
-    the table ends equal to the store, and the API stays responsive meanwhile."""
+    """Many foreign changes in a row (a script fighting the gateway): the repairs coalesce
+    (fewer repairs than changes), the table ends equal to the store, and the API stays
+    responsive meanwhile."""
     lab, daemon = gw.lab, gw.daemon
+    repairs = metric(metrics(daemon), "oakestra_gw_drift_repairs_total")
     burst = scaled(20, 200)
     script = "\n".join(f"add element inet oakestra_gw expose_v4 {{ udp . {20000 + i} : "
                        f"10.30.0.9 . 9 }}" for i in range(burst))
@@ -233,10 +247,15 @@ def test_a_burst_of_foreign_changes_converges(gw):
     for line in script.splitlines():
         lab.run("gateway", "nft", line)
         assert daemon.request("GET", "/api/health", timeout=2)[0] == 200
-    wait_for(lambda: normalized_table(lab) == gw.good, timeout=REPAIR_LIMIT + 5,
+    wait_for(lambda: normalized_table(lab) == gw.good, timeout=HANG,
              interval=0.02, what="convergence after the burst", log=daemon.log_tail)
-    report("drift burst", foreign_changes=burst,
-           converged_after=f"{time.monotonic() - started:.2f}s")
+    converged = time.monotonic() - started
+    # The last repair may still be counting when the table is already right.
+    done = wait_for(lambda: (n := metric(metrics(daemon), "oakestra_gw_drift_repairs_total")
+                             - repairs) >= 1 and n, timeout=HANG, what="a repair counted")
+    report("drift burst", foreign_changes=burst, repairs=done,
+           converged_after=f"{converged:.2f}s")
+    assert done < burst, f"{burst} foreign changes, {done} repairs: nothing coalesced"
     traffic_flows(lab)
 
 
@@ -329,12 +348,15 @@ def test_the_watcher_learns_its_own_commit_id_at_start(tmp_path):
         elapsed = time.monotonic() - started
         log = gw.log()
         assert "did not see our probe commit" not in log, log
-        assert elapsed < 4, f"the start took {elapsed:.1f} s"
+        report("start with the probe commit", seconds=f"{elapsed:.2f}")
         api = gw.http()
         assert api.add({"exposed_port": 8080, "service_ip": "10.30.0.1",
                         "service_port": 80}).status == 201
-        time.sleep(0.3)
-        assert "drift" not in gw.log(), gw.log()
+        # A foreign change afterwards: once it is repaired, our commit's event was judged too.
+        gw.nft(*SENTINEL.split())
+        wait_for(lambda: "drift: repaired (" in gw.log(), timeout=HANG, what="the sentinel's "
+                 "repair", log=gw.log)
+        assert gw.log().count("changed our table") == 1, gw.log()
 
 
 @pytest.mark.parametrize("first", ["flush chain inet oakestra_gw prerouting",
@@ -355,9 +377,7 @@ def test_a_chain_edit_as_the_first_change_after_a_load_is_repaired(tmp_path, fir
 
         good = table()
         for _ in range(2):  # right after the start, then right after a repair
-            started = time.monotonic()
             gw.nft(*first.split())
-            wait_for(lambda: table() == good, timeout=REPAIR_LIMIT + 2,
+            wait_for(lambda: table() == good, timeout=HANG,
                      what=f"repair of {first!r}", log=gw.log)
-            assert time.monotonic() - started < REPAIR_LIMIT
             time.sleep(0.3)
