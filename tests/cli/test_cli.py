@@ -11,8 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from gw.cli import main
-from tests.api.harness import (API_PORT, INTERNAL_V4, INTERNAL_V6, Gateway, gw_command,
-                               in_netns, require_root, running)
+from tests.api.harness import (API_PORT, INTERNAL_V4, INTERNAL_V6, PUBLIC_V4, Gateway,
+                               docs_set, gw_command, in_netns, require_root, running)
+from tests.helpers import doc, wait_for
 
 COMMANDS = [[], ["serve"], ["expose"], ["expose", "add"], ["expose", "delete"],
             ["expose", "list"], ["status"], ["rules"], ["rules", "show"], ["rules", "diff"],
@@ -203,7 +204,9 @@ def test_subprocess_add_list_delete(gw, clean):
             "10.30.0.2", *c, check=0)
     assert p.stdout.splitlines() == ["created    9000/tcp -> 10.30.0.2:90  ipv4",
                                      "created    5353/udp -> 10.30.0.2:53  ipv4"]
-    assert len(gw.kernel_docs()) == 4
+    four = {doc(8080), doc(8443, "fdff::1", 443), doc(9000, "10.30.0.2", 90),
+            doc(5353, "10.30.0.2", 53, "udp")}
+    assert gw.kernel_docs() == docs_set(gw.http().list()) == four
 
     p = cli(gw, "expose", "list", *c, check=0)
     lines = p.stdout.splitlines()
@@ -211,12 +214,13 @@ def test_subprocess_add_list_delete(gw, clean):
     assert lines[1].split() == ["ipv4", "tcp", "8080", "10.30.0.1:80", "web"]
     assert lines[-1].split() == ["ipv6", "tcp", "8443", "[fdff::1]:443", "-"]
     p = cli(gw, "expose", "list", "--json", *c, check=0)
-    assert len(json.loads(p.stdout)["exposures"]) == 4
+    assert docs_set(json.loads(p.stdout)["exposures"]) == four
 
     p = cli(gw, "expose", "delete", 5353, "--udp", *c, check=0)
     assert p.stdout.strip() == "deleted    5353/udp -> 10.30.0.2:53  ipv4"
     p = cli(gw, "expose", "delete", 8443, "--family", "ipv6", *c, check=0)
-    assert len(gw.kernel_docs()) == 2
+    two = {doc(8080), doc(9000, "10.30.0.2", 90)}
+    assert gw.kernel_docs() == docs_set(gw.http().list()) == two
 
 
 @pytest.mark.kernel
@@ -271,7 +275,9 @@ def test_cli_runner_against_the_daemon(gw, clean):
     r = in_netns(gw.ns.name, invoke, "expose", "add", "5353", "10.30.0.2:53", "--udp", *c)
     assert r.exit_code == 1 and "409 conflict" in r.stderr
     r = in_netns(gw.ns.name, invoke, "expose", "delete", "5353", "--udp", "--json", *c)
-    assert r.exit_code == 0 and len(json.loads(r.output)["deleted"]) == 1
+    assert r.exit_code == 0
+    assert docs_set(json.loads(r.output)["deleted"]) == {doc(5353, "10.30.0.1", 53, "udp")}
+    assert gw.kernel_docs() == docs_set(gw.http().list()) == set()
 
 
 @pytest.mark.kernel
@@ -298,10 +304,17 @@ def test_rules_diff_while_the_daemon_runs(gw, clean):
 def test_teardown(tmp_path):
     require_root()
     gw = Gateway(tmp_path / "gw")
+    flows = []
     try:
         gw.start()
+        gw.open_path()
         c = ["--config", gw.config_path]
         cli(gw, "expose", "add", 8080, "10.30.0.1:80", *c, check=0)
+        # Open flows through the exposure, held established across the stop.
+        for _ in range(OPEN_FLOWS):
+            flows.append(gw.client.popen("socat", "-", f"TCP:{PUBLIC_V4}:8080",
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        wait_for(lambda: len(natted(gw)) == OPEN_FLOWS, what="the flows' conntrack entries")
         p = cli(gw, "teardown", *c, check=1)
         assert "stop it first" in p.stderr
         p = cli(gw, "store", "check", *c, check=1)
@@ -314,9 +327,11 @@ def test_teardown(tmp_path):
         cli(gw, "store", "check", *c, check=0)
         assert "oakgw0" in gw.ns.run("ip", "link").stdout
 
+        assert len(natted(gw)) == OPEN_FLOWS  # the stop left them alone
         p = cli(gw, "teardown", *c, check=0)
         assert "table inet oakestra_gw: removed" in p.stdout
-        assert "conntrack: 0 NATed entries removed" in p.stdout
+        assert f"conntrack: {OPEN_FLOWS} NATed entries removed" in p.stdout
+        assert natted(gw) == []
         assert gw.kernel() is None
         assert "oakgw0" not in gw.ns.run("ip", "link").stdout
         assert "bridge oakgw0: removed" in p.stdout
@@ -328,4 +343,16 @@ def test_teardown(tmp_path):
         gw.start()
         assert gw.kernel_docs() == {("ipv4", "tcp", 8080, "10.30.0.1", 80)}
     finally:
+        for flow in flows:
+            flow.kill()
+            flow.wait()
         gw.close()
+
+
+OPEN_FLOWS = 3
+
+
+def natted(gw) -> list[str]:
+    """The gateway's conntrack entries of flows to the exposure (the conntrack tool's view)."""
+    return gw.ns.run("conntrack", "-L", "-p", "tcp", "--orig-dst", PUBLIC_V4,
+                     "--orig-port-dst", "8080").stdout.splitlines()
