@@ -34,7 +34,7 @@ from typing import Any, Callable
 from . import mqtt_messages as M
 from . import netlink
 from .config import Settings
-from .errors import ConfigError, GatewayError
+from .errors import Conflict, ConfigError, GatewayError
 from .sockets import Listening
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,12 @@ def read_password(path: str) -> str:
     except OSError as exc:
         raise ConfigError(f"oakestra.mqtt_password_file: cannot read {path}: "
                           f"{exc.strerror or exc}", field="oakestra.mqtt_password_file") from None
+
+
+class NotDeployed(Conflict):
+    """A change before the deploy message: there is no table to change yet."""
+
+    code = "not_deployed"
 
 
 class MqttFront:
@@ -256,8 +262,9 @@ class MqttFront:
             except queue.Empty:
                 continue
             kind = M.kind_of(self.node_id, msg.topic)
-            if kind is not None and kind != "deploy":
-                # Changes wait until the table is loaded; they stay unacknowledged meanwhile.
+            if kind is not None and kind != "deploy" and self._deployed.is_set():
+                # Deployed: the table is being loaded. Changes wait for it, unacknowledged.
+                # (Not deployed, they are refused: waiting could hold back the deploy itself.)
                 while not self._attached.wait(0.5):
                     if self._stop.is_set():
                         return
@@ -320,12 +327,19 @@ class MqttFront:
                   *addresses, *self._addresses)
         return M.success("deploy", "restart_needed", **M.deployed(*addresses))
 
+    def _require_deployed(self) -> None:
+        if not self._attached.is_set():
+            raise NotDeployed("the gateway is not deployed yet: send the deploy message "
+                              f"to {M.topic(self.node_id, 'deploy')} first")
+
     def _on_expose(self, doc) -> dict:
+        self._require_deployed()
         exposure = M.parse_expose(doc, self._policy())
         result = self._gateway.add([exposure])[0]
         return M.success("expose", result.outcome, exposure=result.exposure.to_dict())
 
     def _on_unexpose(self, doc) -> dict:
+        self._require_deployed()
         request = M.parse_unexpose(doc, self._policy())
         deleted = self._gateway.delete_service(request.service_id, request.exposed_port)
         return M.success("unexpose", "deleted" if deleted else "none",

@@ -139,6 +139,12 @@ class Subscription:
                                  f"{self.debug[-5:]}")
 
     def _read(self) -> None:
+        try:
+            self._read_lines()
+        except (ValueError, OSError):  # close() shut the pipe under the reader
+            pass
+
+    def _read_lines(self) -> None:
         for line in self.proc.stdout:
             line = line.rstrip("\n")
             if line.startswith(self.topic + " "):

@@ -99,6 +99,10 @@ def test_deploy_expose_both_families_then_unexpose_cuts_the_flows(lab):
     wait_for(lambda: "waiting for the deploy message" in daemon.log_tail(), 15,
              "the daemon waiting", log=daemon.log_tail)
     assert "oakgw0" not in lab.run("gateway", "ip", "-br", "link").stdout
+    wait_for(lambda: f"connected to {broker.url}" in daemon.log_tail(), 20,
+             "the gateway connected", log=daemon.log_tail)
+    early = send(broker, "expose", expose(L.SERVICE_V4))
+    assert early["ok"] is False and early["error"] == "not_deployed", early
     deploy(lab, broker, daemon)
     bridge = lab.run("gateway", "ip", "-br", "addr", "show", "oakgw0").stdout
     assert f"{L.INTERNAL_V4}/32" in bridge and f"{L.INTERNAL_V6}/128" in bridge
@@ -143,6 +147,7 @@ def test_deploy_expose_both_families_then_unexpose_cuts_the_flows(lab):
     assert unexposed.wait(2)[1]["outcome"] == "none"
     counts = metric(daemon, "oakestra_gw_mqtt_messages_total")
     assert counts['oakestra_gw_mqtt_messages_total{kind="expose",result="ok"}'] == 3
+    assert counts['oakestra_gw_mqtt_messages_total{kind="expose",result="conflict"}'] == 1
     assert counts['oakestra_gw_mqtt_messages_total{kind="unexpose",result="ok"}'] == 2
     results.close()
     unexposed.close()
@@ -165,6 +170,30 @@ def test_messages_sent_while_the_gateway_is_stopped_are_applied_when_it_starts(l
     assert sorted(e["family"] for e in exposures(daemon)) == ["ipv4", "ipv6"]
     assert reaches(lab, L.GATEWAY_V4) and reaches(lab, L.GATEWAY_V6)
     assert "session resumed" in daemon.log_tail(60)
+    results.close()
+    assert daemon.stop() == 0, daemon.log_tail()
+
+
+def test_a_crash_before_the_acknowledgement_means_a_redelivery(lab, monkeypatch):
+    """The message is acknowledged only once applied: the daemon dies (on purpose, like a
+    crash) between the store commit and the kernel commit of an expose; the broker delivers
+    it again after the restart and the exposure works."""
+    broker = Broker(lab).start()
+    daemon = deployed_gateway(lab, broker)
+    assert daemon.stop() == 0, daemon.log_tail()
+    monkeypatch.setenv("OAKESTRA_GW_TEST_CRASH", "before-kernel:1")
+    daemon.start()
+    monkeypatch.delenv("OAKESTRA_GW_TEST_CRASH")
+    broker.pub("expose", expose(L.SERVICE_V4))
+    assert daemon.wait_exit(20) == 97, daemon.log_tail()
+    assert not reaches(lab, L.GATEWAY_V4)
+    results = broker.sub("expose/result")
+    daemon.start()
+    answer = results.wait(1)[0]
+    # The store had it already (the crash came after its commit): the start loaded the
+    # kernel from the store, and the redelivery finds it in place.
+    assert answer["ok"] and answer["outcome"] == "unchanged", answer
+    assert reaches(lab, L.GATEWAY_V4)
     results.close()
     assert daemon.stop() == 0, daemon.log_tail()
 
