@@ -4,8 +4,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# iptables: its nf_tables backend plays NetManager's chains beside ours in the tests (it has no
+# service to start and changes no ruleset when installed).
 APT_PACKAGES := nftables python3-nftables conntrack iproute2 python3-venv python3-pip \
-                e2fsprogs util-linux procps curl iputils-ping socat
+                e2fsprogs util-linux procps curl iputils-ping socat iptables
 PYTEST_ARGS ?=
 
 .PHONY: setup deps venv test test-unit demo bench bench-deps mqtt-deps docs clean
