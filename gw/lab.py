@@ -7,9 +7,11 @@
     eth0 198.18.0.2/24  ------  pub0 198.18.0.1/24               goProxyTun ------ wtun
          2001:db8::2/64              2001:db8::1/64              MTU 1450      MTU 1500
     routes: 10.30.0.0/16,        routes: 10.30.0.0/16, fdff::/16  fe80::1         fe80::2
-            fdff::/16 via the             dev goProxyTun                          10.30.0.1/32
-            gateway               default via the client ("Internet")             fdff:2000::1/128
-                                  forwarding on (this namespace only)     default via fe80::1
+            fdff::/16 via the             10.19.0.0/16, fc00::/16                 10.30.0.1/32
+            gateway                       dev goProxyTun                          fdff:2000::1/128
+                                  default via the client ("Internet")     a container:
+                                  forwarding on (this namespace only)     10.19.0.2, fc00::2
+                                                                          default via fe80::1
                                   oakgw0 (the daemon's bridge):
                                      internal 10.30.255.1/32, fdff:ffff::1/128
 
@@ -21,7 +23,9 @@
   hop), so the service IPs *would* answer anyone the gateway forwards: what the client cannot
   reach, it cannot reach because of the gateway's firewall, not for lack of a route.
 - The client routes the Oakestra ranges (service IPs, the gateway's internal IPs) through the
-  gateway, so "unreachable" checks are meaningful.
+  gateway, so "unreachable" checks are meaningful. It does not route the container networks,
+  as the Internet does not: a container's connection out is answered only when the gateway
+  NATs it to its public address (egress).
 
 Nothing outside the namespaces is touched: each namespace has its own links, routes, sysctls,
 nftables and conntrack table. `Lab` removes everything it created (processes, namespaces, its
@@ -63,6 +67,11 @@ CLIENT_V6, GATEWAY_V6 = "2001:db8::2", "2001:db8::1"
 SERVICE_V4, SERVICE_V6 = "10.30.0.1", "fdff:2000::1"
 INTERNAL_V4, INTERNAL_V6 = "10.30.255.1", "fdff:ffff::1"
 SERVICE_RANGES = ("10.30.0.0/16", "fdff::/16")
+# A container's own addresses in the worker (Oakestra's container networks, 10.16.0.0/12 and
+# fc00::/7): what egress sends from. The gateway routes their subnets into the tunnel; the
+# subnets are narrower than the container networks so that they never cover the service IPs.
+CONTAINER_V4, CONTAINER_V6 = "10.19.0.2", "fc00::2"
+CONTAINER_SUBNETS = ("10.19.0.0/16", "fc00::/16")
 TUNNEL_MTU = 1450
 HTTP_PORT, UDP_PORT, ECHO_PORT = 80, 53, 7
 
@@ -180,12 +189,16 @@ class Lab:
                 f"link set goProxyTun mtu {TUNNEL_MTU}",
                 "addr add fe80::1/64 dev goProxyTun nodad", "link set goProxyTun up",
                 f"route add {SERVICE_RANGES[0]} dev goProxyTun",
-                f"route add {SERVICE_RANGES[1]} dev goProxyTun")
+                f"route add {SERVICE_RANGES[1]} dev goProxyTun",
+                f"route add {CONTAINER_SUBNETS[0]} dev goProxyTun",
+                f"route add {CONTAINER_SUBNETS[1]} dev goProxyTun")
         # One segment per packet from the worker, as on a real link: a veth would otherwise pass
         # a 64 KB GSO packet whole and the gateway would cut it for pub0, hiding MTU problems.
         self.ip("worker", "link set wtun gso_max_segs 1", "link set wtun addrgenmode none",
                 "addr add fe80::2/64 dev wtun nodad",
                 f"addr add {SERVICE_V4}/32 dev wtun", f"addr add {SERVICE_V6}/128 dev wtun nodad",
+                f"addr add {CONTAINER_V4}/32 dev wtun",
+                f"addr add {CONTAINER_V6}/128 dev wtun nodad",
                 "link set wtun up",
                 "route add 0.0.0.0/0 via inet6 fe80::1 dev wtun",
                 "route add ::/0 via fe80::1 dev wtun")
@@ -272,16 +285,17 @@ class Lab:
 
     # -- the worker's services ----------------------------------------------------------------
 
-    def start_services(self) -> subprocess.Popen:
-        """HTTP on 80 (dual stack), UDP echo on 53, TCP echo on 7, in the worker namespace.
-        Returns when all listen."""
-        proc = self.popen("worker", sys.executable, "-m", "gw.lab", "serve", stdout=subprocess.PIPE,
+    def start_services(self, role: str = "worker") -> subprocess.Popen:
+        """HTTP on 80 (dual stack), UDP echo on 53, TCP echo on 7, in the worker namespace (or
+        in the client's: a server on the Internet for egress). Returns when all listen."""
+        proc = self.popen(role, sys.executable, "-m", "gw.lab", "serve", role,
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
         ready, _, _ = select.select([proc.stdout], [], [], 15)
         line = proc.stdout.readline() if ready else ""
         if line.strip() != "listening":
             stop_process(proc)
-            raise LabError(f"the worker's services did not start (said {line!r})")
+            raise LabError(f"the {role}'s services did not start (said {line!r})")
         return proc
 
 
@@ -442,6 +456,28 @@ class Daemon:
                                f"{timeout:g} s:\n{self.log_tail()}")
             time.sleep(0.1)
 
+    def reconfigure(self, overrides: dict[str, dict[str, Any]], timeout: float = 20) -> str:
+        """Change config keys and reload (SIGHUP), as `systemctl reload` does. Returns the
+        reload's last log line once the daemon has applied (or refused) the new file."""
+        for section, table in overrides.items():
+            self.config.setdefault(section, {}).update(table)
+        self.config_path.write_text(toml(self.config))
+        done = self._reloads()
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._reloads() == done:
+            if time.monotonic() > deadline:
+                raise LabError(f"the daemon did not finish a reload within {timeout:g} s:\n"
+                               f"{self.log_tail()}")
+            time.sleep(0.05)
+        return [line for line in self.log_path.read_text(errors="replace").splitlines()
+                if "reload:" in line][-1]
+
+    def _reloads(self) -> int:
+        """Finished reloads so far: each ends with the reconcile's line."""
+        text = self.log_path.read_text(errors="replace")
+        return text.count("reconcile: ") + text.count("reconcile failed")
+
     def wait_exit(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)
 
@@ -539,11 +575,13 @@ def http_post(lab: Lab, role: str, host: str, port: int, path: str, body: bytes,
 
 
 def udp_exchange(lab: Lab, role: str, host: str, port: int, message: bytes, *,
-                 timeout: float = 2) -> bytes:
+                 timeout: float = 2, source: str | None = None) -> bytes:
     """One datagram there and one back. Raises socket.timeout when nothing comes back."""
     sock = lab.socket(role, family_of(host), socket.SOCK_DGRAM)
     try:
         sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
         sock.connect((host, port))
         sock.send(message)
         return sock.recv(65535)
@@ -551,10 +589,13 @@ def udp_exchange(lab: Lab, role: str, host: str, port: int, message: bytes, *,
         sock.close()
 
 
-def tcp_connect(lab: Lab, role: str, host: str, port: int, *, timeout: float = 3) -> socket.socket:
+def tcp_connect(lab: Lab, role: str, host: str, port: int, *, timeout: float = 3,
+                source: str | None = None) -> socket.socket:
     sock = lab.socket(role, family_of(host), socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
         sock.connect((host, port))
     except BaseException:
         sock.close()
@@ -599,7 +640,7 @@ class UdpFlow:
 
 # -- the worker's services (run inside the worker namespace) -----------------------------------
 
-def _serve() -> None:
+def _serve(role: str = "worker") -> None:
     import http.server
     import socketserver
 
@@ -622,7 +663,7 @@ def _serve() -> None:
             if self.path == "/whoami":
                 body = json.dumps({"peer": peer, "local": local, "mss": mss}).encode()
             else:
-                body = (f"hello from the worker's service at {local}; "
+                body = (f"hello from the {role} namespace's server at {local}; "
                         f"it sees you as {peer}\n").encode()
             self._send(200, body, extra={"X-Peer": peer, "X-Mss": str(mss)})
 
@@ -681,21 +722,39 @@ def _serve() -> None:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
 
-    udp = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    udp.bind(("::", UDP_PORT))
+    # UDP echo, one socket per family, each answering from the address it was sent to (a
+    # namespace with several addresses would otherwise pick any of them as the source, and a
+    # client's connected socket drops an answer from another address).
+    ip_pktinfo = getattr(socket, "IP_PKTINFO", 8)
+    udp4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp4.setsockopt(socket.IPPROTO_IP, ip_pktinfo, 1)
+    udp4.bind(("0.0.0.0", UDP_PORT))
+    udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    udp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    udp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    udp6.bind(("::", UDP_PORT))
 
-    def udp_echo():
+    def udp_echo(sock, level, kind):
         while True:
-            data, addr = udp.recvfrom(65535)
-            peer = addr[0].removeprefix("::ffff:")
-            udp.sendto(b"echo " + data.rstrip(b"\r\n") + f" (from {peer})\n".encode(), addr)
+            data, ancillary, _flags, addr = sock.recvmsg(65535, 256)
+            reply = b"echo " + data.rstrip(b"\r\n") + f" (from {addr[0]})\n".encode()
+            source = []
+            for cmsg_level, cmsg_type, info in ancillary:
+                if (cmsg_level, cmsg_type) == (level, ip_pktinfo):
+                    # in_pktinfo {ifindex, spec_dst, addr}: the source is spec_dst on the way
+                    # out, the destination it came to is addr on the way in.
+                    source = [(level, ip_pktinfo, bytes(4) + info[8:12] + bytes(4))]
+                elif (cmsg_level, cmsg_type) == (level, kind):  # in6_pktinfo: its address
+                    source = [(level, kind, info[:16] + bytes(4))]
+            sock.sendmsg([reply], source, 0, addr)
 
     DualStack.allow_reuse_address = True
     servers = [DualStack(("::", HTTP_PORT), Handler), EchoServer(("::", ECHO_PORT), Echo)]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    threading.Thread(target=udp_echo, daemon=True).start()
+    for sock, level, kind in ((udp4, socket.IPPROTO_IP, ip_pktinfo),
+                              (udp6, socket.IPPROTO_IPV6, socket.IPV6_PKTINFO)):
+        threading.Thread(target=udp_echo, args=(sock, level, kind), daemon=True).start()
     print("listening", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
 
@@ -704,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-        _serve()
+        _serve(*argv[1:2])
         return 0
     if argv[:1] == ["list"]:
         print("\n".join(list_labs()) or "(no lab)")
@@ -715,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
         for tag in tags:
             print(f"removed lab {tag}")
         return 1 if failed else 0
-    print("usage: python -m gw.lab serve | list | remove TAG|all", file=sys.stderr)
+    print("usage: python -m gw.lab serve [ROLE] | list | remove TAG|all", file=sys.stderr)
     return 2
 
 

@@ -1,5 +1,6 @@
-"""What every kind of test needs: one way to wait for a condition, one way to write an
-exposure as the API takes it and as the kernel reader (tests/oracle.py) returns it."""
+"""What every kind of test needs: one way to wait for a condition, one way to tell that a
+probe failed, one way to write an exposure as the API takes it and as the kernel reader
+(tests/oracle.py) returns it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "
             raise AssertionError(f"{what} not met within {timeout:g} s (last: {last!r})\n"
                                  f"{log()}")
         time.sleep(interval)
+
+
+def fails(probe) -> str | None:
+    """The error that `probe` ended with, or None if it succeeded."""
+    try:
+        probe()
+    except OSError as exc:  # refused, reset, timed out
+        return type(exc).__name__
+    return None
 
 
 def ex(port: int, ip: str = "10.30.0.1", service_port: int = 80, protocol: str | None = "tcp",

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from gw import lab as L
+from tests.helpers import fails
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -26,15 +27,6 @@ NEGATIVE_TIMEOUT = 1.0
 def exposure(port, ip, service_port, protocol="tcp"):
     return {"exposed_port": port, "service_ip": ip, "service_port": service_port,
             "protocol": protocol}
-
-
-def fails(probe) -> str | None:
-    """The error that `probe` ended with, or None if it succeeded."""
-    try:
-        probe()
-    except OSError as exc:  # refused, reset, timed out
-        return type(exc).__name__
-    return None
 
 
 @pytest.fixture(scope="module")
