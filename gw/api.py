@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, listing, openapi, readiness
+from . import __version__, listing, openapi, readiness, ruleset
 from .auth import bearer_matches
 from .config import Settings
 from .errors import GatewayError, InvalidInput, StoreUnavailable
@@ -77,13 +77,16 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                ready_checks: Callable[[], dict] | None = None,
                listening: Callable | None = None,
                gateway_id: Callable[[], str | None] | None = None,
-               cluster: Callable[[], dict] | None = None) -> Flask:
+               cluster: Callable[[], dict] | None = None,
+               egress: Callable[[], dict] | None = None) -> Flask:
     """The WSGI app. `token`: the bearer token (a string, None for none, or a callable giving
     either, read per request). `ready_checks()`: data-path problems by cause (normally
     ``gw.netlink.readiness_problems(settings)``). `listening()`: the (port, proto) pairs local
     processes listen on (default: procfs, gw.sockets). `gateway_id()`: the id the cluster
     knows this gateway by (an add naming another is refused). `cluster()`: which orchestrator
-    or broker the gateway uses and whether it is connected, shown by /api/ready."""
+    or broker the gateway uses and whether it is connected, shown by /api/ready. `egress()`:
+    whether egress is on and on which interfaces (default: from the settings' configured
+    public interfaces)."""
     app = Flask("gw.api")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
@@ -94,6 +97,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     metrics = metrics if metrics is not None else Metrics(gateway)
     ready_checks = ready_checks or (lambda: {})
     metrics.bind(gateway, ready=lambda: _ready_reasons())
+    egress = egress or (lambda: ruleset.egress_status(state.settings))
     app.extensions["oakestra_gw"] = state
     app.extensions["oakestra_gw.metrics"] = metrics
     schema_cache: dict[bool, bytes] = {}
@@ -223,6 +227,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                 "ready": not reasons, "reasons": reasons,
                 "restart_needed": list(state.restart_needed),
                 **({"cluster": joined} if (joined := cluster()) else {}),
+                "egress": egress(),
                 "exposures": {"total": sum(counts.values()),
                               **{f"{family}/{protocol}": counts.get((family, protocol), 0)
                                  for family in FAMILIES for protocol in PROTOCOLS}}}
@@ -248,8 +253,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
             pending["cluster"] = joined if holder else {
                 k: v for k, v in joined.items() if k in ("mode", "connected")}
         if not reasons:
-            return {"ready": True, **pending}
-        return {"ready": False, "error": "not_ready",
+            return {"ready": True, "egress": egress(), **pending}
+        return {"ready": False, "error": "not_ready", "egress": egress(),
                 "message": "not ready: " + "; ".join(f"{k}: {v}" for k, v in
                                                      sorted(reasons.items())),
                 "reasons": reasons, **pending}, 503

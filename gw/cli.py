@@ -524,6 +524,19 @@ def _client_token(settings):
         return None
 
 
+def _default_interfaces(settings: Settings) -> list[str]:
+    """The default route's interfaces, which egress leaves by when the config names none
+    (none when they cannot be read: the rendered egress then matches nothing)."""
+    if settings.network.public_interfaces:
+        return []
+    try:
+        from . import netlink  # noqa: PLC0415 - pyroute2, only when needed
+
+        return netlink.default_interfaces()
+    except Exception:  # noqa: BLE001 - showing the rules does not need the routes
+        return []
+
+
 def _with_internal_ips(settings: Settings) -> Settings:
     """Oakestra mode: the internal IPs are the cluster's; read them off the bridge."""
     if settings.network.internal_ipv4 and settings.network.internal_ipv6:
@@ -582,7 +595,8 @@ def rules_show(config_path, no_exposures, as_json):
             click.echo(f"oakestra-gw: warning: without exposures: "
                        f"{getattr(exc, 'message', None) or exc.format_message()}", err=True)
     try:
-        text = ruleset.render(settings, exposures)
+        text = ruleset.render(settings, exposures,
+                              default_interfaces=_default_interfaces(settings))
     except ConfigError as exc:
         if not settings.standalone:
             raise Failure("the internal IPs are not known yet: in Oakestra mode the cluster "

@@ -92,6 +92,24 @@ class LogSettings:
     format: str = "text"  # json: one JSON object per line, the audit record's fields as keys
 
 
+# Oakestra's container networks (NetManager's defaults): what services send from.
+DEFAULT_EGRESS_SOURCES = ("10.16.0.0/12", "fc00::/7")
+
+
+@dataclass(frozen=True)
+class EgressSettings:
+    """Services reaching the Internet through the gateway, masqueraded to the public address
+    of the interface they leave by."""
+
+    enabled: bool | None = None  # None: on in Oakestra mode (workers route through us), else off
+    sources: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in DEFAULT_EGRESS_SOURCES)
+    deny_destinations: tuple[IPNetwork, ...] = ()
+    deny_ports: tuple[tuple[int, str], ...] = ()
+    # Concurrent connections one source address may hold through the NAT, so that one service
+    # cannot use up the public address's ports or the conntrack table.
+    max_connections_per_source: int = 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -99,6 +117,7 @@ class Settings:
     network: NetworkSettings = field(default_factory=NetworkSettings)
     oakestra: OakestraSettings = field(default_factory=OakestraSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
     @property
     def standalone(self) -> bool:
@@ -107,6 +126,10 @@ class Settings:
     @property
     def mqtt_mode(self) -> bool:
         return bool(self.oakestra.mqtt_urls)
+
+    @property
+    def egress_enabled(self) -> bool:
+        return self.egress.enabled if self.egress.enabled is not None else not self.standalone
 
     def policy(self, listening: Callable = lambda: (), gateway_id: str | None = None) -> Policy:
         """`gateway_id`: the id the cluster registered this gateway under, when it has one;
@@ -147,6 +170,8 @@ SECTIONS: dict[str, set[str]] = {
                  "backoff_max", "probe_interval", "mqtt_url", "node_id", "mqtt_client_id",
                  "mqtt_username", "mqtt_password_file", "mqtt_ca_file"},
     "log": {"level", "format"},
+    "egress": {"enabled", "sources", "deny_destinations", "deny_ports",
+               "max_connections_per_source"},
 }
 
 
@@ -173,8 +198,8 @@ def parse_config(raw: dict[str, Any]) -> Settings:
         for key in value:
             if key not in SECTIONS[section]:
                 raise ConfigError(f"unknown key {section}.{key}", field=f"{section}.{key}")
-    api, store, net, oak, logs = (raw.get(s, {}) for s in ("api", "store", "network",
-                                                            "oakestra", "log"))
+    api, store, net, oak, logs, egress = (raw.get(s, {}) for s in (
+        "api", "store", "network", "oakestra", "log", "egress"))
     settings = Settings(
         api=ApiSettings(
             host=_str(api, "host", "api", "") or None,
@@ -216,11 +241,22 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             mqtt_ca_file=_str(oak, "mqtt_ca_file", "oakestra", "")),
         log=LogSettings(level=_choice(logs, "level", "log", "info", LOG_LEVELS),
                         format=_choice(logs, "format", "log", "text", LOG_FORMATS)),
+        egress=EgressSettings(
+            enabled=_bool(egress, "enabled", "egress", None) if "enabled" in egress else None,
+            sources=_nets(egress, "sources", "egress", EgressSettings.sources),
+            deny_destinations=_nets(egress, "deny_destinations", "egress", ()),
+            deny_ports=tuple(_wrap(parse_reserved, r, "egress.deny_ports")
+                             for r in _list(egress, "deny_ports", "egress", [])),
+            max_connections_per_source=_int(egress, "max_connections_per_source", "egress",
+                                            1024, 1, 1_000_000)),
     )
     _check_mqtt(settings.oakestra)
     if not settings.network.service_ranges:
         raise ConfigError("network.service_ranges must name at least one network",
                           field="network.service_ranges")
+    if settings.egress_enabled and not settings.egress.sources:
+        raise ConfigError("egress.sources must name at least one network while egress is on "
+                          "(or set egress.enabled = false)", field="egress.sources")
     if settings.network.tunnel_interface == settings.network.bridge_interface:
         raise ConfigError("network.bridge_interface must differ from network.tunnel_interface",
                           field="network.bridge_interface")

@@ -105,6 +105,12 @@ def parse_listing(listing: dict) -> Listing | None:
     return Listing(elements, chains, unreadable) if seen_map else None
 
 
+def parse_counters(listing: dict) -> dict[str, int]:
+    """Pure: packets by counter name from `nft -j list counters table ...`."""
+    return {item["counter"]["name"]: int(item["counter"].get("packets", 0))
+            for item in listing.get("nftables", []) if "counter" in item}
+
+
 class Firewall:
     def __init__(self, session: NftSession, variables: dict[str, str], skeleton=None,
                  observe=None):
@@ -198,6 +204,14 @@ class Firewall:
                 self._chains_loaded = listing.chains
             diff.chains_changed = listing.chains != self._chains_loaded
         return diff
+
+    def counters(self) -> dict[str, int]:
+        """Our named counters (egress connections and drops): a few lines, never the maps.
+        Empty while the table is missing."""
+        try:
+            return parse_counters(self.session.run_json(f"list counters table {ruleset.TABLE}"))
+        except KernelRefused:
+            return {}
 
     def remove_table(self) -> bool:
         """Delete our table (teardown). Returns whether it existed."""

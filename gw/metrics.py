@@ -122,8 +122,33 @@ class _StateCollector:
             for url in cluster.get("configured", ()):
                 endpoints.add_metric([mode, url], int(url == cluster.get("active")))
             yield endpoints
+        yield from _egress_families(m.egress_counters())
         if m.connections is not None:
             yield from m.connections.collect()
+
+
+EGRESS_PROTOCOLS = ("tcp", "udp", "icmp", "other")
+EGRESS_DROP_CAUSES = ("policy", "cap")
+
+
+def _egress_families(counts: dict[str, int]):
+    """From our table's named counters (rules/gateway.nft), which start from zero whenever the
+    table is loaded (start, a reload that changed its values, a repair)."""
+    if not counts:
+        return
+    conns = CounterMetricFamily("oakestra_gw_egress_connections", "New egress connections "
+                                "(services to the Internet, masqueraded) by family and protocol",
+                                labels=["family", "protocol"])
+    for family in ("ipv4", "ipv6"):
+        for protocol in EGRESS_PROTOCOLS:
+            conns.add_metric([family, protocol], counts.get(f"egress_{family}_{protocol}", 0))
+    yield conns
+    drops = CounterMetricFamily("oakestra_gw_egress_drops", "Egress connections refused, by "
+                                "cause (policy: egress.deny_destinations or deny_ports; cap: "
+                                "egress.max_connections_per_source)", labels=["cause"])
+    for cause in EGRESS_DROP_CAUSES:
+        drops.add_metric([cause], counts.get(f"egress_drop_{cause}", 0))
+    yield drops
 
 
 class Metrics:
@@ -140,6 +165,8 @@ class Metrics:
         self.conntrack_drops = conntrack_drops
         self.connections: ConnectionCounter | None = None
         self.restart_needed: list[str] = []  # set by the daemon's reload
+        # The table's named counters (Firewall.counters), read at scrape time; set by the daemon.
+        self.egress_counters: Callable[[], dict] = dict
         r = self.registry
         self.api_requests = Counter("oakestra_gw_api_requests", "API requests by route, method and "
                                     "status", ["route", "method", "status"], registry=r)

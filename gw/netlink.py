@@ -239,6 +239,15 @@ def default_interfaces() -> list[str]:
     return names
 
 
+def egress_interfaces(settings: Settings) -> list[str]:
+    """The public interfaces as egress matches them: the configured ones, else the default
+    route's as they are now."""
+    from . import ruleset  # noqa: PLC0415 - ruleset imports config only; keep netlink light
+
+    defaults = () if settings.network.public_interfaces else default_interfaces()
+    return ruleset.public_interfaces(settings, defaults)
+
+
 def public_addresses(settings: Settings) -> dict[str, str]:
     """The first global-scope, usable address of each family on the public interfaces
     (`network.public_interfaces`, else the default route's). Keys ``ipv4``/``ipv6``; a family

@@ -173,10 +173,15 @@ CLUSTER = {"type": "object", "description": "Oakestra mode: the orchestrator (`h
                           "active": {"type": "string"},
                           "configured": {"type": "array", "items": {"type": "string"}},
                           "connected": {"type": "boolean"}}}
+EGRESS = {"type": "object", "required": ["enabled", "interfaces"], "additionalProperties": False,
+          "description": "Whether services reach the Internet through the gateway (masqueraded "
+                         "to the public address), and out of which interfaces",
+          "properties": {"enabled": {"type": "boolean"},
+                         "interfaces": {"type": "array", "items": {"type": "string"}}}}
 
 STATUS_OUT = {
     "type": "object",
-    "required": ["version", "mode", "ready", "reasons", "restart_needed", "exposures"],
+    "required": ["version", "mode", "ready", "reasons", "restart_needed", "egress", "exposures"],
     "additionalProperties": False,
     "properties": {
         "version": {"type": "string"},
@@ -186,6 +191,7 @@ STATUS_OUT = {
                     "description": "Why not ready, by cause (as `/api/ready`); empty when ready"},
         "restart_needed": RESTART_NEEDED,
         "cluster": CLUSTER,
+        "egress": EGRESS,
         "exposures": {"type": "object", "required": ["total"],
                       "additionalProperties": {"type": "integer", "minimum": 0},
                       "description": "`total`, and one count per `family/protocol`"},
@@ -195,14 +201,14 @@ STATUS_OUT = {
 HEALTH_OUT = {"type": "object", "required": ["status"], "additionalProperties": False,
               "properties": {"status": {"type": "string", "enum": ["ok"]}}}
 
-READY_OUT = {"type": "object", "required": ["ready"], "additionalProperties": False,
-             "properties": {"ready": {"type": "boolean", "enum": [True]},
+READY_OUT = {"type": "object", "required": ["ready", "egress"], "additionalProperties": False,
+             "properties": {"ready": {"type": "boolean", "enum": [True]}, "egress": EGRESS,
                             "restart_needed": RESTART_NEEDED,
                             "cluster": CLUSTER}}
 
 NOT_READY_OUT = {
     "type": "object",
-    "required": ["ready", "error", "message", "reasons"],
+    "required": ["ready", "error", "message", "reasons", "egress"],
     "additionalProperties": False,
     "properties": {
         "ready": {"type": "boolean", "enum": [False]},
@@ -211,6 +217,7 @@ NOT_READY_OUT = {
         "reasons": {"type": "object", "description": "Why, by cause (e.g. `firewall`, `drift`, "
                     "`store`, `tunnel_route`, `forwarding`)",
                     "additionalProperties": {"type": "string"}},
+        "egress": EGRESS,
         "restart_needed": RESTART_NEEDED,
         "cluster": CLUSTER,
     },

@@ -34,10 +34,53 @@ def skeleton_path() -> Path:
     return Path(str(resources.files("gw") / "rules" / "gateway.nft"))
 
 
-def skeleton_vars(settings: Settings) -> dict[str, str]:
-    """The values `rules/gateway.nft` refers to as ``$name``, rendered as nft expressions."""
-    net, api = settings.network, settings.api
+# A deny-port placeholder for an empty egress.deny_ports (an anonymous set cannot be empty):
+# TCP port 0 is no connection's destination.
+NO_PORT = "tcp . 0"
+
+
+def skeleton_vars(settings: Settings, default_interfaces: Iterable[str] = ()) -> dict[str, str]:
+    """The values `rules/gateway.nft` refers to as ``$name``, rendered as nft expressions.
+    `default_interfaces`: the default route's interfaces, the public ones when
+    network.public_interfaces is empty (the caller reads them from the kernel)."""
     settings.require_internal_ips()
+    return {**_base_vars(settings), **egress_vars(settings, default_interfaces)}
+
+
+def public_interfaces(settings: Settings, default_interfaces: Iterable[str] = ()) -> list[str]:
+    """The interfaces egress leaves by: the configured ones, else the default route's."""
+    return list(settings.network.public_interfaces or dict.fromkeys(default_interfaces))
+
+
+def egress_status(settings: Settings, default_interfaces: Iterable[str] = ()) -> dict:
+    """Whether egress NATs anything, and out of which interfaces (/api/ready)."""
+    public = public_interfaces(settings, default_interfaces)
+    on = settings.egress_enabled and bool(public)
+    return {"enabled": on, "interfaces": public if on else []}
+
+
+def egress_vars(settings: Settings, default_interfaces: Iterable[str] = ()) -> dict[str, str]:
+    """Egress off, or no public interface to leave by: sources that no packet has, so the NAT
+    and the policy match nothing (the chains keep one shape either way)."""
+    eg = settings.egress
+    public = public_interfaces(settings, default_interfaces)
+    sources = eg.sources if egress_status(settings, default_interfaces)["enabled"] else ()
+    ports = sorted(set(eg.deny_ports))
+    return {
+        # lo is never a forwarded packet's way out: a valid set when none is known.
+        "public_if": "{ " + ", ".join(f'"{name}"' for name in public or ["lo"]) + " }",
+        "egress_src_v4": _set(sources, "ipv4", NOWHERE["ipv4"]),
+        "egress_src_v6": _set(sources, "ipv6", NOWHERE["ipv6"]),
+        "egress_deny_v4": _set(eg.deny_destinations, "ipv4", NOWHERE["ipv4"]),
+        "egress_deny_v6": _set(eg.deny_destinations, "ipv6", NOWHERE["ipv6"]),
+        "egress_deny_ports": "{ " + ", ".join([f"{proto} . {port}" for port, proto in ports]
+                                              or [NO_PORT]) + " }",
+        "egress_cap": str(eg.max_connections_per_source),
+    }
+
+
+def _base_vars(settings: Settings) -> dict[str, str]:
+    net, api = settings.network, settings.api
     return {
         "tunnel_if": f'"{net.tunnel_interface}"',
         "bridge_if": f'"{net.bridge_interface}"',
@@ -96,6 +139,13 @@ def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
     return "\n".join(delete_elements(stale) + add_elements(add))
 
 
+def cap_rules(variables: dict[str, str]) -> list[str]:
+    """Chain egress_cap's rules: `ct count over` takes a number, not a variable."""
+    cap = int(variables["egress_cap"])
+    return [f"add rule {TABLE} egress_cap add @egress_conns_{v} {{ {ip} saddr ct count over "
+            f"{cap} }} counter name egress_drop_cap drop" for v, ip in (("v4", "ip"), ("v6", "ip6"))]
+
+
 def defines(variables: dict[str, str]) -> list[str]:
     # libnftables applies add_var() values only to cmd_from_file(), not to a buffer: a buffer
     # that defines them and includes the skeleton loads table and elements in one transaction.
@@ -108,14 +158,15 @@ def load(variables: dict[str, str], exposures: Iterable[Exposure],
     first makes the delete succeed when it does not exist; other tables are never named."""
     skeleton = skeleton or skeleton_path()
     return "\n".join([*defines(variables), f"table {TABLE}", f"delete table {TABLE}",
-                      f'include "{skeleton}"', *add_elements(exposures)])
+                      f'include "{skeleton}"', *cap_rules(variables), *add_elements(exposures)])
 
 
 def render(settings: Settings, exposures: Iterable[Exposure] = (),
-           skeleton: Path | None = None) -> str:
+           skeleton: Path | None = None, default_interfaces: Iterable[str] = ()) -> str:
     """The whole ruleset as the gateway would load it, as one nft script (for `rules show`)."""
     skeleton = skeleton or skeleton_path()
     body = skeleton.read_text().split("\n", 1)[1]  # drop the shebang; defines go first
-    return "\n".join(["#!/usr/sbin/nft -f", *defines(skeleton_vars(settings)), "",
-                      f"table {TABLE}",
-                      f"delete table {TABLE}", body.rstrip("\n"), *add_elements(exposures), ""])
+    variables = skeleton_vars(settings, default_interfaces)
+    return "\n".join(["#!/usr/sbin/nft -f", *defines(variables), "", f"table {TABLE}",
+                      f"delete table {TABLE}", body.rstrip("\n"), *cap_rules(variables),
+                      *add_elements(exposures), ""])

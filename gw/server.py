@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 
 from . import api, auth, oakestra, ruleset
-from .config import Settings, load_config
+from .config import EgressSettings, Settings, load_config
 from .conntrack import Flusher
 from .errors import ConfigError, GatewayError
 from .exposure import Exposure
@@ -59,7 +59,9 @@ CRASH_EXIT = 97
 
 # Keys a reload applies live; any other change is logged as "restart needed".
 LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
-        "network.service_ranges", "network.tunnel_interface", "log.level", "log.format"}
+        "network.service_ranges", "network.tunnel_interface", "network.public_interfaces",
+        "log.level", "log.format",
+        *(f"egress.{name}" for name in EgressSettings.__dataclass_fields__)}
 
 
 # -- logging and systemd -------------------------------------------------------------------------
@@ -103,7 +105,7 @@ def one_line(exc: GatewayError) -> str:
 def config_changes(before: Settings, after: Settings) -> list[str]:
     """Pure: the dotted keys whose values differ."""
     changed = []
-    for section in ("api", "store", "network", "oakestra", "log"):
+    for section in ("api", "store", "network", "oakestra", "log", "egress"):
         a, b = getattr(before, section), getattr(after, section)
         for name in a.__dataclass_fields__:
             if getattr(a, name) != getattr(b, name):
@@ -125,8 +127,9 @@ def apply_live(running: Settings, new: Settings) -> Settings:
                     token_file=new.api.token_file),
         network=replace(running.network, reserved_ports=new.network.reserved_ports,
                         service_ranges=new.network.service_ranges,
-                        tunnel_interface=new.network.tunnel_interface),
-        log=new.log)
+                        tunnel_interface=new.network.tunnel_interface,
+                        public_interfaces=new.network.public_interfaces),
+        log=new.log, egress=new.egress)
 
 
 # -- the daemon ----------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ class Daemon:
         else:
             self.settings = oakestra.bring_up(self.config, self.store)
         self.metrics.cluster = self._cluster_status
-        ruleset.skeleton_vars(self.settings)  # names a missing internal IP as a config error
+        self._skeleton_vars(self.settings)  # names a missing internal IP as a config error
         host = self.settings.api_host
         if self.token is None and not auth.is_loopback_host(host):
             log.warning("the API listens on %s without a token: anyone admitted by "
@@ -179,7 +182,7 @@ class Daemon:
 
         from .nft import NftSession  # noqa: PLC0415 - needs python3-nftables
 
-        self.firewall = Firewall(NftSession(), ruleset.skeleton_vars(self.settings),
+        self.firewall = Firewall(NftSession(), self._skeleton_vars(self.settings),
                                  observe=self.metrics.observe_firewall)
         self.flusher = Flusher()
         self.gateway = Gateway(self.store, self.firewall, self.flusher,
@@ -187,6 +190,7 @@ class Daemon:
         if os.environ.get(CRASH_ENV):
             inject_crash(self.firewall, os.environ[CRASH_ENV])
         self.metrics.bind(self.gateway)
+        self.metrics.egress_counters = self.firewall.counters
         # Watch before loading: a change by another process after this point is repaired.
         if os.environ.get("OAKESTRA_GW_DRIFT_WATCH", "1") != "0":
             from .drift import DriftWatcher  # noqa: PLC0415
@@ -203,7 +207,8 @@ class Daemon:
             self.mqtt.attach(self.gateway)
         self.app = api.create_app(self.gateway, self.settings, token=lambda: self.token,
                                   metrics=self.metrics, ready_checks=self._ready_checks,
-                                  gateway_id=self._gateway_id, cluster=self._cluster_status)
+                                  gateway_id=self._gateway_id, cluster=self._cluster_status,
+                                  egress=self._egress)
         if self.settings.api.per_exposure_metrics:
             self.metrics.start_connection_counter(self.gateway.exposures)
 
@@ -228,6 +233,21 @@ class Daemon:
         interval = watchdog_interval()
         if interval:
             self._thread("watchdog", self._watchdog_loop, interval)
+
+    def _skeleton_vars(self, settings: Settings) -> dict[str, str]:
+        """The skeleton's values, with the interfaces egress leaves by as the kernel has them
+        now (the default route's unless configured); kept for /api/ready."""
+        from . import netlink  # noqa: PLC0415
+
+        interfaces = netlink.egress_interfaces(settings)
+        variables = ruleset.skeleton_vars(settings, interfaces)
+        self._egress_interfaces = interfaces
+        return variables
+
+    _egress_interfaces: list[str] = []
+
+    def _egress(self) -> dict:
+        return ruleset.egress_status(self.settings, self._egress_interfaces)
 
     def _ready_checks(self) -> dict:
         from . import netlink  # noqa: PLC0415
@@ -336,7 +356,7 @@ class Daemon:
             log.error("reload: %s; keeping the running token and configuration", one_line(exc))
             return False
         try:
-            variables = ruleset.skeleton_vars(settings)
+            variables = self._skeleton_vars(settings)
         except ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", one_line(exc))
             return False

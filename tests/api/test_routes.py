@@ -185,7 +185,8 @@ def test_health_and_ready(gw, api):
     r = api.get("/api/health", token=None)
     assert r.status == 200 and r.json == {"status": "ok"}
     r = api.get("/api/ready", token=None)
-    assert r.status == 200 and r.json == {"ready": True}
+    assert r.status == 200 and r.json == {"ready": True,
+                                          "egress": {"enabled": False, "interfaces": []}}
 
 
 def test_ready_503_names_the_missing_tunnel_route(gw, api):

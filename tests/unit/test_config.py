@@ -64,6 +64,14 @@ cluster_url = "http://cluster.example:10100/"
     ({"network": {"reserved_ports": ["x"]}}, "network.reserved_ports"),
     ({"network": {"service_ranges": []}}, "network.service_ranges"),
     ({"oakestra": {"cluster_url": "ftp://x"}}, "oakestra.cluster_url"),
+    ({"egress": {"enabled": "yes"}}, "egress.enabled"),
+    ({"egress": {"sources": ["10.16.0.0/33"]}}, "egress.sources"),
+    ({"egress": {"enabled": True, "sources": []}}, "egress.sources"),
+    ({"egress": {"deny_destinations": ["example.com"]}}, "egress.deny_destinations"),
+    ({"egress": {"deny_ports": ["25/icmp"]}}, "egress.deny_ports"),
+    ({"egress": {"deny_ports": ["smtp"]}}, "egress.deny_ports"),
+    ({"egress": {"max_connections_per_source": 0}}, "egress.max_connections_per_source"),
+    ({"egress": {"nat": True}}, "egress.nat"),
 ])
 def test_errors_name_the_key(raw, field):
     with pytest.raises(ConfigError) as info:
@@ -93,3 +101,18 @@ def test_standalone_needs_internal_addresses():
 def test_api_binds_to_the_internal_address_by_default():
     s = parse_config({}).with_internal_ips("10.30.255.9", "fdff::9")
     assert s.api_host == "10.30.255.9"
+
+
+def test_egress_defaults_on_in_oakestra_mode_off_standalone():
+    standalone = parse_config({})
+    assert not standalone.egress_enabled
+    assert [str(n) for n in standalone.egress.sources] == ["10.16.0.0/12", "fc00::/7"]
+    assert standalone.egress.max_connections_per_source == 1024
+    oakestra = parse_config({"oakestra": {"cluster_url": "http://cluster:10100"}})
+    assert oakestra.egress_enabled
+    assert not parse_config({"oakestra": {"cluster_url": "http://cluster:10100"},
+                             "egress": {"enabled": False}}).egress_enabled
+    s = parse_config({"egress": {"enabled": True, "deny_ports": ["25/tcp", 53, "53/udp"],
+                                 "deny_destinations": ["192.0.2.0/24", "2001:db8::/32"]}})
+    assert s.egress_enabled and s.egress.deny_ports == ((25, "tcp"), (53, "tcp"), (53, "udp"))
+    assert [str(n) for n in s.egress.deny_destinations] == ["192.0.2.0/24", "2001:db8::/32"]

@@ -57,6 +57,46 @@ def test_service_ranges_are_variables_and_a_family_without_one_matches_nothing()
     assert ruleset.skeleton_vars(v4_only)["service_v6"] == "{ ::/128 }"
 
 
+def _egress(**egress):
+    return parse_config({"network": {"internal_ipv4": "10.30.255.1",
+                                     "internal_ipv6": "fdff::ffff:1"}, "egress": egress})
+
+
+def test_egress_variables_nat_the_sources_out_of_the_public_interfaces():
+    v = ruleset.skeleton_vars(_egress(enabled=True, deny_ports=["25/tcp", "53/udp", "25/tcp"],
+                                      deny_destinations=["192.0.2.0/24", "2001:db8::/32"],
+                                      max_connections_per_source=7), ["eth0", "eth1"])
+    assert v["public_if"] == '{ "eth0", "eth1" }'
+    assert (v["egress_src_v4"], v["egress_src_v6"]) == ("{ 0.0.0.0/32, 10.16.0.0/12 }",
+                                                        "{ ::/128, fc00::/7 }")
+    assert (v["egress_deny_v4"], v["egress_deny_v6"]) == ("{ 0.0.0.0/32, 192.0.2.0/24 }",
+                                                          "{ ::/128, 2001:db8::/32 }")
+    assert v["egress_deny_ports"] == "{ tcp . 25, udp . 53 }"
+    assert ruleset.cap_rules(v) == [
+        "add rule inet oakestra_gw egress_cap add @egress_conns_v4 { ip saddr ct count over 7 } "
+        "counter name egress_drop_cap drop",
+        "add rule inet oakestra_gw egress_cap add @egress_conns_v6 { ip6 saddr ct count over 7 } "
+        "counter name egress_drop_cap drop"]
+    # Configured public interfaces win over the default route's.
+    configured = parse_config({"network": {"internal_ipv4": "10.30.255.1",
+                                           "internal_ipv6": "fdff::ffff:1",
+                                           "public_interfaces": ["pub0"]},
+                               "egress": {"enabled": True}})
+    assert ruleset.skeleton_vars(configured, ["eth0"])["public_if"] == '{ "pub0" }'
+    assert ruleset.egress_status(configured, ["eth0"]) == {"enabled": True,
+                                                           "interfaces": ["pub0"]}
+
+
+def test_egress_off_or_without_a_public_interface_matches_nothing():
+    for settings, interfaces in ((_egress(enabled=False), ["eth0"]), (_egress(enabled=True), [])):
+        v = ruleset.skeleton_vars(settings, interfaces)
+        assert (v["egress_src_v4"], v["egress_src_v6"]) == ("{ 0.0.0.0/32 }", "{ ::/128 }")
+        assert ruleset.egress_status(settings, interfaces) == {"enabled": False,
+                                                               "interfaces": []}
+    assert ruleset.skeleton_vars(_egress(enabled=True), [])["public_if"] == '{ "lo" }'
+    assert ruleset.skeleton_vars(_egress())["egress_deny_ports"] == "{ tcp . 0 }"
+
+
 def test_load_replaces_only_our_table_in_one_script():
     text = ruleset.load(ruleset.skeleton_vars(SETTINGS), [E4, E6])
     lines = text.splitlines()
