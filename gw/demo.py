@@ -3,7 +3,9 @@ network namespaces (gw.lab) that is removed again at the end, also on Ctrl-C or 
 
 It runs the real daemon (`oakestra-gw serve`) in the gateway namespace, exposes a service of
 the worker namespace through the HTTP API, and shows a client on the public side reaching it
-over IPv4 and IPv6 (HTTP over TCP, and UDP), then the conntrack entries and the ruleset.
+over IPv4 and IPv6 (HTTP over TCP, and UDP), then a container of the worker reaching a server
+on the public side through the gateway (egress, masqueraded to its public address), then the
+conntrack entries and the ruleset.
 `--keep` leaves the lab running for exploring and prints how to remove it.
 """
 
@@ -133,7 +135,7 @@ def main(keep: bool = False) -> int:
 
 
 def _run(lab: L.Lab, started: float) -> L.Daemon:
-    total = 7
+    total = 8
     _step(1, total, "the lab: three network namespaces (nothing outside them is touched)")
     lab.build()
     _say(f"  client   {lab.ns['client']:<28} eth0 {L.CLIENT_V4}, {L.CLIENT_V6} "
@@ -142,10 +144,13 @@ def _run(lab: L.Lab, started: float) -> L.Daemon:
          f"goProxyTun (veth, MTU {L.TUNNEL_MTU}) -> worker")
     _say(f"  worker   {lab.ns['worker']:<28} service IPs {L.SERVICE_V4}, {L.SERVICE_V6}: "
          f"HTTP :{L.HTTP_PORT}, UDP echo :{L.UDP_PORT}")
+    _say(f"           {'':<28} a container {L.CONTAINER_V4}, {L.CONTAINER_V6} "
+         "(default route into the tunnel)")
     lab.start_services()
+    lab.start_services("client")  # a server on the Internet, for the egress step
 
     _step(2, total, "the gateway daemon: `oakestra-gw serve` in the gateway namespace")
-    daemon = lab.daemon = L.Daemon(lab)
+    daemon = lab.daemon = L.Daemon(lab, overrides={"egress": {"enabled": True}})
     _say(f"  config {daemon.config_path}:")
     _say(_indent(daemon.config_path.read_text(), "    | "))
     daemon.start()
@@ -188,16 +193,28 @@ def _run(lab: L.Lab, started: float) -> L.Daemon:
         raise L.LabError("the client reached a service IP directly")
     _say("    (no answer: dropped by the gateway's forward chain, as it should be)")
 
-    _step(6, total, "the gateway's conntrack entries of the exposed flows (original: client -> "
-                    "public IP; reply: service -> internal IP)")
-    _show_cmd(lab, "gateway", "conntrack", "-L", "--dst-nat")
+    _step(6, total, "egress: a container of the worker fetches a page from a server on the "
+                    "public side (tunnel -> masquerade to the public IP)")
+    proc = _show_cmd(lab, "worker", "curl", "-sS", "--max-time", "5", "--interface",
+                     L.CONTAINER_V4, f"http://{L.CLIENT_V4}/")
+    if f"it sees you as {L.GATEWAY_V4}" not in proc.stdout:
+        raise L.LabError("the public server did not see the gateway's public address")
+    _say("    (the server saw the gateway's public address; the public side routes no "
+         "container network back)")
 
-    _step(7, total, "the gateway's nftables table (a table of its own; exposures are map "
+    _step(7, total, "the gateway's conntrack entries (exposed flows: client -> public IP, "
+                    "reply service -> internal IP; egress: container -> server, reply to the "
+                    "public IP)")
+    _show_cmd(lab, "gateway", "conntrack", "-L", "--dst-nat")
+    _show_cmd(lab, "gateway", "conntrack", "-L", "-s", L.CONTAINER_V4)
+
+    _step(8, total, "the gateway's nftables table (a table of its own; exposures are map "
                     "elements)")
     _show_cmd(lab, "gateway", "nft", "list", "table", "inet", "oakestra_gw")
 
     _say(f"\nSUCCESS: the client reached the worker's service through the gateway over IPv4 "
-         f"and IPv6, TCP and UDP ({time.monotonic() - started:.1f} s)")
+         f"and IPv6, TCP and UDP, and a container reached the Internet through it "
+         f"({time.monotonic() - started:.1f} s)")
     return daemon
 
 

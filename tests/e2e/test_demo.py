@@ -46,6 +46,13 @@ def test_the_demo_runs_to_the_end_and_leaves_nothing_behind():
     assert f"echo hello (from {L.INTERNAL_V6})" in out
     assert "5000000 bytes" in out
     assert "dport=8080 src=10.30.0.1 dst=10.30.255.1 sport=80" in out  # conntrack, both NATs
+    # One egress request after the ingress ones: the public server saw the public address,
+    # and conntrack shows the masquerade.
+    assert out.index("worker$ curl") > out.index("client$ curl")
+    assert f"hello from the client namespace's server at {L.CLIENT_V4}; it sees you as " \
+           f"{L.GATEWAY_V4}" in out
+    assert f"src={L.CONTAINER_V4} dst={L.CLIENT_V4}" in out
+    assert f"src={L.CLIENT_V4} dst={L.GATEWAY_V4} sport=80" in out
     assert "map expose_v4" in out  # the ruleset
     assert "removed the lab" in out
     assert leftovers(tag_of(out)) == []
