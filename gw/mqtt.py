@@ -120,6 +120,11 @@ class MqttFront:
                      "on %s in the background", self.node_id, *stored, ", ".join(self.urls))
         live = self._settings().with_internal_ips(*self._addresses)
         netlink.ensure_bridge(live)
+        if stored is None:
+            # Stored once the bridge carries them, as in HTTP mode: a failed start stores nothing.
+            self.store.commit(meta={"gateway_id": self.node_id, "joined_by": "mqtt",
+                                    "internal_ipv4": live.network.internal_ipv4.compressed,
+                                    "internal_ipv6": live.network.internal_ipv6.compressed})
         return live
 
     def attach(self, gateway) -> None:
@@ -311,8 +316,6 @@ class MqttFront:
         deploy = M.parse_deploy(doc, self._settings())
         addresses = (deploy.ipv4, deploy.ipv6)
         if self._addresses is None:
-            self.store.commit(meta={"gateway_id": self.node_id, "joined_by": "mqtt",
-                                    "internal_ipv4": deploy.ipv4, "internal_ipv6": deploy.ipv6})
             self._addresses = addresses
             self._deployed.set()
             log.info("deployed as %s (job %s): internal %s and %s", self.node_id,
