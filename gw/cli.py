@@ -16,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_CONFIG_PATH, Settings, load_config
+from .config import (DEFAULT_CONFIG_PATH, UNIT_STATE_DIRECTORY, Settings, check_state_directory,
+                     load_config)
 from .errors import ConfigError, GatewayError, StoreLocked
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -674,7 +675,11 @@ def config_group():
 @config_group.command("check", context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
-def config_check(file, as_json):
+@click.option("--state-directory", metavar="DIR", envvar="STATE_DIRECTORY",
+              default=UNIT_STATE_DIRECTORY, show_default=True,
+              help="The unit's StateDirectory: store.path must lie inside it (the unit makes "
+                   "everything else read-only)")
+def config_check(file, as_json, state_directory):
     """Validate FILE (TOML) as the daemon would at start, without starting anything.
 
     \b
@@ -692,11 +697,12 @@ def config_check(file, as_json):
     mode = ("standalone" if settings.standalone
             else f"Oakestra MQTT mode (node {oak.node_id}, {', '.join(oak.mqtt_urls)})"
             if settings.mqtt_mode else f"Oakestra mode ({', '.join(oak.cluster_urls)})")
-    if settings.standalone:
-        try:
+    try:
+        if settings.standalone:
             settings.require_internal_ips()
-        except ConfigError as exc:
-            raise _config_failure(exc, file) from None
+        check_state_directory(settings, state_directory)
+    except ConfigError as exc:
+        raise _config_failure(exc, file) from None
     host = settings.api.host or "the internal IPv4"
     if as_json:
         click.echo(json.dumps({"file": str(file), "valid": True,

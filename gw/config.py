@@ -7,6 +7,7 @@ is a `ConfigError` whose field is the dotted key, so a bad config is one line na
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,11 @@ from .exposure import (DEFAULT_RESERVED, DEFAULT_SERVICE_RANGES, IPNetwork, Poli
 
 DEFAULT_CONFIG_PATH = "/etc/oakestra-gw/gateway.toml"
 DEFAULT_STORE_PATH = "/var/lib/oakestra-gw/exposures.json"
+# The unit's StateDirectory: under ProtectSystem=strict the only place the store can be written.
+UNIT_STATE_DIRECTORY = "/var/lib/oakestra-gw"
+# A first start may wait this long for the cluster, then loads the table and binds the API:
+# the unit's TimeoutStartSec (180 s) must cover both, so the bound stays 30 s below it.
+GIVE_UP_AFTER_MAX = 150
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 # A gateway (node) id: it names MQTT topics and URL paths, so no '/', '+', '#' or spaces.
 GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -230,7 +236,8 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             gateway_id=_str(oak, "gateway_id", "oakestra", ""),
             public_ipv4=_str(oak, "public_ipv4", "oakestra", ""),
             public_ipv6=_str(oak, "public_ipv6", "oakestra", ""),
-            give_up_after=_seconds(oak, "give_up_after", "oakestra", 120.0, 0, 86400),
+            give_up_after=_seconds(oak, "give_up_after", "oakestra", 120.0, 0,
+                                   GIVE_UP_AFTER_MAX),
             backoff_max=_seconds(oak, "backoff_max", "oakestra", 30.0, 0.1, 3600),
             probe_interval=_seconds(oak, "probe_interval", "oakestra", 5.0, 0.1, 3600),
             mqtt_urls=_urls(oak, "mqtt_url", MQTT_URL_RE, "an mqtt:// or mqtts:// URL"),
@@ -297,6 +304,18 @@ def _int(table, key, section, default, low, high) -> int:
         raise ConfigError(f"{section}.{key} must be from {low} to {high}, not {value}",
                           field=f"{section}.{key}")
     return value
+
+
+def check_state_directory(settings: "Settings", state_dirs: str) -> None:
+    """Pure: raise ConfigError naming store.path when it lies outside the state directories
+    (`state_dirs`: colon-separated, as systemd's $STATE_DIRECTORY)."""
+    store = Path(os.path.normpath(settings.store.path))
+    dirs = [Path(os.path.normpath(d)) for d in state_dirs.split(":") if d]
+    if not any(store.is_relative_to(d) and store != d for d in dirs):
+        shown = ", ".join(str(d) for d in dirs)
+        raise ConfigError(f"store.path {store} is outside the unit's StateDirectory ({shown}): "
+                          "under ProtectSystem=strict it cannot be written there",
+                          field="store.path")
 
 
 def _seconds(table, key, section, default, low, high) -> float:

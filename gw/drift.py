@@ -75,6 +75,8 @@ class DriftWatcher:
     arrive while a repair is pending are coalesced into it."""
 
     COALESCE = 0.05  # seconds: one repair for a burst of foreign changes
+    # A repair that fails (on_drift returns False or raises) is tried again, backing off.
+    RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 
     def __init__(self, on_drift: Callable[[str], None], probe: Callable[[], None],
                  argv: tuple[str, ...] = ("nft", "monitor")):
@@ -149,16 +151,27 @@ class DriftWatcher:
         self._pending.set()
 
     def _repair(self) -> None:
+        retry_in: float | None = None  # after a failed repair: when to try again
+        backoff = self.RETRY_FIRST
         while not self._stop.is_set():
-            if not self._pending.wait(0.5):
-                continue
+            if not self._pending.wait(0.5 if retry_in is None else retry_in):
+                if retry_in is None:
+                    continue
+                self._reasons.append("retrying the repair that failed")
             time.sleep(self.COALESCE)
             self._pending.clear()
             reasons, self._reasons = self._reasons, []
             try:
-                self._on_drift("; ".join(reasons[:3]) + (" ..." if len(reasons) > 3 else ""))
-            except Exception:  # the watcher must outlive a failed repair; the next event retries
+                repaired = self._on_drift("; ".join(reasons[:3]) +
+                                          (" ..." if len(reasons) > 3 else "")) is not False
+            except Exception:  # the watcher must outlive a failed repair
                 log.exception("drift: repair failed")
+                repaired = False
+            if repaired:
+                retry_in, backoff = None, self.RETRY_FIRST
+            else:
+                log.warning("drift: trying the repair again in %.1f s", backoff)
+                retry_in, backoff = backoff, min(backoff * 2, self.RETRY_MAX)
 
     def stop(self) -> None:
         self._stop.set()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import InvalidInput
@@ -175,6 +175,22 @@ def check_gateway_id(value: Any, policy: Policy, name: str = "gateway_id") -> No
     if value != policy.gateway_id:
         raise InvalidInput(f"{name} {_show(value)} is not this gateway's id "
                            f"({policy.gateway_id})", field=name)
+
+
+def port_conflicts(exposures: Iterable["Exposure"], policy: Policy) -> list[tuple["Exposure", str]]:
+    """Pure (given `policy.listening`, read once): the exposures an add would refuse today for
+    their port (reserved, or a local process listens on it), with the reason. A stored
+    exposure can come to shadow a local service that started, or a port reserved, after it
+    was added."""
+    listening = frozenset(policy.listening())
+    now = replace(policy, listening=lambda: listening)
+    found = []
+    for e in exposures:
+        try:
+            check_not_reserved(e.exposed_port, e.protocol, now)
+        except InvalidInput as exc:
+            found.append((e, exc.message))
+    return found
 
 
 # -- documents ------------------------------------------------------------------------------

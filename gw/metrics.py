@@ -94,6 +94,9 @@ class _StateCollector:
                                 "since the start that only a restart applies (0: none; the keys "
                                 "are in /api/ready and `oakestra-gw status`)",
                                 value=len(m.restart_needed))
+        yield GaugeMetricFamily("oakestra_gw_exposures_conflicting", "Stored exposures on a "
+                                "reserved port or one a local process listens on (checked at "
+                                "start and reload)", value=m.conflicting)
         stats = m.conntrack_stats()
         if "nf_conntrack_count" in stats:
             yield GaugeMetricFamily("oakestra_gw_conntrack_entries", "Conntrack entries in use",
@@ -167,6 +170,7 @@ class Metrics:
         self.restart_needed: list[str] = []  # set by the daemon's reload
         # The table's named counters (Firewall.counters), read at scrape time; set by the daemon.
         self.egress_counters: Callable[[], dict] = dict
+        self.conflicting = 0  # set by the daemon (Daemon._check_ports)
         r = self.registry
         self.api_requests = Counter("oakestra_gw_api_requests", "API requests by route, method and "
                                     "status", ["route", "method", "status"], registry=r)

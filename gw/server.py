@@ -25,10 +25,10 @@ import time
 from dataclasses import replace
 
 from . import api, auth, oakestra, ruleset
-from .config import EgressSettings, Settings, load_config
+from .config import EgressSettings, Settings, check_state_directory, load_config
 from .conntrack import Flusher
-from .errors import ConfigError, GatewayError
-from .exposure import Exposure
+from .errors import ConfigError, GatewayError, KernelRefused
+from .exposure import Exposure, port_conflicts
 from .firewall import Firewall
 from .gateway import Gateway
 from .logs import setup_logging
@@ -56,6 +56,9 @@ WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
 # before the answer. Read once at start; never set it in production.
 CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
 CRASH_EXIT = 97
+# TEST ONLY: OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first
+# one (the start) fail as a kernel refusal would, so a failing repair can be tested.
+REFUSE_ENV = "OAKESTRA_GW_TEST_REFUSE_LOADS"
 
 # Keys a reload applies live; any other change is logged as "restart needed".
 LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
@@ -162,6 +165,8 @@ class Daemon:
         setup_logging(self.config.log.level, self.config.log.format)
         if self.config.standalone:
             self.config.require_internal_ips()
+        if os.environ.get("STATE_DIRECTORY"):  # under the unit (systemd sets it)
+            check_state_directory(self.config, os.environ["STATE_DIRECTORY"])
         self.store = Store(self.config.store.path)
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
@@ -189,6 +194,8 @@ class Daemon:
                                on_change=self.metrics.on_change)
         if os.environ.get(CRASH_ENV):
             inject_crash(self.firewall, os.environ[CRASH_ENV])
+        if os.environ.get(REFUSE_ENV):
+            inject_refusals(self.firewall, os.environ[REFUSE_ENV])
         self.metrics.bind(self.gateway)
         self.metrics.egress_counters = self.firewall.counters
         # Watch before loading: a change by another process after this point is repaired.
@@ -225,6 +232,7 @@ class Daemon:
                  "standalone" if self.settings.standalone else
                  "Oakestra MQTT" if self.settings.mqtt_mode else "Oakestra",
                  "token required" if self.token else "no token")
+        self._check_ports()  # now that our own API port listens too
         if self.mqtt is None:
             oakestra.announce_ready(self.settings, self.store, self.token)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on port "
@@ -248,6 +256,20 @@ class Daemon:
 
     def _egress(self) -> dict:
         return ruleset.egress_status(self.settings, self._egress_interfaces)
+
+    def _check_ports(self) -> None:
+        """Stored exposures against the reserved and listening ports of today (at start and
+        after a reload): a conflict is logged and counted, and the exposure stays (the store
+        is the truth; deleting it is the operator's call)."""
+        from .sockets import read_listening  # noqa: PLC0415
+
+        exposures = [Exposure.from_dict(d) for d in self.gateway.exposures()]
+        found = port_conflicts(exposures, self.settings.policy(listening=read_listening))
+        for exposure, reason in found:
+            log.warning("stored exposure %s shadows a local port: %s; it stays, and traffic to "
+                        "that port goes to the service, not to the gateway: delete the "
+                        "exposure or move the local service", exposure, reason)
+        self.metrics.conflicting = len(found)
 
     def _ready_checks(self) -> dict:
         from . import netlink  # noqa: PLC0415
@@ -334,6 +356,7 @@ class Daemon:
         try:
             skeleton_changed = self._apply_config()
             self._reconcile(reload_skeleton=skeleton_changed)
+            self._check_ports()  # network.reserved_ports may have changed
         finally:
             sd_notify("READY=1")
 
@@ -400,17 +423,20 @@ class Daemon:
         log.info("reconcile: %s%s", "repaired: " + diff.summary() if diff else "kernel in sync",
                  "; table reloaded with the new configuration" if reload_skeleton else "")
 
-    def _on_drift(self, reason: str) -> None:
-        """The drift watcher saw another process change our table."""
+    def _on_drift(self, reason: str) -> bool:
+        """The drift watcher saw another process change our table; False when the repair
+        failed (the watcher tries again). `reason` quotes what the monitor saw (map elements
+        too): it goes to the log, not into the readiness reasons."""
         try:
             diff = self.gateway.reconcile()
         except GatewayError as exc:
-            self.gateway.problems["drift"] = f"unrepaired drift ({reason}): {exc.message}"
-            log.error("drift: repair failed: %s", exc.message)
-            return
+            self.gateway.problems["drift"] = f"unrepaired drift: the repair failed: {exc.message}"
+            log.error("drift: repair failed: %s (after: %s)", exc.message, reason)
+            return False
         self.metrics.reconciled(diff)
         if diff:
             log.warning("drift: repaired (%s)", diff.summary())
+        return True
 
     # -- watchdog ------------------------------------------------------------------------
 
@@ -455,6 +481,23 @@ def inject_crash(firewall: Firewall, spec: str) -> None:
             os._exit(CRASH_EXIT)
 
     firewall.apply = crashing_apply
+
+
+def inject_refusals(firewall: Firewall, spec: str) -> None:
+    """TEST ONLY: see REFUSE_ENV. Wraps `firewall.load`."""
+    if not spec.isdigit():
+        raise ConfigError(f"{REFUSE_ENV}={spec!r}: expected a number")
+    load, refuse, calls = firewall.load, int(spec), [0]
+    log.warning("%s=%s: table loads after the first will fail on purpose (test only)",
+                REFUSE_ENV, spec)
+
+    def refusing_load(*args, **kwargs):
+        calls[0] += 1
+        if 1 < calls[0] <= 1 + refuse:
+            raise KernelRefused(f"nftables refused the change ({REFUSE_ENV}, load {calls[0]})")
+        return load(*args, **kwargs)
+
+    firewall.load = refusing_load
 
 
 def serve(config_path: str) -> int:

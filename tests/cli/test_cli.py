@@ -51,7 +51,7 @@ def test_help_reads_like_a_man_page(command):
 
 def test_config_check(tmp_path):
     good = write_config(tmp_path)
-    r = invoke("config", "check", good)
+    r = invoke("config", "check", good, "--state-directory", str(tmp_path))
     assert r.exit_code == 0 and "ok: standalone" in r.output, r.output
     bad = tmp_path / "bad.toml"
     bad.write_text("[api]\nport = 0\n")

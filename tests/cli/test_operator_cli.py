@@ -107,7 +107,7 @@ def reload(gw):
 
 def test_json_without_a_daemon(tmp_path):
     config = write_config(tmp_path)
-    r = invoke("config", "check", config, "--json")
+    r = invoke("config", "check", config, "--json", "--state-directory", str(tmp_path))
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["valid"] is True and doc["mode"] == "standalone" and doc["api_port"] == 11022
