@@ -24,7 +24,6 @@ SUMMARY = {
     "forwarding_ipv4": "IPv4 forwarding is off",
     "forwarding_ipv6": "IPv6 forwarding is off",
     "netlink": "links and routes cannot be read",
-    "mqtt": "not connected to the cluster's MQTT broker",
     "readiness_check": "the readiness check failed",
     "mqtt": "not connected to the cluster's MQTT broker",
 }
