@@ -123,28 +123,65 @@ def requirements() -> list[str]:
     return install + ["setuptools>=61", "wheel"]
 
 
-def ensure_wheels(log=print) -> Path:
-    """Wheels of the gateway's dependencies (and of its build backend), cached: the test run is
-    cut off from PyPI, so the role's controller-side `pip wheel` resolves from here
-    (`--no-index --find-links`). Needs PyPI the first time (`nodelab.py prepare`)."""
+def _cached(final: Path, what: str, argv: list[str], log) -> Path:
+    """`final`, filled once by running `argv` with the work directory appended (under the
+    cache lock; a half-done download never becomes `final`)."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    final = wheels_dir()
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / ".complete").exists():
             return final
         work = Path(tempfile.mkdtemp(prefix=".wheels-", dir=CACHE))
         try:
-            log(f"nodelab: downloading the dependency wheels into {final}")
-            subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
-                            "--disable-pip-version-check", "--wheel-dir", str(work),
-                            *requirements()], check=True, timeout=1800)
+            log(f"nodelab: downloading {what} into {final}")
+            subprocess.run([*argv, str(work), *requirements()], check=True, timeout=1800)
             (work / ".complete").write_text(json.dumps(requirements()))
             shutil.rmtree(final, ignore_errors=True)
             work.rename(final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return final
+
+
+PIP = [sys.executable, "-m", "pip"]
+PIP_QUIET = ["--quiet", "--disable-pip-version-check"]
+
+
+def ensure_wheels(log=print) -> Path:
+    """Wheels of the gateway's dependencies (and of its build backend), cached: the test run is
+    cut off from PyPI, so the role's controller-side `pip wheel` resolves from here
+    (`--no-index --find-links`). Needs PyPI the first time (`nodelab.py prepare`)."""
+    return _cached(wheels_dir(), "the dependency wheels",
+                   [*PIP, "wheel", *PIP_QUIET, "--wheel-dir"], log)
+
+
+FOREIGN_ARCH = "aarch64"  # the wheelhouse test builds for it from an x86_64 machine
+FOREIGN_PYTHON = "3.11"    # Debian 12's
+
+
+def foreign_wheels_dir() -> Path:
+    return CACHE / f"{FOREIGN_ARCH}-wheels-{wheels_key()}"
+
+
+def build_wheelhouse_script() -> Path:
+    return ROLE / "files" / "build_wheelhouse.py"
+
+
+def ensure_foreign_wheels(log=print) -> Path:
+    """The dependency wheels for arm64 nodes (binary ones for aarch64 and CPython 3.11),
+    downloaded with the platform tags the role uses, so the wheelhouse test can build an arm64
+    wheelhouse offline. Needs PyPI the first time."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_wheelhouse", build_wheelhouse_script())
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    platforms = [a for tag in script.platforms(FOREIGN_ARCH) for a in ("--platform", tag)]
+    abi = "cp" + FOREIGN_PYTHON.replace(".", "")
+    return _cached(foreign_wheels_dir(), f"the {FOREIGN_ARCH} dependency wheels",
+                   [*PIP, "download", *PIP_QUIET, "--only-binary=:all:", *platforms,
+                    "--python-version", FOREIGN_PYTHON, "--implementation", "cp",
+                    "--abi", abi, "--abi", "abi3", "--abi", "none", "--dest"], log)
 
 
 def prepared() -> str | None:
@@ -154,6 +191,8 @@ def prepared() -> str | None:
         missing.append("the Debian 12 root file system")
     if not (wheels_dir() / ".complete").exists():
         missing.append("the dependency wheels")
+    if not (foreign_wheels_dir() / ".complete").exists():
+        missing.append(f"the {FOREIGN_ARCH} dependency wheels")
     if not missing:
         return None
     return (f"{' and '.join(missing)} not in {CACHE}: these need network, which the isolated "
@@ -468,9 +507,12 @@ if __name__ == "__main__":
         raise SystemExit(f"usage: {sys.argv[0]} prepare")
     t0 = time.monotonic()
     rootfs, wheels = ensure_rootfs().parent, ensure_wheels()
-    print(f"root file system: {rootfs}\ndependency wheels: {wheels}")
-    for old in [*CACHE.glob(f"{SUITE}-*"), *CACHE.glob("wheels-*")]:
-        if old not in (rootfs, wheels):  # an older recipe or requirement set
+    foreign = ensure_foreign_wheels()
+    print(f"root file system: {rootfs}\ndependency wheels: {wheels}\n"
+          f"{FOREIGN_ARCH} dependency wheels: {foreign}")
+    for old in [*CACHE.glob(f"{SUITE}-*"), *CACHE.glob("wheels-*"),
+                *CACHE.glob(f"{FOREIGN_ARCH}-wheels-*")]:
+        if old not in (rootfs, wheels, foreign):  # an older recipe or requirement set
             print(f"removing {old}")
             shutil.rmtree(old, ignore_errors=True)
     print(f"prepared in {time.monotonic() - t0:.1f}s")

@@ -225,6 +225,68 @@ def test_api_answers(lab, provisioned):
     wait_for(lambda: api(lab, "GET", "/api/ready")[0] == 200, 30, "/api/ready to answer 200")
 
 
+QUICK_START = nodelab.REPO / "docs" / "quickstart.md"
+PROMPTS = {"root@gateway:~# ": "node", "user@client:~$ ": "client",
+           "you@controller:~/oakestra-gw/ansible$ ": "controller"}
+
+
+def quick_start_steps(text: str) -> list[tuple[str, str, list[str]]]:
+    """(where, command, output lines) of every prompt line in the page's console blocks."""
+    steps, block = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = line.strip() == "```console"
+            continue
+        if not block:
+            continue
+        prompt = next((p for p in PROMPTS if line.startswith(p)), None)
+        if prompt is not None:
+            steps.append((PROMPTS[prompt], line[len(prompt):], []))
+        elif steps:
+            steps[-1][2].append(line)
+    return steps
+
+
+def words(lines) -> list[str]:
+    return [" ".join(line.split()) for line in lines if line.strip()]
+
+
+def test_quick_start_session(lab, provisioned):
+    """The operator quick start (docs/quickstart.md), replayed: the node's commands by their
+    bare names in a root login shell, the client's from the Internet side; each prints what
+    the page shows. The controller's steps are what this module's playbook runs do."""
+    steps = quick_start_steps(QUICK_START.read_text())
+    assert sum(where == "node" for where, _, _ in steps) >= 8, steps
+    transcript = []
+    for where, command, shown in steps:
+        if where == "controller":
+            continue
+        if where == "node":
+            res = lab.node("env", "-i", "HOME=/root", "TERM=dumb", "bash", "-lc", command,
+                           check=False)
+        else:
+            res = lab.client("bash", "-c", command, check=False)
+        prompt = next(p for p, w in PROMPTS.items() if w == where)
+        transcript.append(prompt + command + "\n" + res.stdout + res.stderr)
+        assert res.returncode == 0, f"{command} -> {res.returncode}\n{res.stdout}{res.stderr}"
+        assert words(res.stdout.splitlines()) == words(shown), \
+            f"{command} printed:\n{res.stdout}\nthe page shows:\n" + "\n".join(shown)
+    print("\n--- the quick start on the node ---\n" + "".join(transcript))
+
+
+def test_bare_command_and_bash_completion(lab, provisioned):
+    login = ["env", "-i", "HOME=/root", "TERM=dumb", "bash", "-lc"]
+    assert lab.node(*login, "command -v oakestra-gw").stdout.strip() == \
+        "/usr/local/bin/oakestra-gw"
+    script = ("source /usr/share/bash-completion/completions/oakestra-gw && "
+              "complete -p oakestra-gw && "
+              "COMP_WORDS=(oakestra-gw ex) COMP_CWORD=1 && "
+              "_oakestra_gw_completion oakestra-gw && "
+              "printf '%s\\n' \"${COMPREPLY[@]}\"")
+    res = lab.node(*login, script, check=False)
+    assert res.returncode == 0 and "expose" in res.stdout.split(), res.stdout + res.stderr
+
+
 def test_exposure_carries_client_traffic(lab, provisioned):
     # Positive control first: the worker serves the page on the service address.
     expose(lab, 8080, SERVICE_V4, HTTP_PORT)
@@ -338,19 +400,57 @@ def test_check_diff_mode_reports_nothing_to_do(lab, provisioned):
     assert res.returncode == 0 and r["changed"] == 0 and r["failed"] == 0, res.stdout[-4000:]
 
 
-def test_config_change_reloads(lab, provisioned):
+def status(lab) -> dict:
+    """`oakestra-gw status --json` on the node, by its bare name."""
+    res = lab.node("env", "-i", "HOME=/root", "bash", "-lc", "oakestra-gw status --json",
+                   check=False)
+    assert res.returncode in (0, 1), res.stdout + res.stderr
+    return json.loads(res.stdout)
+
+
+def handlers_run(res) -> dict[str, str]:
+    """The role's handlers that ran, and whether each changed something."""
+    return dict(re.findall(r"RUNNING HANDLER \[oakestra_gateway : (.+?)\] \*+\n(\w+):",
+                           res.stdout))
+
+
+def test_live_config_change_reloads(lab, provisioned):
     pid = main_pid(lab)
-    res = playbook(lab, oakestra_gateway_api_threads=4)
+    res = playbook(lab, oakestra_gateway_reserved_ports=["22/tcp", "50103/udp", "9999/tcp"])
     r = recap(res)
     assert res.returncode == 0 and r["changed"] >= 1, res.stdout[-4000:]
-    assert "RUNNING HANDLER [oakestra_gateway : Reload oakestra-gw]" in res.stdout
-    assert "threads = 4" in lab.node("cat", "/etc/oakestra-gw/gateway.toml").stdout
-    assert main_pid(lab) == pid, "a config change must reload, not restart"
+    assert handlers_run(res) == {"Reload oakestra-gw": "changed"}, res.stdout[-4000:]
+    assert main_pid(lab) == pid, "a change a reload applies must reload, not restart"
+    # The running daemon took it: 9999/tcp is reserved now.
+    wait_for(lambda: api(lab, "POST", "/api/service/exposure/add",
+                         {"exposed_port": 9999, "service_ip": SERVICE_V4,
+                          "service_port": 80})[0] == 400, 15, "9999/tcp to be reserved")
+    assert status(lab)["restart_needed"] == []
     # A config the daemon rejects never replaces the working one.
     res = playbook(lab, oakestra_gateway_tunnel_interface="oakgw0")
     assert res.returncode != 0 and "failed to validate" in res.stdout, res.stdout[-3000:]
-    assert "threads = 4" in lab.node("cat", "/etc/oakestra-gw/gateway.toml").stdout
+    assert '"9999/tcp"' in lab.node("cat", "/etc/oakestra-gw/gateway.toml").stdout
     assert lab.node("systemctl", "is-active", "oakestra-gw").stdout.strip() == "active"
+
+
+def test_restart_needing_change_restarts_and_is_live(lab, provisioned):
+    pid = main_pid(lab)
+    assert "oakestra_gw_exposure_new_connections" not in api(lab, "GET", "/metrics")[1]["text"]
+    res = playbook(lab, oakestra_gateway_reserved_ports=["22/tcp", "50103/udp", "9999/tcp"],
+                   oakestra_gateway_api_per_exposure_metrics=True)
+    assert res.returncode == 0, res.stdout[-4000:]
+    # Restarted, and not reloaded on top.
+    ran = handlers_run(res)
+    assert ran.get("Restart oakestra-gw") == "changed", res.stdout[-4000:]
+    assert ran.get("Reload oakestra-gw") in (None, "skipping"), res.stdout[-4000:]
+    assert main_pid(lab) not in (0, pid), "api.per_exposure_metrics needs a restart"
+    wait_for(lambda: api(lab, "GET", "/api/ready")[0] == 200, 30, "ready after the restart")
+    # The running daemon has the new value: per-exposure series are on /metrics.
+    assert "oakestra_gw_exposure_new_connections" in api(lab, "GET", "/metrics")[1]["text"]
+    assert status(lab)["restart_needed"] == []
+    again = playbook(lab, oakestra_gateway_reserved_ports=["22/tcp", "50103/udp", "9999/tcp"],
+                     oakestra_gateway_api_per_exposure_metrics=True)
+    assert again.returncode == 0 and recap(again)["changed"] == 0, again.stdout[-4000:]
 
 
 def test_new_code_restarts_and_keeps_the_exposures(lab, provisioned):

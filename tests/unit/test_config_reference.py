@@ -1,0 +1,43 @@
+"""docs/configuration.md against the code: the table and the complete example name every key
+the daemon knows, the example holds the defaults, and "live on reload" is what a reload does."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from gw.config import SECTIONS, parse_config
+from gw.server import LIVE
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+ALL_KEYS = {f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys}
+
+
+def example() -> dict:
+    block = re.search(r"```toml\n(.*?)```", PAGE.read_text(), re.S)
+    assert block, "no toml example"
+    return tomllib.loads(block[1])
+
+
+def table() -> dict[str, str]:
+    rows = re.findall(r"^\| `([a-z_]+\.[a-z_0-9]+)` \| [^|]+ \| (yes|no) \|", PAGE.read_text(),
+                      re.M)
+    return dict(rows)
+
+
+def test_the_example_names_every_key():
+    doc = example()
+    assert {f"{s}.{k}" for s, keys in doc.items() for k in keys} == ALL_KEYS
+
+
+def test_the_example_is_the_defaults_plus_the_internal_addresses():
+    doc = example()
+    internal = {k: doc["network"][k] for k in ("internal_ipv4", "internal_ipv6")}
+    assert parse_config(doc) == parse_config({"network": internal})
+
+
+def test_the_table_names_every_key_and_what_a_reload_applies():
+    rows = table()
+    assert set(rows) == ALL_KEYS
+    assert {key for key, live in rows.items() if live == "yes"} == LIVE
