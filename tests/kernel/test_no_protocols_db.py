@@ -1,7 +1,9 @@
 """A node without /etc/protocols (Debian's netbase is not installed on a minimal system, e.g.
-a debootstrap --variant=minbase node): libnftables then lists the protocol of a map key as its
-number (6, 17) instead of tcp/udp. The daemon and `oakestra-gw rules diff` must still read the
-kernel as equal to the store, not as "2 missing, 2 unexpected" on every reconcile."""
+a debootstrap --variant=minbase node): libnftables then resolves no protocol name it does not
+know itself (the skeleton must say `icmpv6`, not `ipv6-icmp`, or the daemon cannot start) and
+lists the protocol of a map key as its number (6, 17) instead of tcp/udp. The daemon and
+`oakestra-gw rules diff` must still start and read the kernel as equal to the store, not as
+"2 missing, 2 unexpected" on every reconcile."""
 
 from __future__ import annotations
 
