@@ -16,6 +16,7 @@ from gw.errors import ConfigError
 from gw.firewall import Diff
 from gw.metrics import ConnectionCounter, Metrics, parse_event, read_conntrack_drops
 from gw.server import apply_live, config_changes, one_line, sd_notify, watchdog_interval
+from tests.helpers import wait_for
 
 BASE = {"network": {"internal_ipv4": "10.30.255.1", "internal_ipv6": "fdff::ffff:1"}}
 
@@ -126,18 +127,34 @@ def test_sd_notify(tmp_path, abstract):
     assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "nobody")})
 
 
+def drain(sock) -> list[bytes]:
+    """The datagrams already queued, without waiting."""
+    got, timeout = [], sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            got.append(sock.recv(100))
+    except BlockingIOError:
+        return got
+    finally:
+        sock.settimeout(timeout)
+
+
 def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
     import http.server
     import threading
-    import time
 
     from gw.server import Daemon
 
     healthy = {"ok": True}
+    unhealthy_answers = []  # one item per 503 the watchdog was given
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200 if healthy["ok"] and self.path == "/api/health" else 503)
+            ok = healthy["ok"] and self.path == "/api/health"
+            if not ok:
+                unhealthy_answers.append(self.path)
+            self.send_response(200 if ok else 503)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -148,7 +165,7 @@ def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(2)
+    sock.settimeout(30)  # only catches a hang
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     daemon = Daemon("unused.toml")
     daemon.settings = parse_config({**BASE, "api": {"host": "127.0.0.1",
@@ -158,18 +175,14 @@ def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
     try:
         assert sock.recv(100) == b"WATCHDOG=1"
         healthy["ok"] = False
-        time.sleep(0.2)
-        sock.settimeout(0.05)
-        try:
-            while True:
-                sock.recv(100)  # what was sent before the switch
-        except socket.timeout:
-            pass
-        sock.settimeout(0.5)
-        with pytest.raises(socket.timeout):
-            sock.recv(100)
+        # The loop is sequential: once it was given a 503, every ping of a 200 before the
+        # switch has been sent. Drain those, then let it see three more 503s: no ping.
+        wait_for(lambda: unhealthy_answers, timeout=30, what="a 503 to the watchdog")
+        drain(sock)
+        seen = len(unhealthy_answers)
+        wait_for(lambda: len(unhealthy_answers) >= seen + 3, timeout=30, what="three more 503s")
+        assert drain(sock) == [], "a ping while the API did not answer"
         healthy["ok"] = True
-        sock.settimeout(2)
         assert sock.recv(100) == b"WATCHDOG=1"
     finally:
         daemon._stopping.set()

@@ -229,6 +229,13 @@ def controlplane_section(cp: dict) -> str:
             out.append(f"| drift repair, {dr['exposures']:,} exposures: SIGHUP to traffic "
                        f"flowing | {fmt(r['median'], 3)} s | {fmt(r['min'], 3)}-"
                        f"{fmt(r['max'], 3)} s | {r['n']} |")
+    fl = cp.get("flush")
+    if fl:
+        r = fl["delete_to_flushed_s"]
+        out.append(f"| conntrack flush: a delete's answer to its {fl['flows_each']:,} flows gone "
+                   f"(promise {fl['promise_s']:g} s; one listing {fmt(fl['poll_s'], 3)} s) | "
+                   f"{fmt(r['median'], 3)} s | {fmt(r['min'], 3)}-{fmt(r['max'], 3)} s | "
+                   f"{r['n']} |")
     for n, rss in cp.get("rss", {}).items():
         out.append(f"| daemon RSS, {int(n):,} exposures | {rss['rss_mib']:.1f} MiB | "
                    f"(peak {rss['hwm_mib']:.1f} MiB) | 1 |")
@@ -294,7 +301,17 @@ def all_figures(results: dict) -> str:
             lines.append(f"drift ({'+'.join(d['by'])}): flush->flow median "
                          f"{d['flush_to_flow_s']['median']:.3f} s"
                          + (f", sighup->flow median {d['sighup_to_flow_s']['median']:.3f} s"
-                            if "sighup_to_flow_s" in d else ""))
+                            if "sighup_to_flow_s" in d else "")
+                         + (f" (promise {d['promise_s']:g} s: worst/promise "
+                            f"{d['flush_to_flow_s']['max'] / d['promise_s']:.2f})"
+                            if "promise_s" in d else ""))
+        if cp.get("flush"):
+            f = cp["flush"]
+            s = f["delete_to_flushed_s"]
+            lines.append(f"conntrack flush of a deleted exposure ({f['flows_each']} flows): "
+                         f"median {s['median']:.3f} s, max {s['max']:.3f} s (promise "
+                         f"{f['promise_s']:g} s: worst/promise {s['max'] / f['promise_s']:.2f}; "
+                         f"one listing {f['poll_s']:.3f} s)")
         for n, rss in cp.get("rss", {}).items():
             lines.append(f"rss at {n}: {rss['rss_mib']:.1f} MiB (peak {rss['hwm_mib']:.1f})")
         lines.append(f"conntrack entries: {cp['conntrack']['entries']}")

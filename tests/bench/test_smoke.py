@@ -101,6 +101,9 @@ def test_controlplane_smoke():
         assert 0 < ready["median"] < 60
     assert res["drift"]["flush_to_flow_s"]["median"] > 0
     assert res["drift"]["by"] in (["watcher"], ["sighup"], ["sighup", "watcher"])
+    flush = res["flush"]
+    assert flush["delete_to_flushed_s"]["n"] == 1 and flush["delete_to_flushed_s"]["median"] > 0
+    assert flush["flows_each"] == 300 and flush["promise_s"] == 1.0
     assert 5 < res["rss"]["0"]["rss_mib"] < 2000
     assert res["rss"]["300"]["rss_mib"] > 5
 

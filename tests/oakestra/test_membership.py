@@ -117,10 +117,10 @@ def test_garbage_ends_a_first_start_at_once_and_changes_nothing(cluster, bridges
                                                                 canned, words):
     cluster.state.fail(step, canned)
     store = FakeStore()
-    start = time.monotonic()
     with pytest.raises(oakestra.ClusterGarbage) as err:
         membership(cluster.url, store).bring_up()
-    assert time.monotonic() - start < 1.0  # not retried
+    steps = cluster.state.steps()
+    assert len(steps) == len(set(steps)), f"retried: {steps}"
     assert words in err.value.message and "nothing was changed" in err.value.message
     assert bridges == [] and store.commits == []
 
@@ -143,7 +143,8 @@ def test_server_errors_are_retried_then_given_up(cluster, bridges, caplog):
             pytest.raises(oakestra.ClusterUnreachable) as err:
         membership(cluster.url, store).bring_up()
     elapsed = time.monotonic() - start
-    assert 1.4 < elapsed < 3.0
+    # It kept trying until give_up_after (1.5 s); how soon after is not its promise.
+    assert elapsed >= 1.5
     tries = len(cluster.state.calls)
     assert tries >= 4
     assert "gave up joining the Oakestra cluster" in err.value.message
@@ -186,10 +187,9 @@ def test_a_restart_uses_the_store_at_once_and_rejoins_in_the_background(bridges)
     orch = Orchestrator(port=0).start()
     orch.stop()  # the cluster is down while the gateway restarts
     store = FakeStore({**STORED, "cluster_url": orch.url})
-    m = membership(orch.url, store)
-    start = time.monotonic()
+    # Had it waited for the cluster, it would give up after 60 s and raise here.
+    m = membership(orch.url, store, give_up_after=60)
     live = m.bring_up()
-    assert time.monotonic() - start < 0.5
     assert str(live.network.internal_ipv4) == "10.30.255.1"
     assert bridges == [("10.30.255.1", "fdff:ffff::1")]
     m.announce_ready("t0ken-t0ken-t0ken-t0ken")

@@ -2,7 +2,7 @@
 traffic from the client namespace through it. Something else changes our table (`nft flush
 ruleset`, the table deleted, a chain flushed, map elements removed, added or redirected by
 hand); the daemon notices from nftables events (its `nft monitor` child), restores the table
-from the store in one transaction within 2 s, logs what it found and counts it in /metrics, and
+from the store in one transaction (how fast: tests/bench), logs what it found and counts it in /metrics, and
 traffic through the exposures resumes by itself. Its own commits and other tables' changes are
 not drift."""
 

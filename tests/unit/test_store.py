@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,19 +162,25 @@ def test_get_uses_the_index_never_a_scan(path, monkeypatch):
         assert ("ipv4", "tcp", 150) in store and ("ipv4", "tcp", 999) not in store
 
 
-def test_commit_cost_does_not_grow_with_the_store(path):
-    """TinyDB's own write path costs ~6 ms per change at 30k documents; ours must stay flat."""
-    with Store(path, fsync=False) as store:
-        store.commit(put=[doc(p, protocol=proto, family=fam)
-                          for fam in ("ipv4", "ipv6") for proto in ("tcp", "udp")
-                          for p in range(1, 7501)])
-        assert len(store) == 30000
-        times = []
+def test_commit_cost_does_not_grow_with_the_store(tmp_path):
+    """TinyDB's own write path rewrites every document per change (~6 ms at 30k); ours appends
+    one record. A ratio within one run, commits interleaved so both stores see the same noise:
+    no wall-clock limit (absolute figures are in tests/bench)."""
+    with Store(tmp_path / "small.json", fsync=False) as small, \
+            Store(tmp_path / "big.json", fsync=False) as big:
+        small.commit(put=[doc(p) for p in range(1, 11)])
+        big.commit(put=[doc(p, protocol=proto, family=fam)
+                        for fam in ("ipv4", "ipv6") for proto in ("tcp", "udp")
+                        for p in range(1, 7501)])
+        assert len(big) == 30000
+        times = {"small": [], "big": []}
         for i in range(200):
-            start = time.perf_counter()
-            store.commit(put=[doc(1 + i, service_port=1 + i)])
-            times.append(time.perf_counter() - start)
-        assert sorted(times)[100] < 0.002
+            for name, store in (("small", small), ("big", big)):
+                start = time.perf_counter()
+                store.commit(put=[doc(1 + i, service_port=1 + i)])
+                times[name].append(time.perf_counter() - start)
+        ratio = statistics.median(times["big"]) / statistics.median(times["small"])
+        assert ratio < 10, f"a commit at 30k documents costs {ratio:.1f}x one at 10"
 
 
 def test_snapshot_is_a_plain_tinydb_file(path):
