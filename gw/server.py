@@ -105,14 +105,21 @@ def one_line(exc: GatewayError) -> str:
     return exc.message
 
 
+# Settings held under another name than their key in gateway.toml (a key that takes a list).
+FIELD_KEYS = {"oakestra.cluster_urls": "oakestra.cluster_url",
+              "oakestra.mqtt_urls": "oakestra.mqtt_url"}
+SETTINGS_SECTIONS = ("api", "store", "network", "oakestra", "log", "egress")
+
+
 def config_changes(before: Settings, after: Settings) -> list[str]:
-    """Pure: the dotted keys whose values differ."""
+    """Pure: the dotted keys (as written in the file) whose values differ."""
     changed = []
-    for section in ("api", "store", "network", "oakestra", "log", "egress"):
+    for section in SETTINGS_SECTIONS:
         a, b = getattr(before, section), getattr(after, section)
         for name in a.__dataclass_fields__:
             if getattr(a, name) != getattr(b, name):
-                changed.append(f"{section}.{name}")
+                key = f"{section}.{name}"
+                changed.append(FIELD_KEYS.get(key, key))
     return changed
 
 
