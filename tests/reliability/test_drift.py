@@ -246,7 +246,7 @@ def test_a_burst_of_foreign_changes_converges(gw):
     started = time.monotonic()
     for line in script.splitlines():
         lab.run("gateway", "nft", line)
-        assert daemon.request("GET", "/api/health", timeout=2)[0] == 200
+        assert daemon.request("GET", "/api/health", timeout=HANG)[0] == 200
     wait_for(lambda: normalized_table(lab) == gw.good, timeout=HANG,
              interval=0.02, what="convergence after the burst", log=daemon.log_tail)
     converged = time.monotonic() - started
@@ -327,7 +327,7 @@ def test_commits_from_any_thread_of_the_process_are_its_own(tmp_path):
             time.sleep(0.5)
             assert reports == []
             ns.run("nft", "add chain inet oakestra_gw foreign")  # positive control
-            wait_for(lambda: reports, timeout=2, what="the foreign change reported")
+            wait_for(lambda: reports, timeout=HANG, what="the foreign change reported")
             assert "changed our table" in reports[0]
         finally:
             done.set()
