@@ -14,14 +14,16 @@ Every call is retried with capped exponential backoff, one log line per failed t
   failures, timeouts and 5xx/408/429 answers are retried until ``oakestra.give_up_after``
   seconds have passed; any other 4xx, or an answer that does not hold what the contract says,
   ends the start at once. Either way a `ClusterError` with a sentence saying what happened, and
-  nothing was changed: no bridge, no address, nothing in the store. Only after both answers
-  are validated are the bridge set up and the id and addresses stored.
+  nothing was changed but the id `register` answered (kept in the store's meta, so the next
+  start registers under it and not as a new gateway): no bridge, no address. Only after both
+  answers are validated are the bridge set up and the addresses stored.
 - Restart (id and addresses stored): the stored addresses are used at once, so the server loads
   the table and traffic flows without waiting for the cluster; steps 1 and 2 run in the
   background under the stored id, retried for as long as the process lives. Should the cluster
   answer another id, or other addresses, the store is updated (the addresses take effect at the
   next start; the running process keeps the ones it serves on, and says so).
-- Step 4 always runs in the background once the API listens, after steps 1-2 succeeded.
+- Step 4 always runs in the background once the API listens, after steps 1-2 succeeded, in
+  one announcer thread: a newer announcement (a rotated token) replaces an older one.
 - Standalone (no ``cluster_url``): the addresses come from the config; only step 3.
 - Replicas (``cluster_url`` a list): every call goes to the orchestrator in use and moves to
   the next on a failure that may work elsewhere. Once ready, the one in use is probed every
@@ -290,7 +292,12 @@ class Membership:
         self._rejoin_ok = False
         self._threads: list[threading.Thread] = []
         self.ready_sent = threading.Event()       # the cluster acknowledged step 4
-        self._watching = threading.Lock()         # one watch of the orchestrator at a time
+        # One announcer thread for step 4: a newer announcement (a rotated token) replaces
+        # the older one instead of racing it, so the last token the cluster gets is the newest.
+        self._announce = threading.Condition()
+        self._token: str | None = None
+        self._wanted = 0                          # announcements asked for
+        self._announcer: threading.Thread | None = None
 
     # -- step 1-3 ---------------------------------------------------------------------------
 
@@ -301,6 +308,8 @@ class Membership:
             netlink.ensure_bridge(settings)
             return settings
         stored = self._stored()
+        if isinstance(stored, str):  # a registration id without addresses: a failed start
+            return self._first_start(pending_id=stored)
         if stored is not None:
             live = settings.with_internal_ips(stored.ipv4, stored.ipv6)
             netlink.ensure_bridge(live)
@@ -310,7 +319,11 @@ class Membership:
                      stored.ipv4, stored.ipv6, settings.oakestra.cluster_url)
             self._spawn("oakestra-rejoin", self._rejoin)
             return live
-        joined = self._join_first()
+        return self._first_start(pending_id=None)
+
+    def _first_start(self, pending_id: str | None) -> Settings:
+        settings = self.settings
+        joined = self._join_first(pending_id)
         live = settings.with_internal_ips(joined.ipv4, joined.ipv6)
         netlink.ensure_bridge(live)
         self.store.commit(meta=self._meta(joined))
@@ -321,7 +334,8 @@ class Membership:
                  self.client.url, joined.gateway_id, joined.ipv4, joined.ipv6)
         return live
 
-    def _stored(self) -> Joined | None:
+    def _stored(self) -> Joined | str | None:
+        """The stored registration; only its id (a str) when a first start got that far."""
         meta = self.store.meta()
         if not any(meta.get(k) for k in ("gateway_id", "internal_ipv4", "internal_ipv6")):
             return None
@@ -336,6 +350,8 @@ class Membership:
         try:
             if not isinstance(gid, str) or not GATEWAY_ID_RE.fullmatch(gid):
                 raise ConfigError(f"gateway_id {_show(gid)} is not an id")
+            if v4 is None and v6 is None:
+                return gid
             self.settings.with_internal_ips(str(v4), str(v6))
         except ConfigError as exc:
             raise ClusterError(f"the store {self.store.path} holds an unusable registration "
@@ -343,20 +359,27 @@ class Membership:
                                "to register again") from None
         return Joined(gid, str(v4), str(v6))
 
-    def _join_first(self) -> Joined:
+    def _join_first(self, pending_id: str | None) -> Joined:
         oak = self.settings.oakestra
         public = self.public_ips()
         deadline_start = time.monotonic()
+        kept = ""
 
         def left() -> float:
             return max(0.0, oak.give_up_after - (time.monotonic() - deadline_start))
 
         try:
             gid = retry(f"register with {oak.cluster_url}",
-                        lambda: self.client.register(oak.gateway_id, public.get("ipv4", ""),
+                        lambda: self.client.register(pending_id or oak.gateway_id,
+                                                     public.get("ipv4", ""),
                                                      public.get("ipv6", "")),
                         give_up_after=oak.give_up_after, backoff_max=oak.backoff_max,
                         stop=self._stop)
+            if gid != pending_id:
+                # Kept before the next step can fail: a start that fails after this (and
+                # systemd's restart) registers again under this id, not as another gateway.
+                self.store.commit(meta={"gateway_id": gid, "cluster_url": oak.cluster_url})
+                kept = f" but the gateway id {gid}, kept for the next start"
             ipv4, ipv6 = retry(f"fetch the internal addresses from {oak.cluster_url}",
                                lambda: self.client.internal_ips(gid), give_up_after=left(),
                                backoff_max=oak.backoff_max, stop=self._stop)
@@ -364,7 +387,7 @@ class Membership:
         except _Stopped:
             raise ClusterError("stopped while joining the Oakestra cluster") from None
         except ClusterError as exc:
-            raise type(exc)(f"{exc.message} (first start: nothing was changed; "
+            raise type(exc)(f"{exc.message} (first start: nothing was changed{kept}; "
                             f"cluster {oak.cluster_url})") from None
         return Joined(gid, ipv4, ipv6)
 
@@ -460,47 +483,63 @@ class Membership:
     def announce_ready(self, token: str | None) -> None:
         if self.settings.standalone:
             return
-        self._spawn("oakestra-ready", lambda: self._ready(token))
+        with self._announce:
+            self._token = token
+            self._wanted += 1
+            self._announce.notify_all()
+            if self._announcer is None:
+                self._announcer = self._spawn("oakestra-ready", self._announce_loop)
 
-    def _ready(self, token: str | None) -> None:
+    def _announce_loop(self) -> None:
         # On a restart, wait for the re-registration (it may take as long as the cluster is down).
         while not self._rejoined.wait(0.5):
             if self._stop.is_set():
                 return
-        if not self._rejoin_ok or not self._send_ready(token):
+        if not self._rejoin_ok:
             return
-        if len(self.client.urls) > 1 and self._watching.acquire(blocking=False):
-            try:
-                self._watch(token)
-            finally:
-                self._watching.release()
-
-    def _watch(self, token: str | None) -> None:
-        """With replicas: check the orchestrator in use every `oakestra.probe_interval`; when
-        it stops answering, switch to the next and announce the gateway there (register
-        under its id, then ready with the token), as on a restart."""
-        oak = self.settings.oakestra
-        while not self._stop.wait(oak.probe_interval):
-            try:
-                self.client.probe()  # a failure has already switched to the next one
+        replicas = len(self.client.urls) > 1
+        sent = 0
+        while not self._stop.is_set():
+            with self._announce:
+                wanted = self._wanted
+            if sent != wanted:
+                if not self._send_ready():
+                    return
+                sent = wanted
                 continue
-            except _Retryable as exc:
-                log.warning("the cluster orchestrator stopped answering (%s): announcing the "
-                            "gateway to %s", exc, self.client.url)
-            self._rejoin_ok = False
-            self._rejoined.clear()
-            self._rejoin()
-            if not self._rejoin_ok or not self._send_ready(token):
+            with self._announce:
+                if self._wanted == sent and not self._stop.is_set():
+                    self._announce.wait(self.settings.oakestra.probe_interval if replicas
+                                        else None)
+                woken = self._wanted != sent or self._stop.is_set()
+            if replicas and not woken and not self._watch_once():
                 return
 
-    def _send_ready(self, token: str | None) -> bool:
-        """Step 4, retried (through the replicas) until it works; False when stopped."""
+    def _watch_once(self) -> bool:
+        """With replicas: check the orchestrator in use (every `oakestra.probe_interval`);
+        when it stops answering, switch to the next and announce the gateway there (register
+        under its id, then ready with the newest token), as on a restart. False when that
+        cannot be done (stopped, or the re-registration failed)."""
+        try:
+            self.client.probe()  # a failure has already switched to the next one
+            return True
+        except _Retryable as exc:
+            log.warning("the cluster orchestrator stopped answering (%s): announcing the "
+                        "gateway to %s", exc, self.client.url)
+        self._rejoin_ok = False
+        self._rejoined.clear()
+        self._rejoin()
+        return self._rejoin_ok and self._send_ready()
+
+    def _send_ready(self) -> bool:
+        """Step 4, retried (through the replicas) until it works; every try carries the newest
+        token. False when stopped."""
         oak = self.settings.oakestra
         joined = self._joined
         try:
             retry("report ready to the cluster",
                   lambda: self.client.ready(joined.gateway_id, joined.ipv4, joined.ipv6,
-                                            self.settings.api.port, token),
+                                            self.settings.api.port, self._token),
                   give_up_after=None, backoff_max=oak.backoff_max, stop=self._stop,
                   retry_all=True)
         except _Stopped:
@@ -516,13 +555,16 @@ class Membership:
     def gateway_id(self) -> str | None:
         return self._joined.gateway_id if self._joined else None
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()
+        return thread
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        with self._announce:
+            self._announce.notify_all()
         for thread in self._threads:
             thread.join(timeout)
 
