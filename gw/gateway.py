@@ -131,12 +131,10 @@ class Gateway:
         """Make the kernel hold the skeleton and exactly the store's exposures (one
         transaction). Used at start and to repair drift: no read of the kernel needed."""
         with self._lock:
-            docs = self.store.exposures()
+            docs = self._wanted()
             self._kernel(lambda: self.firewall.load(Exposure.from_dict(d) for d in docs),
                          kind="reconcile")
-            self._store_ahead = False
-            for cause in ("drift", "store"):
-                self.problems.pop(cause, None)
+            self.problems.pop("drift", None)
             if self.flusher is not None:
                 # Flows of elements that are gone (a flush lost to a crash or a stop, an
                 # element someone else added) would live on: one sweep finds them all.
@@ -151,7 +149,7 @@ class Gateway:
     def diff(self) -> Diff:
         """Kernel versus store. Lists the maps (~1 s at 50k): never on a request path."""
         with self._lock:
-            return self.firewall.diff(Exposure.from_dict(d) for d in self.store.exposures())
+            return self.firewall.diff(Exposure.from_dict(d) for d in self._wanted())
 
     def reconcile(self) -> Diff:
         """Compare kernel (maps and chains) with the store; if they differ, load the table
@@ -177,20 +175,38 @@ class Gateway:
         self.problems.pop("firewall", None)
         self._on_change(kind, True)
 
-    _store_ahead = False
+    # A store change the kernel refused and the store could not take back: (put, delete).
+    _unreverted: tuple[list[dict], list[Key]] | None = None
 
     def _revert(self, put: Iterable[dict], delete: Iterable[Key]) -> None:
-        """Undo a store change the kernel refused. Should this write fail too, the store is
-        ahead of the kernel: say so, and the next change first loads the kernel from it."""
+        """Undo a store change the kernel refused. Should this write fail too, the undo is
+        kept: the kernel is never loaded with the refused change, and no change is taken
+        until the store has taken the undo (see `_settle`)."""
+        put, delete = list(put), list(delete)
         try:
-            self.store.commit(put=list(put), delete=list(delete))
+            self.store.commit(put=put, delete=delete)
         except GatewayError as exc:
-            self._store_ahead = True
+            self._unreverted = (put, delete)
             self.problems["store"] = f"could not revert a refused change: {exc.message}"
-            log.critical("store and kernel differ: revert failed: %s", exc.message)
+            log.critical("the kernel refused a change and the store could not take it back "
+                         "(%s): no change is taken until it can", exc.message)
+
+    def _wanted(self) -> list[dict]:
+        """What the kernel must hold: the store, less a refused change it could not revert."""
+        docs = self.store.exposures()
+        if self._unreverted is None:
+            return docs
+        put, delete = self._unreverted
+        gone = set(delete) | {Exposure.from_dict(d).key for d in put}
+        return [d for d in docs if Exposure.from_dict(d).key not in gone] + put
 
     def _settle(self) -> None:
-        """Before a change: if a failed revert left the store ahead of the kernel, bring the
-        kernel in line first, so no answer is computed from a store the kernel disagrees with."""
-        if self._store_ahead:
-            self.load()
+        """Before a change: write the undo a failed revert left pending. If the store still
+        cannot take it, this change fails (503) before anything is touched."""
+        if self._unreverted is None:
+            return
+        put, delete = self._unreverted
+        self.store.commit(put=put, delete=delete)
+        self._unreverted = None
+        self.problems.pop("store", None)
+        log.warning("the store took back the change the kernel had refused")

@@ -27,7 +27,7 @@ from dataclasses import replace
 from . import api, auth, oakestra, ruleset
 from .config import EgressSettings, Settings, check_state_directory, load_config
 from .conntrack import Flusher
-from .errors import ConfigError, GatewayError, KernelRefused
+from .errors import ConfigError, GatewayError, KernelRefused, StoreUnavailable
 from .exposure import Exposure, port_conflicts
 from .firewall import Firewall
 from .gateway import Gateway
@@ -53,7 +53,8 @@ WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
 # TEST ONLY (tests/reliability): OAKESTRA_GW_TEST_CRASH="before-kernel:N" makes the process
 # die at once (os._exit, no cleanup: like a crash) in its N-th change of exposures, after the
 # store commit and before the kernel commit; "after-kernel:N" right after the kernel commit,
-# before the answer. Read once at start; never set it in production.
+# before the answer; "refuse-then-store-fails:N" makes the N-th kernel commit refused and the
+# store's next write (the revert) fail. Read once at start; never set it in production.
 CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
 CRASH_EXIT = 97
 # TEST ONLY: OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first
@@ -200,7 +201,7 @@ class Daemon:
         self.gateway = Gateway(self.store, self.firewall, self.flusher,
                                on_change=self.metrics.on_change)
         if os.environ.get(CRASH_ENV):
-            inject_crash(self.firewall, os.environ[CRASH_ENV])
+            inject_crash(self.firewall, os.environ[CRASH_ENV], self.store)
         if os.environ.get(REFUSE_ENV):
             inject_refusals(self.firewall, os.environ[REFUSE_ENV])
         self.metrics.bind(self.gateway)
@@ -468,17 +469,38 @@ class Daemon:
                 log.warning("watchdog: the API did not answer; not pinging systemd")
 
 
-def inject_crash(firewall: Firewall, spec: str) -> None:
+def _fail_next_write(store) -> None:
+    """TEST ONLY: the store's next journal write fails with EROFS."""
+    import errno  # noqa: PLC0415
+
+    write = store._append
+
+    def failing(record):
+        store._append = write
+        raise StoreUnavailable(f"cannot write the store's journal: "
+                               f"{os.strerror(errno.EROFS)} (test only)")
+
+    store._append = failing
+
+
+def inject_crash(firewall: Firewall, spec: str, store=None) -> None:
     """TEST ONLY: see CRASH_ENV. Wraps `firewall.apply`, which Gateway.add and Gateway.delete
     call exactly between their store commit and their answer."""
     point, _, nth = spec.partition(":")
-    if point not in ("before-kernel", "after-kernel") or not nth.isdigit() or int(nth) < 1:
-        raise ConfigError(f"{CRASH_ENV}={spec!r}: expected before-kernel:N or after-kernel:N")
+    points = ("before-kernel", "after-kernel", "refuse-then-store-fails")
+    if point not in points or not nth.isdigit() or int(nth) < 1:
+        raise ConfigError(f"{CRASH_ENV}={spec!r}: expected one of {', '.join(points)}, "
+                          "then :N")
     apply, target, calls = firewall.apply, int(nth), [0]
     log.warning("%s=%s: this process will crash on purpose (test only)", CRASH_ENV, spec)
 
     def crashing_apply(*args, **kwargs):
         calls[0] += 1
+        if calls[0] == target and point == "refuse-then-store-fails":
+            # A double failure: the kernel refuses, and the store's next write (the revert)
+            # fails as on a file system gone read-only.
+            _fail_next_write(store)
+            raise KernelRefused(f"{CRASH_ENV}: nftables refused the transaction (test only)")
         if calls[0] == target and point == "before-kernel":
             log.critical("%s: exiting after the store commit, before the kernel commit", CRASH_ENV)
             os._exit(CRASH_EXIT)

@@ -212,16 +212,17 @@ TestGatewayMachine.settings = settings(max_examples=40, stateful_step_count=25, 
 
 
 def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch):
-    """Kernel refuses, then the disk refuses the revert: the store is ahead of the kernel.
-    The gateway says so (not ready) and loads the kernel from the store before any other
-    change, so the two agree again."""
+    """Kernel refuses, then the disk refuses the revert: the store holds a change that was
+    answered 503. The gateway says so (not ready), a repair loads the kernel without it, and
+    the next change first writes the undo (refused with the store while the disk still
+    fails), so the refused change reaches neither the kernel nor, in the end, the store."""
     gateway.add([ex(80, "10.30.0.1")])
     subprocess.run(["nft", "delete", "table", "inet", "oakestra_gw"], check=True)
     real_commit, calls = gateway.store.commit, []
 
     def commit(*args, **kw):
         calls.append(kw)
-        if len(calls) == 2:  # the revert
+        if len(calls) >= 2:  # the revert, and the disk stays broken
             raise StoreUnavailable("no space left on device (ENOSPC)")
         return real_commit(*args, **kw)
 
@@ -229,7 +230,12 @@ def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch)
     with pytest.raises(KernelRefused):
         gateway.add([ex(81, "10.30.0.2")])
     assert "store" in gateway.problems
+    gateway.reconcile()  # the repair restores the table, without the refused exposure
+    assert len(kernel_state()) == 1
+    with pytest.raises(StoreUnavailable):
+        gateway.add([ex(82, "10.30.0.3")])
+    assert len(kernel_state()) == 1
     monkeypatch.setattr(gateway.store, "commit", real_commit)
     gateway.add([ex(82, "10.30.0.3")])
-    assert kernel_state() == store_state(gateway.store) and len(kernel_state()) == 3
+    assert kernel_state() == store_state(gateway.store) and len(kernel_state()) == 2
     assert "store" not in gateway.problems and "firewall" not in gateway.problems

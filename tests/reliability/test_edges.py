@@ -378,3 +378,23 @@ def test_a_torn_last_record_of_the_current_journal_is_dropped(tmp_path):
         assert gw.http().add(ex(8003)).status == 201
         assert gw.stop() == 0
         assert stored_docs(gw.store_dir / "exposures.json") == {doc(8001), doc(8003)}
+
+
+def test_a_refused_change_whose_revert_fails_never_reaches_the_kernel(tmp_path):
+    """Issue 12, 8(b): the kernel refuses an add and the store cannot take the revert either
+    (a fault hook at the adapter edge: the 2nd kernel commit is refused, the store's next
+    journal write fails with EROFS). The add answers 503; the next change must not push the
+    refused exposure into the kernel, and it is gone from the store too."""
+    with gateway(tmp_path / "gw", drift_watch=False) as gw:
+        gw.start(env={"OAKESTRA_GW_TEST_CRASH": "refuse-then-store-fails:2"})
+        api = gw.http()
+        assert api.add(ex(8001)).status == 201
+        r = api.add(ex(8002))
+        assert r.status == 503, r
+        assert gw.kernel_docs() == {doc(8001)}
+        # The store works again; the next change does not carry the refused one along.
+        assert api.add(ex(8003)).status == 201
+        assert gw.kernel_docs() == {doc(8001), doc(8003)}, "the refused add reached the kernel"
+        assert docs_set(api.list()) == {doc(8001), doc(8003)}
+        assert gw.stop() == 0
+        assert stored_docs(Path(gw.config["store"]["path"])) == {doc(8001), doc(8003)}
