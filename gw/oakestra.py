@@ -18,10 +18,12 @@ Every call is retried with capped exponential backoff, one log line per failed t
   start registers under it and not as a new gateway): no bridge, no address. Only after both
   answers are validated are the bridge set up and the addresses stored.
 - Restart (id and addresses stored): the stored addresses are used at once, so the server loads
-  the table and traffic flows without waiting for the cluster; steps 1 and 2 run in the
-  background under the stored id, retried for as long as the process lives. Should the cluster
-  answer another id, or other addresses, the store is updated (the addresses take effect at the
-  next start; the running process keeps the ones it serves on, and says so).
+  the table and traffic flows without waiting for the cluster; step 1 runs in the background
+  under the stored id, retried for as long as the process lives. Step 2 follows only when the
+  cluster answers another id (a new registration): Oakestra's root service manager hands out a
+  new address on every call, so asking again for the same registration would churn. Should
+  the addresses differ, the store is updated (they take effect at the next start; the running
+  process keeps the ones it serves on, and says so).
 - Step 4 always runs in the background once the API listens, after steps 1-2 succeeded, in
   one announcer thread: a newer announcement (a rotated token) replaces an older one.
 - Standalone (no ``cluster_url``): the addresses come from the config; only step 3.
@@ -450,9 +452,15 @@ class Membership:
             gid = retry(f"re-register gateway {current.gateway_id} with the cluster",
                         register, give_up_after=None, backoff_max=oak.backoff_max,
                         stop=self._stop, retry_all=True)
-            ipv4, ipv6 = retry("fetch the internal addresses from the cluster",
-                               lambda: self.client.internal_ips(gid), give_up_after=None,
-                               backoff_max=oak.backoff_max, stop=self._stop, retry_all=True)
+            if gid == current.gateway_id:
+                # The same registration: the stored addresses stand. Oakestra's root service
+                # manager hands out a new address on every GET .../ip, so asking would churn.
+                ipv4, ipv6 = current.ipv4, current.ipv6
+            else:
+                ipv4, ipv6 = retry("fetch the internal addresses from the cluster",
+                                   lambda: self.client.internal_ips(gid), give_up_after=None,
+                                   backoff_max=oak.backoff_max, stop=self._stop,
+                                   retry_all=True)
         except _Stopped:
             return
         except GatewayError as exc:  # e.g. the public addresses cannot be found

@@ -57,6 +57,9 @@ class ClusterState:
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     lock: threading.Lock = field(default_factory=threading.Lock)
     ready_event: threading.Event = field(default_factory=threading.Event)
+    # Like Oakestra's real root service manager: every GET .../ip hands out a new address.
+    churn: bool = False
+    ip_calls: int = 0
 
     def fail(self, step: str, canned: str, times: int | None = None) -> None:
         assert canned in GARBAGE, canned
@@ -121,8 +124,11 @@ def create_app(state: ClusterState) -> Flask:
             return fault
         if gid not in state.gateways:
             return jsonify({"error": "unknown gateway"}), 404
-        return jsonify({"oakestra_gateway_ipv4": state.internal_ipv4,
-                        "oakestra_gateway_ipv6": state.internal_ipv6})
+        with state.lock:
+            n = state.ip_calls if state.churn else 0
+            state.ip_calls += 1
+        return jsonify({"oakestra_gateway_ipv4": str(ipaddress.ip_address(state.internal_ipv4) + n),
+                        "oakestra_gateway_ipv6": str(ipaddress.ip_address(state.internal_ipv6) + n)})
 
     @app.post("/api/gateway/<gid>/ready")
     def ready(gid):

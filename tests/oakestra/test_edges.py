@@ -82,3 +82,30 @@ def test_the_newest_token_is_the_last_one_announced(lab):
     assert daemon.stop() == 0
     assert first not in tokens and tokens[-1] == newest, tokens
     assert set(tokens) == {newest}, tokens
+
+
+def test_a_restart_with_stored_addresses_does_not_ask_for_new_ones(lab):
+    """Oakestra's root service manager hands out a new address on every GET .../ip: a restart
+    that asked again would churn the gateway's addresses. Stored addresses are kept unless
+    the cluster says they changed (it answers another id)."""
+    cluster = orchestrator(lab)
+    state = cluster.state
+    state.churn = True
+    daemon = oakestra_daemon(lab)
+    with cluster.running():
+        daemon.start()
+        assert state.ready_event.wait(10), daemon.log_tail()
+        assert daemon.stop() == 0
+        meta = store_state(daemon)[1]
+        state.ready_event.clear()
+        daemon.start()
+        assert state.ready_event.wait(10), daemon.log_tail()
+        assert daemon.stop() == 0
+    steps = state.steps()
+    assert steps.count("GET /api/gateway/gw-1/ip") == 1, steps
+    assert steps[-2:] == ["POST /api/gateway/register", "POST /api/gateway/gw-1/ready"], steps
+    assert store_state(daemon)[1] == meta
+    assert (state.ready[-1][1]["oakestra_gateway_ipv4"],
+            state.ready[-1][1]["oakestra_gateway_ipv6"]) == (meta["internal_ipv4"],
+                                                             meta["internal_ipv6"])
+    assert "restart it to use the new ones" not in daemon.log_tail(200)
