@@ -37,6 +37,9 @@ class Gateway:
         self._on_change = on_change or (lambda kind, ok: None)
         # Why the gateway is not ready, by cause; empty when it is.
         self.problems: dict[str, str] = {}
+        # The gateway's own internal addresses: a stored exposure to one of them (the cluster
+        # handed out a new address since it was added) is never loaded into the kernel.
+        self.own_ips: frozenset[str] = frozenset()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -192,13 +195,18 @@ class Gateway:
                          "(%s): no change is taken until it can", exc.message)
 
     def _wanted(self) -> list[dict]:
-        """What the kernel must hold: the store, less a refused change it could not revert."""
+        """What the kernel must hold: the store, less a refused change it could not revert,
+        less exposures that point at the gateway itself."""
         docs = self.store.exposures()
-        if self._unreverted is None:
-            return docs
-        put, delete = self._unreverted
-        gone = set(delete) | {Exposure.from_dict(d).key for d in put}
-        return [d for d in docs if Exposure.from_dict(d).key not in gone] + put
+        if self._unreverted is not None:
+            put, delete = self._unreverted
+            gone = set(delete) | {Exposure.from_dict(d).key for d in put}
+            docs = [d for d in docs if Exposure.from_dict(d).key not in gone] + put
+        return [d for d in docs if d["service_ip"] not in self.own_ips]
+
+    def pointing_at_itself(self) -> list[dict]:
+        """Stored exposures whose service IP is one of the gateway's own internal addresses."""
+        return [d for d in self.store.exposures() if d["service_ip"] in self.own_ips]
 
     def _settle(self) -> None:
         """Before a change: write the undo a failed revert left pending. If the store still

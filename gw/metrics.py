@@ -97,6 +97,9 @@ class _StateCollector:
         yield GaugeMetricFamily("oakestra_gw_exposures_conflicting", "Stored exposures on a "
                                 "reserved port or one a local process listens on (checked at "
                                 "start and reload)", value=m.conflicting)
+        yield GaugeMetricFamily("oakestra_gw_exposures_refused_own", "Stored exposures not "
+                                "loaded because their service IP is the gateway's own internal "
+                                "address (checked at start)", value=m.refused_own)
         stats = m.conntrack_stats()
         if "nf_conntrack_count" in stats:
             yield GaugeMetricFamily("oakestra_gw_conntrack_entries", "Conntrack entries in use",
@@ -171,6 +174,7 @@ class Metrics:
         # The table's named counters (Firewall.counters), read at scrape time; set by the daemon.
         self.egress_counters: Callable[[], dict] = dict
         self.conflicting = 0  # set by the daemon (Daemon._check_ports)
+        self.refused_own = 0  # set by the daemon (Daemon._check_own_address)
         r = self.registry
         self.api_requests = Counter("oakestra_gw_api_requests", "API requests by route, method and "
                                     "status", ["route", "method", "status"], registry=r)

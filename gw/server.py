@@ -214,7 +214,11 @@ class Daemon:
         else:
             log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
                         "only SIGHUP repairs it")
+        self.gateway.own_ips = frozenset(str(ip) for ip in (self.settings.network.internal_ipv4,
+                                                            self.settings.network.internal_ipv6)
+                                         if ip)
         self.gateway.load()
+        self._check_own_address()
         log.info("loaded table %s with %d exposure(s) from %s", ruleset.TABLE,
                  len(self.store.exposures()), self.settings.store.path)
 
@@ -278,6 +282,16 @@ class Daemon:
                         "that port goes to the service, not to the gateway: delete the "
                         "exposure or move the local service", exposure, reason)
         self.metrics.conflicting = len(found)
+
+    def _check_own_address(self) -> None:
+        """Stored exposures that point at the gateway's own internal address (it changed since
+        they were added): not loaded (see Gateway.own_ips); logged and counted."""
+        found = self.gateway.pointing_at_itself()
+        for d in found:
+            log.error("stored exposure %s points at the gateway's own internal address %s: "
+                      "not loaded into the kernel; delete it", Exposure.from_dict(d),
+                      d["service_ip"])
+        self.metrics.refused_own = len(found)
 
     def _ready_checks(self) -> dict:
         from . import netlink  # noqa: PLC0415

@@ -398,3 +398,25 @@ def test_a_refused_change_whose_revert_fails_never_reaches_the_kernel(tmp_path):
         assert docs_set(api.list()) == {doc(8001), doc(8003)}
         assert gw.stop() == 0
         assert stored_docs(Path(gw.config["store"]["path"])) == {doc(8001), doc(8003)}
+
+
+def test_a_stored_exposure_to_the_new_own_address_is_not_loaded(tmp_path):
+    """Issue 12, item 6: the gateway's internal address changed between two starts (the
+    cluster handed out another one) and a stored exposure now points at the gateway itself.
+    The start does not load it (that would DNAT public traffic to the gateway's own services):
+    a log line and `oakestra_gw_exposures_refused_own` say so; the others are loaded."""
+    with gateway(tmp_path / "gw", drift_watch=False) as gw:
+        gw.start()
+        api = gw.http()
+        assert api.add(ex(8001, "10.30.0.7")).status == 201
+        assert api.add(ex(8002, "10.30.0.8")).status == 201
+        assert gw.stop() == 0
+        gw.config["network"]["internal_ipv4"] = "10.30.0.7"
+        gw.write_config()
+        gw.start()
+        assert gw.kernel_docs() == {doc(8002, "10.30.0.8")}
+        assert "points at the gateway's own internal address 10.30.0.7" in gw.log(), gw.log()
+        assert metric(api.get("/metrics").body.decode(), "oakestra_gw_exposures_refused_own") == 1
+        # The store keeps it (the operator deletes it); the list says what is stored.
+        assert docs_set(api.list()) == {doc(8001, "10.30.0.7"), doc(8002, "10.30.0.8")}
+        assert gw.stop() == 0
