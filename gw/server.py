@@ -37,6 +37,8 @@ from .metrics import Metrics
 log = logging.getLogger("gw.server")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+# Seconds between a poisoned store and the exit (see Daemon._store_poisoned).
+POISONED_EXIT_AFTER = 2.0
 
 # Waitress: slow or half-open clients must not block the others. Requests are read by the
 # event loop, never by a worker thread, so a trickling client holds a socket, not a thread;
@@ -54,7 +56,8 @@ WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
 # die at once (os._exit, no cleanup: like a crash) in its N-th change of exposures, after the
 # store commit and before the kernel commit; "after-kernel:N" right after the kernel commit,
 # before the answer; "refuse-then-store-fails:N" makes the N-th kernel commit refused and the
-# store's next write (the revert) fail. Read once at start; never set it in production.
+# store's next write (the revert) fail; "sync-then-cut-fails:N" makes the N-th journal
+# fdatasync fail (EIO) and the truncate that takes the record back fail (EROFS). Read once at start; never set it in production.
 CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
 CRASH_EXIT = 97
 # TEST ONLY: OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first
@@ -151,6 +154,7 @@ class Daemon:
         self.config: Settings | None = None       # as read at start (for "restart needed")
         self.settings: Settings | None = None     # what runs (internal IPs filled in, reloads)
         self.store = None
+        self.exit_code = EXIT_OK  # what a SIGTERM makes serve() return
         self.gateway: Gateway | None = None
         self.firewall: Firewall | None = None
         self.flusher: Flusher | None = None
@@ -200,6 +204,7 @@ class Daemon:
         self.flusher = Flusher()
         self.gateway = Gateway(self.store, self.firewall, self.flusher,
                                on_change=self.metrics.on_change)
+        self.store.on_poisoned = self._store_poisoned
         if os.environ.get(CRASH_ENV):
             inject_crash(self.firewall, os.environ[CRASH_ENV], self.store)
         if os.environ.get(REFUSE_ENV):
@@ -316,6 +321,18 @@ class Daemon:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _store_poisoned(self, cause: str) -> None:
+        """The store holds a record it could neither make durable nor take back, so the next
+        start may replay it while this process lacks it. The store already refuses changes;
+        readiness says why, and the daemon exits non-zero so that systemd restarts it: the
+        start replays the journal and loads the kernel from it, and the two agree again."""
+        self.gateway.problems["store"] = cause
+        self.exit_code = EXIT_FAILURE
+        # Not at once: the answer (503) to the change that failed goes out first.
+        timer = threading.Timer(POISONED_EXIT_AFTER, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
 
     # -- run and stop --------------------------------------------------------------------
 
@@ -497,16 +514,40 @@ def _fail_next_write(store) -> None:
     store._append = failing
 
 
+def _fail_sync_then_cut(store, nth: int) -> None:
+    """TEST ONLY: the nth journal fdatasync fails with EIO, then the truncate after it with
+    EROFS: the record was written and stays in the journal."""
+    import errno  # noqa: PLC0415
+
+    sync, truncate, calls = store._sync, store._truncate, [0]
+
+    def failing_sync(fd):
+        calls[0] += 1
+        if calls[0] != nth:
+            return sync(fd)
+        store._truncate = failing_truncate
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (test only)")
+
+    def failing_truncate(fd, length):
+        store._truncate = truncate
+        raise OSError(errno.EROFS, f"{os.strerror(errno.EROFS)} (test only)")
+
+    store._sync = failing_sync
+
+
 def inject_crash(firewall: Firewall, spec: str, store=None) -> None:
     """TEST ONLY: see CRASH_ENV. Wraps `firewall.apply`, which Gateway.add and Gateway.delete
     call exactly between their store commit and their answer."""
     point, _, nth = spec.partition(":")
-    points = ("before-kernel", "after-kernel", "refuse-then-store-fails")
+    points = ("before-kernel", "after-kernel", "refuse-then-store-fails", "sync-then-cut-fails")
     if point not in points or not nth.isdigit() or int(nth) < 1:
         raise ConfigError(f"{CRASH_ENV}={spec!r}: expected one of {', '.join(points)}, "
                           "then :N")
     apply, target, calls = firewall.apply, int(nth), [0]
     log.warning("%s=%s: this process will crash on purpose (test only)", CRASH_ENV, spec)
+    if point == "sync-then-cut-fails":
+        _fail_sync_then_cut(store, target)
+        return
 
     def crashing_apply(*args, **kwargs):
         calls[0] += 1
@@ -555,15 +596,15 @@ def serve(config_path: str) -> int:
         log.info("%s: stopping", signal.Signals(signum).name)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise SystemExit(EXIT_OK)
+        raise SystemExit(daemon.exit_code)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda signum, frame: daemon.request_reload())
     try:
         daemon.start()
-        daemon.run()
-        return EXIT_OK
+        daemon.run()  # waitress ends its loop on the SystemExit that stop() raises
+        return daemon.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_OK
     except ConfigError as exc:

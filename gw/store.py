@@ -49,7 +49,7 @@ import operator
 import os
 import threading
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -462,6 +462,9 @@ class Store:
         self._compaction = threading.Lock()  # one compaction at a time, held until it is done
         self._journal_fd: int | None = None
         self._closed = False
+        # Why the store takes no more changes (see _cut_failed_append); told to on_poisoned.
+        self.poisoned: str | None = None
+        self.on_poisoned: Callable[[str], None] | None = None
         self._lock_fd = self._take_lock()
         try:
             loaded = _load(self.path)
@@ -566,27 +569,46 @@ class Store:
             raise StoreUnavailable(f"the store {self.path} is closed")
         if self.shared:
             raise StoreUnavailable(f"the store {self.path} is open read-only (shared)")
+        if self.poisoned:
+            raise StoreUnavailable(self.poisoned)
 
     def _append(self, record: bytes) -> None:
+        written = False
         try:
             fd = self._journal_fd if self._journal_fd is not None else self._open_journal()
             if os.fstat(fd).st_size != self._journal_len:
                 # A torn record from a crash, or what a failed append left behind.
-                os.ftruncate(fd, self._journal_len)
+                self._truncate(fd, self._journal_len)
             _write_all(fd, record)
+            written = True
             self._sync(fd)
         except OSError as e:
-            self._cut_failed_append()
+            self._cut_failed_append(whole=written)
             raise StoreUnavailable(f"cannot write the store's journal {self._journal_path}: "
                                    f"{_why(e)}; the change was not applied") from e
         self._journal_len += len(record)
 
-    def _cut_failed_append(self) -> None:
+    def _cut_failed_append(self, *, whole: bool) -> None:
         """Removes a failed record at once, so that it can neither be written back later and
-        replayed after a crash; if this fails too, the next append cuts it."""
-        if self._journal_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._journal_fd, self._journal_len)
+        replayed after a crash. Should this fail too: a torn record is dropped at replay and
+        cut before the next append; a whole one (its sync failed) would be replayed at the
+        next open while memory lacks it, so the store is poisoned: it takes no more changes."""
+        if self._journal_fd is None:
+            return
+        try:
+            self._truncate(self._journal_fd, self._journal_len)
+        except OSError as e:
+            if not whole:
+                return
+            self.poisoned = (f"the store could not take back a record it could not make "
+                             f"durable in {self._journal_path} ({_why(e)}); it may come back at "
+                             "the next start, so no change is taken until the daemon restarts")
+            log.critical("%s", self.poisoned)
+            if self.on_poisoned is not None:
+                self.on_poisoned(self.poisoned)
+
+    def _truncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
 
     def _open_journal(self) -> int:
         fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,

@@ -420,3 +420,31 @@ def test_a_stored_exposure_to_the_new_own_address_is_not_loaded(tmp_path):
         # The store keeps it (the operator deletes it); the list says what is stored.
         assert docs_set(api.list()) == {doc(8001, "10.30.0.7"), doc(8002, "10.30.0.8")}
         assert gw.stop() == 0
+
+
+def test_a_record_the_store_could_neither_sync_nor_cut_stops_the_daemon(tmp_path):
+    """Issue 12, 8(a): the journal write of an add succeeds, its fdatasync fails (EIO) and the
+    truncate that should take it back fails too (EROFS), as when the file system goes
+    read-only between the two (a fault hook at exactly those two calls: a real file system
+    refuses the write first). The record stays in the journal and is replayed at the next
+    open, so the store no longer matches the running daemon. The daemon must refuse every
+    further change (503 naming the cause) and exit non-zero for systemd to restart it; after
+    the restart the kernel holds what the store holds."""
+    with gateway(tmp_path / "gw", drift_watch=False) as gw:
+        gw.start(env={"OAKESTRA_GW_TEST_CRASH": "sync-then-cut-fails:1"})
+        api = gw.http()
+        r = api.add(ex(8001))
+        assert r.status == 503 and r.json["error"] == "store_unavailable", r
+        r = api.add(ex(8002))
+        assert r.status == 503, f"the daemon took a change with a store that disagrees: {r}"
+        assert "could not take back a record" in r.json["message"], r
+        ready = api.get("/api/ready")
+        assert ready.status == 503 and "could not take back a record" in \
+            ready.json["reasons"]["store"], ready
+        assert gw.proc.wait(timeout=20) == 1, "the daemon must exit for systemd to restart it"
+        gw.start()
+        kernel = gw.kernel_docs()
+        # The 503'd add may come back (its record was replayed): "not acknowledged".
+        assert kernel == docs_set(api.list()) and kernel <= {doc(8001)}, kernel
+        assert gw.stop() == 0
+        assert stored_docs(Path(gw.config["store"]["path"])) == kernel

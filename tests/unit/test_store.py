@@ -569,6 +569,29 @@ def test_a_record_left_by_a_failed_cut_is_cut_before_the_next_append(path, monke
         assert store.exposures() == committed + [doc(2), doc(3)]
 
 
+def test_a_whole_record_that_could_not_be_synced_nor_cut_poisons_the_store(path, monkeypatch):
+    """Issue 12, 8(a): the record is written whole, its fdatasync fails and so does the cut.
+    The next open would replay it while memory lacks it, so the store takes no more changes
+    (each refusal names the cause) and tells its owner once, who restarts."""
+    committed = committed_then_crashed(path, n=1)
+    told = []
+    with Store(path) as store:
+        store.on_poisoned = told.append
+        store.commit(put=[doc(2)])  # the journal is open now
+        with monkeypatch.context() as m:
+            fail(m, "fdatasync", errno.EIO)
+            fail(m, "ftruncate", errno.EROFS)
+            with pytest.raises(StoreUnavailable):
+                store.commit(put=[doc(50)])
+        assert len(told) == 1 and "EROFS" in told[0] and store.poisoned == told[0]
+        with pytest.raises(StoreUnavailable, match="could not take back a record"):
+            store.commit(put=[doc(3)])
+        assert store.exposures() == committed + [doc(2)]
+        crash(store)
+    with Store(path) as store:  # what a restart loads: the 503'd record is back
+        assert store.exposures() == committed + [doc(2), doc(50)] and store.poisoned is None
+
+
 def test_a_failed_compaction_loses_nothing(path, monkeypatch):
     with Store(path) as store:
         store.commit(put=[doc(1)])
