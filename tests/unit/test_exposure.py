@@ -3,7 +3,7 @@
 import ipaddress
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from gw.errors import InvalidInput
 from gw.exposure import (DeleteRequest, Exposure, Policy, parse_delete, parse_exposures, parse_port_notation, parse_reserved)
@@ -197,6 +197,9 @@ mixed_docs = st.one_of(valid_docs, valid_docs.map(lambda d: {"exposures": [d]}),
 def test_any_json_is_accepted_or_rejected_cleanly():
     outcomes = {"accepted": 0, "rejected": 0}
 
+    # Derandomized: the share below is a property of the strategy, and a random draw of
+    # which branches hypothesis favours must not decide whether the test passes.
+    @settings(derandomize=True)
     @given(mixed_docs)
     def check(doc):
         try:
