@@ -191,6 +191,9 @@ class Metrics:
         self.reconcile_runs = Counter("oakestra_gw_reconcile_runs", "Loads of the whole table from the "
                                       "store (start, reload, repair) by result", ["result"],
                                       registry=r)
+        self.drift_checks = Counter("oakestra_gw_drift_checks", "Comparisons of the kernel with the "
+                                    "store the drift watcher ran, one per batch of foreign "
+                                    "changes it coalesced", registry=r)
         self.drift_repairs = Counter("oakestra_gw_drift_repairs", "Reconciles that found the kernel "
                                      "different from the store and repaired it", registry=r)
         self.drift_elements = Counter("oakestra_gw_drift_repaired_elements", "Map elements repaired, by "

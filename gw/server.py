@@ -466,6 +466,7 @@ class Daemon:
         """The drift watcher saw another process change our table; False when the repair
         failed (the watcher tries again). `reason` quotes what the monitor saw (map elements
         too): it goes to the log, not into the readiness reasons."""
+        self.metrics.drift_checks.inc()
         try:
             diff = self.gateway.reconcile()
         except GatewayError as exc:

@@ -259,6 +259,35 @@ def test_a_burst_of_foreign_changes_converges(gw):
     traffic_flows(lab)
 
 
+def test_foreign_changes_that_queue_up_are_judged_in_one_check(gw):
+    """The repairs coalesce: changes that pile up while the watcher cannot look (the daemon
+    is stopped; its `nft monitor` child keeps writing the events into the pipe) are judged by
+    one comparison of the kernel with the store, not one per change. A watcher that ran one
+    check per change would need as many checks as changes."""
+    lab, daemon = gw.lab, gw.daemon
+    checks = metric(metrics(daemon), "oakestra_gw_drift_checks_total")
+    repairs = metric(metrics(daemon), "oakestra_gw_drift_repairs_total")
+    burst = 20
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(burst):
+            lab.run("gateway", "nft", f"add element inet oakestra_gw expose_v4 {{ udp . "
+                                      f"{21000 + i} : 10.30.0.9 . 9 }}")
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    wait_for(lambda: normalized_table(lab) == gw.good, timeout=HANG, interval=0.02,
+             what="the repair of the queued changes", log=daemon.log_tail)
+    # The sentinel comes after every queued event, and the monitor reports in order: once it
+    # is repaired, every queued change has been judged.
+    lab.run("gateway", "nft", SENTINEL)
+    wait_for(lambda: normalized_table(lab) == gw.good and
+             metric(metrics(daemon), "oakestra_gw_drift_repairs_total") >= repairs + 2,
+             timeout=HANG, what="the sentinel's repair", log=daemon.log_tail)
+    ran = metric(metrics(daemon), "oakestra_gw_drift_checks_total") - checks
+    report("drift queued", foreign_changes=burst, checks=ran)
+    assert ran <= 3, f"{burst} queued foreign changes took {ran} checks: nothing coalesced"
+
+
 def test_the_watcher_is_an_nft_monitor_and_idle_is_quiet(gw):
     """The daemon's window on foreign changes is its `nft monitor` child (events); with our
     table untouched nothing is reconciled or repaired while it idles."""
