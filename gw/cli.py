@@ -364,7 +364,8 @@ def _port_notation(spec: str, service_ip: str, service_id: str | None) -> list[d
 def expose_delete(port, udp, family, ignore_not_found, as_json, **api):
     """Stop exposing PORT (TCP unless PORT/udp or --udp), for both families unless --family.
 
-    New connections stop at once; established ones through it are cut within a second.
+    New connections stop at once; established ones through it are cut right after (usually
+    within a second).
 
     \b
     Examples:

@@ -286,7 +286,7 @@ def document(auth: bool = True) -> dict:
         "/api/service/exposure/delete": {"post": op(
             "Delete an exposure",
             "Remove the exposure of `exposed_port/protocol` (of one family, or of both). Its "
-            "established flows are cut within a second.",
+            "established flows are cut right after, usually within a second.",
             {"200": _json("Deleted; the exposures that went", "DeleteResult"),
              **BODY_ERRORS,
              "404": _error("No such exposure (`not_found`)"),
