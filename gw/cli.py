@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from .config import (DEFAULT_CONFIG_PATH, UNIT_STATE_DIRECTORY, Settings, check_state_directory,
+from .core.config import (DEFAULT_CONFIG_PATH, UNIT_STATE_DIRECTORY, Settings, check_state_directory,
                      load_config)
-from .errors import ConfigError, GatewayError, StoreLocked
+from .core.errors import ConfigError, GatewayError, StoreLocked
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -35,7 +35,7 @@ class Failure(click.ClickException):
 
 
 def _config_failure(exc: ConfigError, path) -> Failure:
-    from .server import one_line
+    from .daemon.server import one_line
 
     return Failure(f"config error: {one_line(exc)}" + ("" if str(path) in exc.message
                                                         else f" ({path})"), code=2)
@@ -114,7 +114,7 @@ def serve(config_path):
     Example:
       oakestra-gw serve --config /etc/oakestra-gw/gateway.toml
     """
-    from .server import serve as run
+    from .daemon.server import serve as run
 
     sys.exit(run(config_path))
 
@@ -208,7 +208,7 @@ def api_options(f):
 
 
 def make_client(config_path, api_url, token_file, timeout) -> Client:
-    from . import auth
+    from .daemon import auth
 
     settings = _load(config_path, required=config_path is not None)
     try:
@@ -343,8 +343,8 @@ def expose_add(port, target, udp, service_id, ports, service_ip, as_json, **api)
 
 def _port_notation(spec: str, service_ip: str, service_id: str | None) -> list[dict]:
     """Split Oakestra's notation client-side (syntax only; the daemon validates values)."""
-    from .exposure import split_port_notation  # noqa: PLC0415
-    from .errors import InvalidInput  # noqa: PLC0415
+    from .core.exposure import split_port_notation  # noqa: PLC0415
+    from .core.errors import InvalidInput  # noqa: PLC0415
 
     try:
         return split_port_notation(spec, service_ip, service_id)
@@ -494,7 +494,7 @@ def status(as_json, **api):
 def _stored_exposures(settings: Settings, *, api_fallback: bool = True) -> list[dict]:
     """The stored exposures: the store read under a shared lock; when the daemon holds it,
     from the daemon's API (its in-memory copy of the store)."""
-    from .store import Store
+    from .store.local import Store
 
     path = Path(settings.store.path)
     if not _store_exists(path):
@@ -518,7 +518,7 @@ def _store_exists(path: Path) -> bool:
 
 
 def _client_token(settings):
-    from . import auth
+    from .daemon import auth
 
     try:
         return auth.client_token(settings)
@@ -532,7 +532,7 @@ def _default_interfaces(settings: Settings) -> list[str]:
     if settings.network.public_interfaces:
         return []
     try:
-        from . import netlink  # noqa: PLC0415 - pyroute2, only when needed
+        from .kernel import netlink  # noqa: PLC0415 - pyroute2, only when needed
 
         return netlink.default_interfaces()
     except Exception:  # noqa: BLE001 - showing the rules does not need the routes
@@ -585,8 +585,8 @@ def rules_show(config_path, no_exposures, as_json):
       oakestra-gw rules show --config /etc/oakestra-gw/gateway.toml
       oakestra-gw rules show --config gateway.toml --no-exposures | nft -c -f -
     """
-    from . import ruleset
-    from .exposure import Exposure
+    from .core import ruleset
+    from .core.exposure import Exposure
 
     settings = _with_internal_ips(_load(config_path))
     exposures = []
@@ -628,13 +628,13 @@ def rules_diff(config_path, as_json):
     \b
     Exit codes (like diff(1)): 0 equal; 1 different; 2 trouble.
     """
-    from .exposure import Exposure
-    from .firewall import Firewall
+    from .core.exposure import Exposure
+    from .kernel.firewall import Firewall
 
     settings = _load(config_path)
     try:
         desired = [Exposure.from_dict(d) for d in _stored_exposures(settings)]
-        from .nft import NftSession
+        from .kernel.nft import NftSession
 
         diff = Firewall(NftSession(), {}).diff(desired)
     except Failure as exc:
@@ -742,7 +742,7 @@ def store_check(config_path, as_json):
     \b
     Exit codes: 0 healthy (or no store yet); 1 damaged, locked or unreadable.
     """
-    from .store import Store
+    from .store.local import Store
 
     settings = _load(config_path)
     path = Path(settings.store.path)
@@ -785,9 +785,9 @@ def teardown(config_path, as_json):
       systemctl disable --now oakestra-gw
       oakestra-gw teardown --config /etc/oakestra-gw/gateway.toml
     """
-    from . import conntrack, netlink
-    from .firewall import Firewall
-    from .store import Store
+    from .kernel import conntrack, netlink
+    from .kernel.firewall import Firewall
+    from .store.local import Store
 
     settings = _load(config_path)
     try:
@@ -800,12 +800,12 @@ def teardown(config_path, as_json):
         click.echo(f"oakestra-gw: warning: cannot read the store ({exc.message})", err=True)
         meta = {}
     try:
-        from .nft import NftSession
+        from .kernel.nft import NftSession
 
         existed = Firewall(NftSession(), {}).remove_table()
     except (GatewayError, ImportError, OSError) as exc:
         raise Failure(f"cannot remove the table: {getattr(exc, 'message', None) or exc}") from None
-    from .ruleset import TABLE
+    from .core.ruleset import TABLE
 
     if not as_json:
         click.echo(f"table {TABLE}: {'removed' if existed else 'was not there'}")
@@ -837,9 +837,9 @@ def demo(keep):
       oakestra-gw demo
     """
     try:
-        from .demo import main as run_demo
+        from .lab.demo import main as run_demo
     except ImportError:
-        raise Failure("the demo is not installed (gw/demo.py)") from None
+        raise Failure("the demo is not installed (gw/lab/demo.py)") from None
     sys.exit(run_demo(keep=keep) or 0)
 
 

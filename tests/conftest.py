@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def clean_table():
     """Our table is absent before and after the test, in the test process's own namespace."""
-    from gw import ruleset
+    from gw.core import ruleset
 
     def drop():
         subprocess.run(["nft", f"table {ruleset.TABLE}\ndelete table {ruleset.TABLE}"],

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import pytest
 
-from gw.lab import inside
+from gw.lab.namespaces import inside
 from tests import oracle
 from tests.helpers import wait_for
 from tests.netns import Netns, veth

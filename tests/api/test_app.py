@@ -9,13 +9,13 @@ import logging
 import jsonschema
 import pytest
 
-from gw import api as api_module
-from gw.api import create_app, reconfigure
-from gw.config import parse_config
-from gw.errors import KernelRefused, StoreUnavailable
-from gw.gateway import Gateway
-from gw.openapi import document
-from gw.store import Store
+from gw.daemon import api as api_module
+from gw.daemon.api import create_app, reconfigure
+from gw.core.config import parse_config
+from gw.core.errors import KernelRefused, StoreUnavailable
+from gw.service.gateway import Gateway
+from gw.daemon.openapi import document
+from gw.store.local import Store
 
 TOKEN = "unit-test-token-0123456789"
 SETTINGS = parse_config({"api": {"host": "127.0.0.1"},

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from gw.store import Store
+from gw.store.local import Store
 from tests.api.harness import Gateway, require_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

@@ -55,8 +55,8 @@ def test_level_applies_at_start_and_on_reload(tmp_path):
 
 
 def test_bad_level_is_a_config_error_naming_the_key(tmp_path):
-    from gw.config import parse_config
-    from gw.errors import ConfigError
+    from gw.core.config import parse_config
+    from gw.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as exc:
         parse_config({"log": {"level": "verbose"}})

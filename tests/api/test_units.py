@@ -10,12 +10,14 @@ import uuid
 
 import pytest
 
-from gw import auth, sockets
-from gw.config import parse_config
-from gw.errors import ConfigError
-from gw.firewall import Diff
-from gw.metrics import ConnectionCounter, Metrics, parse_event, read_conntrack_drops
-from gw.server import apply_live, config_changes, one_line, sd_notify, watchdog_interval
+from gw.daemon import auth
+
+from gw.kernel import sockets
+from gw.core.config import parse_config
+from gw.core.errors import ConfigError
+from gw.kernel.firewall import Diff
+from gw.daemon.metrics import ConnectionCounter, Metrics, parse_event, read_conntrack_drops
+from gw.daemon.server import apply_live, config_changes, one_line, sd_notify, watchdog_interval
 from tests.helpers import wait_for
 
 BASE = {"network": {"internal_ipv4": "10.30.255.1", "internal_ipv6": "fdff::ffff:1"}}
@@ -144,7 +146,7 @@ def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from gw.server import Daemon
+    from gw.daemon.server import Daemon
 
     healthy = {"ok": True}
     unhealthy_answers = []  # one item per 503 the watchdog was given

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from gw.exposure import Exposure
+from gw.core.exposure import Exposure
 
 from .topology import BASELINE_IP, INTERNAL_IPV4, SERVICE_IP, SERVICE_PORT
 

@@ -9,10 +9,10 @@ import json
 import sys
 import time
 
-from gw import ruleset
-from gw.config import parse_config
-from gw.firewall import Firewall
-from gw.nft import NftSession
+from gw.core import ruleset
+from gw.core.config import parse_config
+from gw.kernel.firewall import Firewall
+from gw.kernel.nft import NftSession
 
 from .exposures import exposures, settings_doc
 

@@ -77,7 +77,7 @@ def test_config_check(tmp_path):
 
 
 def test_rules_show_renders_skeleton_and_stored_exposures(tmp_path):
-    from gw.store import Store
+    from gw.store.local import Store
 
     config = write_config(tmp_path, 'reserved_ports = ["22/tcp"]\n')
     r = invoke("rules", "show", "--config", config)
@@ -108,7 +108,7 @@ def test_rules_show_is_a_valid_nft_script(tmp_path):
 
 
 def test_store_check(tmp_path):
-    from gw.store import Store
+    from gw.store.local import Store
 
     config = write_config(tmp_path)
     r = invoke("store", "check", "--config", config)
@@ -160,9 +160,9 @@ def test_demo_is_wired_lazily(monkeypatch):
     import types
 
     calls = []
-    fake = types.ModuleType("gw.demo")
+    fake = types.ModuleType("gw.lab.demo")
     fake.main = lambda keep=False: calls.append(keep) or 0
-    monkeypatch.setitem(sys.modules, "gw.demo", fake)
+    monkeypatch.setitem(sys.modules, "gw.lab.demo", fake)
     assert invoke("demo", "--keep").exit_code == 0
     assert calls == [True]
 

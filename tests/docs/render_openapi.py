@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from gw.openapi import document
+from gw.daemon.openapi import document
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 JSON_PATH, PAGE_PATH = DOCS / "openapi.json", DOCS / "api-reference.md"

@@ -58,7 +58,7 @@ def apply_changes(docs: dict, meta: dict, seed: int, start: int, stop: int) -> N
 
 
 def main() -> None:
-    from gw.store import Store
+    from gw.store.local import Store
 
     path, seed = sys.argv[1], int(sys.argv[2])
     Store.COMPACT_MIN_BYTES = COMPACT_MIN_BYTES

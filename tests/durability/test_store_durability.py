@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from crashwriter import apply_changes
-from gw.errors import StoreUnavailable
-from gw.store import Store
+from gw.core.errors import StoreUnavailable
+from gw.store.local import Store
 from tests.fs import Ext4, fill, mount_namespace, require_tools
 
 WRITER = Path(__file__).with_name("crashwriter.py")

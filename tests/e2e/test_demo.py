@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

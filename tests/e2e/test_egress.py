@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests.helpers import fails, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

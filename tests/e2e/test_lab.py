@@ -1,4 +1,4 @@
-"""The lab itself (gw/lab.py): what the end-to-end tests and the demo rely on."""
+"""The lab itself (gw/lab/namespaces.py): what the end-to-end tests and the demo rely on."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

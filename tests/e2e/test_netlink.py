@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from gw import lab as L
-from gw import netlink
-from gw.config import parse_config
+from gw.lab import namespaces as L
+from gw.kernel import netlink
+from gw.core.config import parse_config
 
 pytestmark = pytest.mark.kernel
 

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """End to end: the real daemon (`oakestra-gw serve`, a subprocess in the lab's gateway namespace)
 and real packets from a client namespace through the gateway and its 1450-byte tunnel to a
-worker namespace holding the service IPs (gw/lab.py draws the lab).
+worker namespace holding the service IPs (gw/lab/namespaces.py draws the lab).
 
 Every "unreachable" check has a route that would otherwise reach the target and a positive
 control showing the same probe working where it should."""
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests.helpers import fails, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from gw import ruleset
-from gw.config import parse_config
+from gw.core import ruleset
+from gw.core.config import parse_config
 from tests.netns import netns, veth
 
 pytestmark = pytest.mark.kernel

@@ -7,14 +7,14 @@ import threading
 
 import pytest
 
-from gw import ruleset
-from gw.config import parse_config
-from gw.drift import DriftWatcher, touches_our_table, transactions
-from gw.exposure import Exposure
-from gw.firewall import Firewall
-from gw.gateway import Gateway
-from gw.nft import NftSession
-from gw.store import Store
+from gw.core import ruleset
+from gw.core.config import parse_config
+from gw.kernel.drift import DriftWatcher, touches_our_table, transactions
+from gw.core.exposure import Exposure
+from gw.kernel.firewall import Firewall
+from gw.service.gateway import Gateway
+from gw.kernel.nft import NftSession
+from gw.store.local import Store
 
 SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
                                      "internal_ipv6": "fdff::ffff:1"}})
@@ -51,7 +51,7 @@ def watched(tmp_path):
     watcher = DriftWatcher(repair, gw.firewall.session.probe).start()
     yield gw, repairs, done
     watcher.stop()
-    gw.store.close()
+    gw.store.local.close()
     subprocess.run(["nft", "flush", "ruleset"], check=True)
 
 

@@ -5,12 +5,12 @@ import subprocess
 
 import pytest
 
-from gw import ruleset
-from gw.config import parse_config
-from gw.errors import KernelRefused
-from gw.exposure import Exposure
-from gw.firewall import Firewall
-from gw.nft import NftSession
+from gw.core import ruleset
+from gw.core.config import parse_config
+from gw.core.errors import KernelRefused
+from gw.core.exposure import Exposure
+from gw.kernel.firewall import Firewall
+from gw.kernel.nft import NftSession
 from tests import oracle
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_table")]

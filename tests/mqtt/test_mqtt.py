@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests import oracle
 from tests.helpers import wait_for
 from tests.mqtt.broker import NODE_ID, Broker, needs_mosquitto

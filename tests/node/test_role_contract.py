@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import yaml
 
-from gw.config import SECTIONS
-from gw.server import LIVE
+from gw.core.config import SECTIONS
+from gw.daemon.server import LIVE
 from tests.node.test_ansible_lint import ANSIBLE, env, tool
 
 ROLE = ANSIBLE / "roles" / "oakestra_gateway"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gw.server import EXIT_CONFIG
+from gw.daemon.server import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "oakestra-gw.service"

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gw import lab as L
-from gw.store import Store
+from gw.lab import namespaces as L
+from gw.store.local import Store
 from tests.oakestra.orchestrator import ClusterState, Orchestrator
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

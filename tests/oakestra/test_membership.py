@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from gw import netlink, oakestra
-from gw.config import parse_config
-from gw.errors import ConfigError
+from gw.kernel import netlink
+
+from gw.cluster import oakestra
+from gw.core.config import parse_config
+from gw.core.errors import ConfigError
 from tests.oakestra.orchestrator import Orchestrator
 
 
@@ -141,7 +143,7 @@ def test_server_errors_are_retried_then_given_up(cluster, bridges, caplog):
     cluster.state.fail("register", "error-500")
     store = FakeStore()
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="gw.oakestra"), \
+    with caplog.at_level(logging.WARNING, logger="gw.cluster.oakestra"), \
             pytest.raises(oakestra.ClusterUnreachable) as err:
         membership(cluster.url, store).bring_up()
     elapsed = time.monotonic() - start
@@ -165,7 +167,7 @@ def test_a_cluster_that_is_down_at_first_is_waited_for(bridges, caplog):
     m = membership(url, store, give_up_after=20)
     timer = threading.Timer(1.2, lambda: Orchestrator(orch.state, port=orch.port).start())
     timer.start()
-    with caplog.at_level(logging.WARNING, logger="gw.oakestra"):
+    with caplog.at_level(logging.WARNING, logger="gw.cluster.oakestra"):
         live = m.bring_up()
     assert str(live.network.internal_ipv4) == "10.30.255.1"
     fails = [r.getMessage() for r in caplog.records if "try " in r.getMessage()]

@@ -11,7 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from gw.store import Store
+from gw.store.local import Store
 from tests.api.harness import API_PORT, TOKEN, Gateway, docs_set  # noqa: F401 - re-exported
 
 HOST = "127.0.0.1"

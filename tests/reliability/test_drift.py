@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw import lab as L
-from gw.drift import transactions
+from gw.lab import namespaces as L
+from gw.kernel.drift import transactions
 from tests.helpers import wait_for
 from tests.reliability.common import children, cmdline, metric, report, scaled
 
@@ -305,11 +305,11 @@ def test_the_watcher_is_an_nft_monitor_and_idle_is_quiet(gw):
 def test_commits_from_any_thread_of_the_process_are_its_own(tmp_path):
     """nftables names the committing *thread* in its events: the API commits from waitress
     worker threads, the repairs from the watcher's thread. None of them is drift (before the fix
-    in gw/drift.py every API change was logged as drift and triggered a full listing)."""
+    in gw/kernel/drift.py every API change was logged as drift and triggered a full listing)."""
     import threading
 
-    from gw.drift import DriftWatcher
-    from gw.nft import PROBE_TABLE
+    from gw.kernel.drift import DriftWatcher
+    from gw.kernel.nft import PROBE_TABLE
     from tests.netns import netns
     from tests.reliability.common import enter_netns
 

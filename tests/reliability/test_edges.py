@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests.api.harness import gw_command
 from tests.fs import fill, mount_namespace
 from tests.helpers import doc, ex, wait_for

@@ -18,7 +18,7 @@ import socket
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gw import lab as L
-from gw.server import CRASH_ENV, CRASH_EXIT
+from gw.lab import namespaces as L
+from gw.daemon.server import CRASH_ENV, CRASH_EXIT
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gw import ruleset
-from gw.config import parse_config
-from gw.errors import InvalidInput
-from gw.exposure import (ADD_FIELDS, PROTOCOLS, Exposure, parse_delete, parse_exposures,
+from gw.core import ruleset
+from gw.core.config import parse_config
+from gw.core.errors import InvalidInput
+from gw.core.exposure import (ADD_FIELDS, PROTOCOLS, Exposure, parse_delete, parse_exposures,
                          parse_port_notation)
 from tests.helpers import wait_for
 from tests.reliability.common import SOAK, Timer, enter_netns, report, scaled
@@ -204,7 +204,7 @@ class RecordingSession:
     def run(self, text: str) -> str:
         self.texts.append(text)
         if text.startswith("get element"):
-            from gw.errors import KernelRefused
+            from gw.core.errors import KernelRefused
             raise KernelRefused("nftables refused: Error: No such file or directory")
         return ""
 
@@ -215,10 +215,10 @@ class RecordingSession:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from gw.api import create_app
-    from gw.firewall import Firewall
-    from gw.gateway import Gateway
-    from gw.store import Store
+    from gw.daemon.api import create_app
+    from gw.kernel.firewall import Firewall
+    from gw.service.gateway import Gateway
+    from gw.store.local import Store
 
     session = RecordingSession()
     store = Store(tmp_path_factory.mktemp("store") / "exposures.json", fsync=False)

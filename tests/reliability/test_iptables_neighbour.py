@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ import struct
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

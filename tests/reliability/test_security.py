@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw import lab as L
+from gw.lab import namespaces as L
 from tests.api.harness import gw_command
 from tests.helpers import wait_for
 from tests.reliability.common import children, cmdline

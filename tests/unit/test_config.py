@@ -4,8 +4,8 @@ import ipaddress
 
 import pytest
 
-from gw.config import Settings, load_config, parse_config
-from gw.errors import ConfigError
+from gw.core.config import Settings, load_config, parse_config
+from gw.core.errors import ConfigError
 
 
 def test_defaults():

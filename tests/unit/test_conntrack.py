@@ -4,8 +4,8 @@ from explained ones (no kernel needed)."""
 import ipaddress
 import threading
 
-from gw.conntrack import Flusher, delete_command, orphans, parse_flows
-from gw.exposure import Exposure
+from gw.kernel.conntrack import Flusher, delete_command, orphans, parse_flows
+from gw.core.exposure import Exposure
 
 E1 = Exposure(8080, "tcp", ipaddress.ip_address("10.30.0.1"), 80)
 E2 = Exposure(8081, "udp", ipaddress.ip_address("fdff:2000::1"), 53)

@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gw.errors import InvalidInput
-from gw.exposure import (DeleteRequest, Exposure, Policy, parse_delete, parse_exposures, parse_port_notation, parse_reserved)
+from gw.core.errors import InvalidInput
+from gw.core.exposure import (DeleteRequest, Exposure, Policy, parse_delete, parse_exposures, parse_port_notation, parse_reserved)
 
 POLICY = Policy()
 OK = {"exposed_port": 8080, "service_ip": "10.30.0.1", "service_port": 80}

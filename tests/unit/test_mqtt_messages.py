@@ -2,10 +2,10 @@
 
 import pytest
 
-from gw.config import parse_config
-from gw.errors import ConfigError, InvalidInput
-from gw.mqtt import split_url
-from gw import mqtt_messages as M
+from gw.core.config import parse_config
+from gw.core.errors import ConfigError, InvalidInput
+from gw.cluster.mqtt import split_url
+from gw.cluster import messages as M
 
 SETTINGS = parse_config({"oakestra": {"mqtt_url": "mqtt://10.30.0.1:10003", "node_id": "n1"}})
 POLICY = SETTINGS.policy()

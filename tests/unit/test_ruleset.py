@@ -4,10 +4,10 @@ import ipaddress
 
 from hypothesis import given, strategies as st
 
-from gw import ruleset
-from gw.config import parse_config
-from gw.exposure import Exposure
-from gw.firewall import compute_diff, parse_listing
+from gw.core import ruleset
+from gw.core.config import parse_config
+from gw.core.exposure import Exposure
+from gw.kernel.firewall import compute_diff, parse_listing
 
 SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
                                      "internal_ipv6": "fdff::ffff:1"},

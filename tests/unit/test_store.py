@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tinydb import TinyDB
 
-import gw.store
-from gw.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
-from gw.store import Store
+import gw.store.local
+from gw.core.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
+from gw.store.local import Store
 
 
 def doc(port=8080, protocol="tcp", family="ipv4", ip=None, service_port=80, **extra):
@@ -156,8 +156,8 @@ def test_get_uses_the_index_never_a_scan(path, monkeypatch):
         def scan(*_):
             raise AssertionError("scanned the table")
 
-        monkeypatch.setattr(gw.store._InPlaceTable, "__iter__", scan)
-        monkeypatch.setattr(gw.store._InPlaceTable, "search", scan)
+        monkeypatch.setattr(gw.store.local._InPlaceTable, "__iter__", scan)
+        monkeypatch.setattr(gw.store.local._InPlaceTable, "search", scan)
         assert store.get(("ipv4", "tcp", 150)) == doc(150)
         assert ("ipv4", "tcp", 150) in store and ("ipv4", "tcp", 999) not in store
 
@@ -214,14 +214,14 @@ def test_the_journal_is_one_checksummed_line_per_commit(path):
     lines = journal_of(path).read_bytes().splitlines()
     assert len(lines) == 2
     crc, seq, payload = lines[1].split(b" ", 2)
-    assert int(crc, 16) == gw.store.zlib.crc32(seq + b" " + payload) and seq == b"2"
+    assert int(crc, 16) == gw.store.local.zlib.crc32(seq + b" " + payload) and seq == b"2"
     assert json.loads(payload) == {"put": [doc(2)]}
 
 
 @pytest.mark.parametrize("tail", [
     b"5f3a",                                     # the start of a record
     b"0000000a 4 {\"put\":[]}\n",                # a whole line with a bad checksum
-    gw.store._encode_record(4, '{"put":[]}')[:-1],  # all but the newline
+    gw.store.local._encode_record(4, '{"put":[]}')[:-1],  # all but the newline
     b"\0" * 300,                                 # blocks that never got their data
 ])
 def test_a_torn_last_record_is_dropped_and_cut_at_the_next_write(path, tail):
@@ -285,13 +285,13 @@ def test_a_record_going_back_in_seq_is_corruption(path):
     store.commit(put=[doc(6)])
     crash(store)
     with open(journal_of(path), "ab") as f:  # e.g. a journal of another generation
-        f.write(gw.store._encode_record(3, json.dumps({"put": [doc(7)]})))
+        f.write(gw.store.local._encode_record(3, json.dumps({"put": [doc(7)]})))
     assert_corrupt_and_untouched(path, str(journal_of(path)), "seq 3 follows seq 6")
 
 
 def test_an_unreadable_record_with_a_good_checksum_is_corruption(path):
     committed_then_crashed(path, n=1)
-    journal_of(path).write_bytes(gw.store._encode_record(1, '{"put":[{"x":1}]}'))
+    journal_of(path).write_bytes(gw.store.local._encode_record(1, '{"put":[{"x":1}]}'))
     assert_corrupt_and_untouched(path, str(journal_of(path)), "intact checksum")
 
 
@@ -428,7 +428,7 @@ def test_check_finds_an_unusable_bak(path):
 
 HOLDER = """
 import sys
-from gw.store import Store
+from gw.store.local import Store
 store = Store(sys.argv[1], shared=sys.argv[2] == "shared")
 print("held", flush=True)
 sys.stdin.read()
@@ -528,7 +528,7 @@ class FailingOs:
 
 
 def fail(monkeypatch, name, err, *, partial=False):
-    monkeypatch.setattr(gw.store, "os", FailingOs(gw.store.os, name, err, partial))
+    monkeypatch.setattr(gw.store.local, "os", FailingOs(gw.store.local.os, name, err, partial))
 
 
 @pytest.mark.parametrize("name, err, partial", [("write", errno.ENOSPC, True),

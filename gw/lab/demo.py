@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from . import lab as L
+from . import namespaces as L
 
 TOOLS = ("ip", "nft", "conntrack", "curl", "socat", "sysctl")
 

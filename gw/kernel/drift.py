@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .nft import PROBE_TABLE
-from .ruleset import TABLE_NAME
+from ..core.ruleset import TABLE_NAME
 
 log = logging.getLogger(__name__)
 GENERATION_RE = re.compile(r"^# new generation (\d+) by process (\d+)")

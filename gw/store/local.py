@@ -57,7 +57,7 @@ from tinydb import TinyDB
 from tinydb.storages import JSONStorage, MemoryStorage
 from tinydb.table import Table
 
-from gw.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
+from gw.core.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

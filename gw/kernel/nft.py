@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from .errors import KernelRefused
+from ..core.errors import KernelRefused
 
 PROBE_TABLE = "oakestra_gw_probe"
 

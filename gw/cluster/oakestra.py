@@ -46,9 +46,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, netlink
-from .config import Settings
-from .errors import ConfigError, GatewayError
+from .. import __version__
+
+from ..kernel import netlink
+from ..core.config import Settings
+from ..core.errors import ConfigError, GatewayError
 
 log = logging.getLogger(__name__)
 

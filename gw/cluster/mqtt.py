@@ -31,11 +31,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import mqtt_messages as M
-from . import netlink
-from .config import Settings
-from .errors import Conflict, ConfigError, GatewayError
-from .sockets import Listening
+from . import messages as M
+from ..kernel import netlink
+from ..core.config import Settings
+from ..core.errors import Conflict, ConfigError, GatewayError
+from ..kernel.sockets import Listening
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("gw.audit")

@@ -19,13 +19,17 @@ from typing import Any, Callable, Iterable
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, listing, openapi, readiness, ruleset
+from .. import __version__
+
+from ..core import listing, readiness, ruleset
+
+from . import openapi
 from .auth import bearer_matches
-from .config import Settings
-from .errors import GatewayError, InvalidInput, StoreUnavailable
-from .exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
+from ..core.config import Settings
+from ..core.errors import GatewayError, InvalidInput, StoreUnavailable
+from ..core.exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
-from .sockets import Listening
+from ..kernel.sockets import Listening
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("gw.audit")
@@ -87,7 +91,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     or broker the gateway uses and whether it is connected, shown by /api/ready. `egress()`:
     whether egress is on and on which interfaces (default: from the settings' configured
     public interfaces)."""
-    app = Flask("gw.api")
+    app = Flask("gw.daemon.api")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     app.json.compact = True

@@ -1,6 +1,6 @@
 """The OpenAPI 3 document of the management API, served at /api/openapi.json.
 
-Written by hand next to gw/api.py and checked against the running server by schemathesis
+Written by hand next to gw/daemon/api.py and checked against the running server by schemathesis
 (tests/api/test_schemathesis.py): every route, body, status code and error shape here is what
 the server does. A schema is never looser than the server: what the schema rejects, the server
 rejects too (the server checks more: service ranges, reserved ports, identity rules).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 
-from .exposure import SERVICE_ID_RE
+from ..core.exposure import SERVICE_ID_RE
 
 VERSION = "1.0.0"
 

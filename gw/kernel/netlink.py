@@ -21,8 +21,8 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import Settings
-from .errors import GatewayError
+from ..core.config import Settings
+from ..core.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def default_interfaces() -> list[str]:
 def egress_interfaces(settings: Settings) -> list[str]:
     """The public interfaces as egress matches them: the configured ones, else the default
     route's as they are now."""
-    from . import ruleset  # noqa: PLC0415 - ruleset imports config only; keep netlink light
+    from ..core import ruleset  # noqa: PLC0415 - ruleset imports config only; keep netlink light
 
     defaults = () if settings.network.public_interfaces else default_interfaces()
     return ruleset.public_interfaces(settings, defaults)

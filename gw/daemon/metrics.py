@@ -22,8 +22,12 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, conntrack, readiness
-from .exposure import Key
+from .. import __version__
+
+from ..kernel import conntrack
+
+from ..core import readiness
+from ..core.exposure import Key
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,21 @@ import threading
 import time
 from dataclasses import replace
 
-from . import api, auth, oakestra, ruleset
-from .config import EgressSettings, Settings, check_state_directory, load_config
-from .conntrack import Flusher
-from .errors import ConfigError, GatewayError, KernelRefused, StoreUnavailable
-from .exposure import Exposure, port_conflicts
-from .firewall import Firewall
-from .gateway import Gateway
+from . import api, auth
+
+from ..cluster import oakestra
+
+from ..core import ruleset
+from ..core.config import EgressSettings, Settings, check_state_directory, load_config
+from ..kernel.conntrack import Flusher
+from ..core.errors import ConfigError, GatewayError, KernelRefused, StoreUnavailable
+from ..core.exposure import Exposure, port_conflicts
+from ..kernel.firewall import Firewall
+from ..service.gateway import Gateway
 from .logs import setup_logging
 from .metrics import Metrics
 
-log = logging.getLogger("gw.server")
+log = logging.getLogger("gw.daemon.server")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 # Seconds between a poisoned store and the exit (see Daemon._store_poisoned).
@@ -171,7 +175,7 @@ class Daemon:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        from .store import Store  # noqa: PLC0415 - imported here so `config check` stays light
+        from ..store.local import Store  # noqa: PLC0415 - imported here so `config check` stays light
 
         self.config = load_config(self.config_path)
         setup_logging(self.config.log.level, self.config.log.format)
@@ -183,7 +187,7 @@ class Daemon:
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
         if self.config.mqtt_mode:
-            from .mqtt import MqttFront  # noqa: PLC0415 - only MQTT mode needs paho
+            from ..cluster.mqtt import MqttFront  # noqa: PLC0415 - only MQTT mode needs paho
 
             self.mqtt = MqttFront(lambda: self.settings or self.config, self.store,
                                   self.metrics)
@@ -197,7 +201,7 @@ class Daemon:
             log.warning("the API listens on %s without a token: anyone admitted by "
                         "api.allowed_sources can change exposures; set api.token_file", host)
 
-        from .nft import NftSession  # noqa: PLC0415 - needs python3-nftables
+        from ..kernel.nft import NftSession  # noqa: PLC0415 - needs python3-nftables
 
         self.firewall = Firewall(NftSession(), self._skeleton_vars(self.settings),
                                  observe=self.metrics.observe_firewall)
@@ -213,7 +217,7 @@ class Daemon:
         self.metrics.egress_counters = self.firewall.counters
         # Watch before loading: a change by another process after this point is repaired.
         if os.environ.get("OAKESTRA_GW_DRIFT_WATCH", "1") != "0":
-            from .drift import DriftWatcher  # noqa: PLC0415
+            from ..kernel.drift import DriftWatcher  # noqa: PLC0415
 
             self.drift = DriftWatcher(self._on_drift, self.firewall.session.probe).start()
         else:
@@ -262,7 +266,7 @@ class Daemon:
     def _skeleton_vars(self, settings: Settings) -> dict[str, str]:
         """The skeleton's values, with the interfaces egress leaves by as the kernel has them
         now (the default route's unless configured); kept for /api/ready."""
-        from . import netlink  # noqa: PLC0415
+        from ..kernel import netlink  # noqa: PLC0415
 
         interfaces = netlink.egress_interfaces(settings)
         variables = ruleset.skeleton_vars(settings, interfaces)
@@ -278,7 +282,7 @@ class Daemon:
         """Stored exposures against the reserved and listening ports of today (at start and
         after a reload): a conflict is logged and counted, and the exposure stays (the store
         is the truth; deleting it is the operator's call)."""
-        from .sockets import read_listening  # noqa: PLC0415
+        from ..kernel.sockets import read_listening  # noqa: PLC0415
 
         exposures = [Exposure.from_dict(d) for d in self.gateway.exposures()]
         found = port_conflicts(exposures, self.settings.policy(listening=read_listening))
@@ -299,7 +303,7 @@ class Daemon:
         self.metrics.refused_own = len(found)
 
     def _ready_checks(self) -> dict:
-        from . import netlink  # noqa: PLC0415
+        from ..kernel import netlink  # noqa: PLC0415
 
         problems = netlink.readiness_problems(self.settings)
         if self.mqtt is not None:

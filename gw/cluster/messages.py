@@ -21,9 +21,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .config import Settings
-from .errors import ConfigError, GatewayError, InvalidInput
-from .exposure import (Exposure, Policy, check_gateway_id, parse_exposure, parse_port,
+from ..core.config import Settings
+from ..core.errors import ConfigError, GatewayError, InvalidInput
+from ..core.exposure import (Exposure, Policy, check_gateway_id, parse_exposure, parse_port,
                        parse_service_id)
 
 KINDS = ("deploy", "expose", "unexpose")

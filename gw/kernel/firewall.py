@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from . import ruleset
-from .errors import KernelRefused
-from .exposure import Exposure, Key
+from ..core import ruleset
+from ..core.errors import KernelRefused
+from ..core.exposure import Exposure, Key
 from .nft import NftSession
 
 log = logging.getLogger(__name__)

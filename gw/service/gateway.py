@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .errors import Conflict, GatewayError, NotFound
-from .exposure import DeleteRequest, Exposure, Key
-from .firewall import Diff, Firewall
+from ..core.errors import Conflict, GatewayError, NotFound
+from ..core.exposure import DeleteRequest, Exposure, Key
+from ..kernel.firewall import Diff, Firewall
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import secrets
 import stat
 from pathlib import Path
 
-from .config import Settings
-from .errors import ConfigError
+from ..core.config import Settings
+from ..core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .exposure import Exposure
+from ..core.exposure import Exposure
 
 log = logging.getLogger(__name__)
 PROC = Path("/proc/sys/net/netfilter")

@@ -1,0 +1,1 @@
+"""The daemon: the process, the HTTP API, its token, metrics and logs."""

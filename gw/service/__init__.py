@@ -1,0 +1,1 @@
+"""The gateway service: the one door to the store and the firewall."""
