@@ -1,0 +1,63 @@
+"""`oakestra-gw teardown`: remove what the gateway put into the kernel, to decommission a node."""
+
+from __future__ import annotations
+
+import click
+
+from ..core.errors import GatewayError, StoreLocked
+from .common import CONTEXT, Failure, config_option, echo_json, load, reason, warn
+
+
+@click.command(context_settings=CONTEXT)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
+def teardown(config_path, as_json):
+    """Remove everything the gateway put into the kernel, to decommission a node: our
+    nftables table (table inet oakestra_gw, both maps, all its chains), our bridge with the
+    internal addresses, and the conntrack entries of every flow it NATed (their established
+    flows stop). The store and the configuration stay. Needs root; stop the daemon first.
+
+    \b
+    Example:
+      systemctl disable --now oakestra-gw
+      oakestra-gw teardown --config /etc/oakestra-gw/gateway.toml
+    """
+    from ..kernel import conntrack, netlink
+    from ..kernel.firewall import Firewall
+    from ..store.local import Store
+
+    settings = load(config_path)
+    try:
+        with Store(settings.store.path, shared=True) as store:
+            meta = store.meta()
+    except StoreLocked:
+        raise Failure("the daemon holds the store: stop it first (systemctl stop oakestra-gw); "
+                      "it would restore the table otherwise") from None
+    except GatewayError as exc:
+        warn(f"cannot read the store ({exc.message})")
+        meta = {}
+    try:
+        from ..kernel.nft import NftSession
+
+        existed = Firewall(NftSession(), {}).remove_table()
+    except (GatewayError, ImportError, OSError) as exc:
+        raise Failure(f"cannot remove the table: {reason(exc)}") from None
+    from ..core.ruleset import TABLE
+
+    if not as_json:
+        click.echo(f"table {TABLE}: {'removed' if existed else 'was not there'}")
+    # Every flow we NATed answers to an internal address (standalone: the config's; Oakestra
+    # mode: the ones the cluster assigned, kept in the store).
+    internal = {str(ip) for ip in (settings.network.internal_ipv4,
+                                   settings.network.internal_ipv6) if ip}
+    internal |= {meta[k] for k in ("internal_ipv4", "internal_ipv6") if meta.get(k)}
+    removed = conntrack.delete_snatted_to(sorted(internal))
+    if not as_json:
+        click.echo(f"conntrack: {removed} NATed entries removed")
+    bridge = settings.network.bridge_interface
+    bridge_removed = netlink.remove_bridge(settings)
+    if as_json:
+        echo_json({"table_removed": existed, "conntrack_removed": removed,
+                   "bridge_removed": bridge_removed})
+        return
+    click.echo(f"bridge {bridge}: {'removed' if bridge_removed else 'was not there'}")
