@@ -8,7 +8,7 @@ import subprocess
 
 import click
 
-from ..core.config import Settings
+from ..core.settings import Settings
 from ..core.errors import ConfigError
 from .common import Failure, config_option, load
 

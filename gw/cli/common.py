@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from ..core.config import DEFAULT_CONFIG_PATH, Settings, load_config
+from ..core.config import load_config
+from ..core.settings import DEFAULT_CONFIG_PATH, Settings
 from ..core.errors import ConfigError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..core.config import UNIT_STATE_DIRECTORY, check_state_directory, load_config
+from ..core.config import check_state_directory, load_config
+from ..core.settings import UNIT_STATE_DIRECTORY
 from ..core.errors import ConfigError
 from .common import CONTEXT, config_failure, echo_json
 

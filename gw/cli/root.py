@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..core.config import DEFAULT_CONFIG_PATH
+from ..core.settings import DEFAULT_CONFIG_PATH
 from . import config, expose, rules, status, store, teardown
 from .common import CONTEXT, Failure
 

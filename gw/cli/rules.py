@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..core.config import DEFAULT_CONFIG_PATH, Settings
+from ..core.settings import DEFAULT_CONFIG_PATH, Settings
 from ..core.errors import ConfigError, GatewayError
 from . import output
 from .client import bridge_address

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..core.config import Settings
+from ..core.settings import Settings
 from ..core.errors import GatewayError, StoreLocked
 from ..core.exposure import Exposure
 from . import output
