@@ -51,7 +51,7 @@ def watched(tmp_path):
     watcher = DriftWatcher(repair, gw.firewall.session.probe).start()
     yield gw, repairs, done
     watcher.stop()
-    gw.store.local.close()
+    gw.store.close()
     subprocess.run(["nft", "flush", "ruleset"], check=True)
 
 

@@ -49,7 +49,7 @@ def open_gateway(path) -> Gateway:
 def gateway(tmp_path):
     gw = open_gateway(tmp_path / "exposures.json")
     yield gw
-    gw.store.local.close()
+    gw.store.close()
 
 
 def test_add_is_idempotent_relabels_and_conflicts(gateway):
@@ -121,7 +121,7 @@ def test_store_failure_leaves_the_kernel_untouched(tmp_path):
         filler.unlink()
         gw.add([ex(81, "10.30.0.2")])  # recovers once there is room again
         assert len(kernel_state()) == 2
-        gw.store.local.close()
+        gw.store.close()
         assert store_state(Store(mnt / "exposures.json", shared=True)) == kernel_state()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
@@ -187,13 +187,13 @@ class GatewayMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self):
-        self.gw.store.local.close()
+        self.gw.store.close()
         self.gw = open_gateway(self.path)
 
     @precondition(lambda self: self.model)
     @rule()
     def restart_with_empty_kernel(self):
-        self.gw.store.local.close()
+        self.gw.store.close()
         subprocess.run(["nft", "delete", "table", "inet", "oakestra_gw"], check=True)
         self.gw = open_gateway(self.path)
 
@@ -202,7 +202,7 @@ class GatewayMachine(RuleBasedStateMachine):
         assert kernel_state() == store_state(self.gw.store) == self.model
 
     def teardown(self):
-        self.gw.store.local.close()
+        self.gw.store.close()
         self.dir.cleanup()
 
 
