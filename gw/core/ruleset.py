@@ -1,15 +1,19 @@
-"""Desired state -> nftables text. Pure: values in, command text out.
+"""Our table's codec. Pure: the transactions the firewall sends, written as nft text, and the
+JSON listings the kernel gives back, read as exposures and chains (see docs/architecture.md).
 
-Only typed, validated values reach this module (ints, ``ipaddress`` objects, protocol words,
-interface names checked against a strict pattern), so no user string becomes nft syntax.
+A transaction is a tuple of the ops below: the libnftables session renders it with `script`,
+the fake (gw/kernel/fake.py) applies it structurally. Only typed, validated values reach this
+module (ints, ``ipaddress`` objects, protocol words, interface names checked against a strict
+pattern), so no user string becomes nft syntax.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Union
 
 from .config import Settings
 from .exposure import Exposure, Key
@@ -112,19 +116,54 @@ def _by_family(exposures: Iterable[Exposure]) -> dict[str, list[Exposure]]:
     return groups
 
 
-def add_elements(exposures: Iterable[Exposure]) -> list[str]:
-    return [f"add element {TABLE} {MAPS[fam]} {{ {', '.join(element(e) for e in group)} }}"
+# -- transactions: what the firewall sends -------------------------------------------------
+
+@dataclass(frozen=True)
+class AddElements:
+    """Elements of one family's map. The kernel refuses a key it holds with another target."""
+
+    family: str
+    exposures: tuple[Exposure, ...]
+
+
+@dataclass(frozen=True)
+class DeleteElements:
+    """Keys of one family's map. The kernel refuses a key it does not hold."""
+
+    family: str
+    keys: tuple[Key, ...]
+
+
+@dataclass(frozen=True)
+class ReplaceTable:
+    """Our table made anew from the skeleton with these values, without elements; it need
+    not exist before."""
+
+    variables: dict[str, str] = field(hash=False)
+    skeleton: Path
+
+
+@dataclass(frozen=True)
+class DeleteTable:
+    """Our table gone; never refused, whether or not it exists."""
+
+
+Op = Union[AddElements, DeleteElements, ReplaceTable, DeleteTable]
+Transaction = tuple  # of Op, applied all or nothing
+
+
+def adds(exposures: Iterable[Exposure]) -> list[AddElements]:
+    return [AddElements(fam, tuple(group)) for fam, group in _by_family(exposures).items()
+            if group]
+
+
+def deletes(exposures: Iterable[Exposure]) -> list[DeleteElements]:
+    return [DeleteElements(fam, tuple(e.key for e in group))
             for fam, group in _by_family(exposures).items() if group]
 
 
-def delete_elements(exposures: Iterable[Exposure]) -> list[str]:
-    return [f"delete element {TABLE} {MAPS[fam]} {{ "
-            f"{', '.join(f'{e.protocol} . {e.exposed_port}' for e in group)} }}"
-            for fam, group in _by_family(exposures).items() if group]
-
-
-def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
-           present: Iterable[Key] | None = None) -> str:
+def change_tx(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
+              present: Iterable[Key] | None = None) -> Transaction:
     """One transaction that makes the maps hold `add` and not hold `remove`. `present` is the
     set of keys the kernel holds among them; None means it holds exactly what the store says
     (the removed keys, not the added ones). In a map, `add element` of an existing key with
@@ -136,7 +175,49 @@ def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
     else:
         present = set(present)
         stale = [e for e in add + remove if e.key in present]
-    return "\n".join(delete_elements(stale) + add_elements(add))
+    return (*deletes(stale), *adds(add))
+
+
+def load_tx(variables: dict[str, str], exposures: Iterable[Exposure],
+            skeleton: Path | None = None) -> Transaction:
+    """Replace our table in one transaction: skeleton plus every element."""
+    return (ReplaceTable(dict(variables), skeleton or skeleton_path()), *adds(exposures))
+
+
+def script(tx: Transaction) -> str:
+    """The nft text of a transaction, one command a line."""
+    return "\n".join(line for op in tx for line in _lines(op))
+
+
+def _lines(op: Op) -> list[str]:
+    if isinstance(op, AddElements):
+        return [f"add element {TABLE} {MAPS[op.family]} "
+                f"{{ {', '.join(element(e) for e in op.exposures)} }}"]
+    if isinstance(op, DeleteElements):
+        return [f"delete element {TABLE} {MAPS[op.family]} "
+                f"{{ {', '.join(f'{proto} . {port}' for _, proto, port in op.keys)} }}"]
+    if isinstance(op, ReplaceTable):
+        # Creating the table first makes the delete succeed when it does not exist; other
+        # tables are never named.
+        return [*defines(op.variables), f"table {TABLE}", f"delete table {TABLE}",
+                f'include "{op.skeleton}"', *cap_rules(op.variables)]
+    if isinstance(op, DeleteTable):
+        return [f"table {TABLE}", f"delete table {TABLE}"]
+    raise TypeError(f"not an nft op: {op!r}")
+
+
+def add_elements(exposures: Iterable[Exposure]) -> list[str]:
+    return [script((op,)) for op in adds(exposures)]
+
+
+def delete_elements(exposures: Iterable[Exposure]) -> list[str]:
+    return [script((op,)) for op in deletes(exposures)]
+
+
+def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
+           present: Iterable[Key] | None = None) -> str:
+    """`change_tx` as nft text."""
+    return script(change_tx(add, remove, present))
 
 
 def cap_rules(variables: dict[str, str]) -> list[str]:
@@ -154,11 +235,8 @@ def defines(variables: dict[str, str]) -> list[str]:
 
 def load(variables: dict[str, str], exposures: Iterable[Exposure],
          skeleton: Path | None = None) -> str:
-    """Replace our table in one transaction: skeleton plus every element. Creating the table
-    first makes the delete succeed when it does not exist; other tables are never named."""
-    skeleton = skeleton or skeleton_path()
-    return "\n".join([*defines(variables), f"table {TABLE}", f"delete table {TABLE}",
-                      f'include "{skeleton}"', *cap_rules(variables), *add_elements(exposures)])
+    """`load_tx` as nft text."""
+    return script(load_tx(variables, exposures, skeleton))
 
 
 def render(settings: Settings, exposures: Iterable[Exposure] = (),
@@ -170,3 +248,63 @@ def render(settings: Settings, exposures: Iterable[Exposure] = (),
     return "\n".join(["#!/usr/sbin/nft -f", *defines(variables), "", f"table {TABLE}",
                       f"delete table {TABLE}", body.rstrip("\n"), *cap_rules(variables),
                       *add_elements(exposures), ""])
+
+
+# -- listings: what the kernel gives back (`nft -j list ...`) ------------------------------
+
+Target = tuple  # (service_ip, service_port) as an ipaddress object and an int
+
+
+@dataclass
+class Listing:
+    """What `nft -j list table` says of our table."""
+
+    elements: dict[Key, Target]
+    chains: dict[str, list]  # chain name -> its rules, without handles
+    unreadable: bool = False
+
+
+# Without a protocols database (/etc/protocols: Debian's netbase, absent on a minimal system)
+# libnftables lists a map key's protocol as its number.
+PROTOCOL_NUMBERS = {"6": "tcp", "17": "udp"}
+
+
+def element_json(e: Exposure) -> list:
+    """A map element as `nft -j` lists it: the shape `parse_listing` reads."""
+    return [{"concat": [e.protocol, e.exposed_port]},
+            {"concat": [str(e.service_ip), e.service_port]}]
+
+
+def parse_listing(listing: dict) -> Listing | None:
+    """Our maps' elements and chains' rules from `nft -j list table` output; None when the
+    table is gone. Elements in a shape we never write (a comment, a timeout: someone else's)
+    cannot be read as exposures: they mark the listing unreadable."""
+    elements: dict[Key, Target] = {}
+    chains: dict[str, list] = {}
+    seen_map, unreadable = False, False
+    for item in listing.get("nftables", []):
+        if "rule" in item:
+            rule = {k: v for k, v in item["rule"].items() if k != "handle"}
+            chains.setdefault(rule.get("chain"), []).append(rule)
+        elif "chain" in item:
+            chains.setdefault(item["chain"]["name"], [])
+        m = item.get("map")
+        if not m or m.get("name") not in MAPS.values():
+            continue
+        seen_map = True
+        family = "ipv4" if m["name"] == MAPS["ipv4"] else "ipv6"
+        for pair in m.get("elem", []):
+            try:
+                (proto, port), (ip, service_port) = pair[0]["concat"], pair[1]["concat"]
+                target = (ipaddress.ip_address(ip), int(service_port))
+            except (KeyError, TypeError, ValueError, IndexError):
+                unreadable = True
+                continue
+            elements[(family, PROTOCOL_NUMBERS.get(str(proto), proto), int(port))] = target
+    return Listing(elements, chains, unreadable) if seen_map else None
+
+
+def parse_counters(listing: dict) -> dict[str, int]:
+    """Packets by counter name from `nft -j list counters table ...`."""
+    return {item["counter"]["name"]: int(item["counter"].get("packets", 0))
+            for item in listing.get("nftables", []) if "counter" in item}

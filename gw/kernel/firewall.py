@@ -1,21 +1,24 @@
 """Our nftables table: load the skeleton, apply changes as map-element transactions, read back
-what the kernel holds and tell how it differs from what it should hold."""
+what the kernel holds and tell how it differs from what it should hold. Also the two things
+done to the table from outside the daemon: `teardown` and `check` (`oakestra-gw teardown`,
+`oakestra-gw rules diff`; see docs/cli.md)."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from ..core import ruleset
-from ..core.errors import KernelRefused
+from ..core.config import Settings
+from ..core.errors import ConfigError, KernelRefused
 from ..core.exposure import Exposure, Key
-from .nft import NftSession
+from ..core.ruleset import Listing, Target, parse_counters, parse_listing  # noqa: F401 - re-exported
+from .nft import AlreadyExists, NoSuchObject, Nft
 
 log = logging.getLogger(__name__)
-Target = tuple  # (service_ip, service_port) as an ipaddress object and an int
 
 
 @dataclass
@@ -26,7 +29,7 @@ class Diff:
     unexpected: list[Key] = field(default_factory=list)        # in the kernel, not desired
     wrong: list[Exposure] = field(default_factory=list)        # in the kernel with another target
     table_missing: bool = False
-    chains_changed: bool = False  # someone edited our chains (not the maps)
+    chains_changed: list[str] = field(default_factory=list)  # our chains someone edited
     unreadable: bool = False      # elements we cannot parse (e.g. added with a comment)
 
     def __bool__(self) -> bool:
@@ -40,19 +43,10 @@ class Diff:
                  (("missing", self.missing), ("unexpected", self.unexpected),
                   ("with a wrong target", self.wrong)) if v]
         if self.chains_changed:
-            parts.append("chains edited")
+            parts.append(f"chains edited ({', '.join(self.chains_changed)})")
         if self.unreadable:
             parts.append("foreign elements")
         return ", ".join(parts) or "in sync"
-
-
-@dataclass
-class Listing:
-    """What `nft -j list table` says of our table."""
-
-    elements: dict[Key, Target]
-    chains: dict[str, list]  # chain name -> its rules, without handles
-    unreadable: bool = False
 
 
 def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) -> Diff:
@@ -71,48 +65,54 @@ def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) 
     return diff
 
 
-# Without a protocols database (/etc/protocols: Debian's netbase, absent on a minimal system)
-# libnftables lists a map key's protocol as its number.
-PROTOCOL_NUMBERS = {"6": "tcp", "17": "udp"}
+def judge(desired: Iterable[Exposure], listing: Listing | None,
+          chains: dict[str, list] | None) -> Diff:
+    """Pure: the listing against the exposures and, when given, the chains it should have."""
+    diff = compute_diff(desired, None if listing is None else listing.elements)
+    if listing is not None:
+        diff.unreadable = listing.unreadable
+        if chains is not None:
+            diff.chains_changed = sorted(name for name in chains.keys() | listing.chains.keys()
+                                         if chains.get(name) != listing.chains.get(name))
+    return diff
 
 
-def parse_listing(listing: dict) -> Listing | None:
-    """Pure: our maps' elements and chains' rules from `nft -j list table` output; None when
-    the table is gone. Elements in a shape we never write (a comment, a timeout: someone
-    else's) cannot be read as exposures: they mark the listing unreadable."""
-    elements: dict[Key, Target] = {}
-    chains: dict[str, list] = {}
-    seen_map, unreadable = False, False
-    for item in listing.get("nftables", []):
-        if "rule" in item:
-            rule = {k: v for k, v in item["rule"].items() if k != "handle"}
-            chains.setdefault(rule.get("chain"), []).append(rule)
-        elif "chain" in item:
-            chains.setdefault(item["chain"]["name"], [])
-        m = item.get("map")
-        if not m or m.get("name") not in ruleset.MAPS.values():
-            continue
-        seen_map = True
-        family = "ipv4" if m["name"] == ruleset.MAPS["ipv4"] else "ipv6"
-        for pair in m.get("elem", []):
-            try:
-                (proto, port), (ip, service_port) = pair[0]["concat"], pair[1]["concat"]
-                target = (ipaddress.ip_address(ip), int(service_port))
-            except (KeyError, TypeError, ValueError, IndexError):
-                unreadable = True
-                continue
-            elements[(family, PROTOCOL_NUMBERS.get(str(proto), proto), int(port))] = target
-    return Listing(elements, chains, unreadable) if seen_map else None
+def _listing(nft: Nft) -> Listing | None:
+    """What the kernel holds (None: no table). Lists every element: never on a request path."""
+    try:
+        return parse_listing(nft.list_table())
+    except NoSuchObject:
+        return None
 
 
-def parse_counters(listing: dict) -> dict[str, int]:
-    """Pure: packets by counter name from `nft -j list counters table ...`."""
-    return {item["counter"]["name"]: int(item["counter"].get("packets", 0))
-            for item in listing.get("nftables", []) if "counter" in item}
+def teardown(nft: Nft) -> bool:
+    """Delete our table. Returns whether it existed."""
+    try:
+        existed = parse_listing(nft.list_table(terse=True)) is not None
+    except NoSuchObject:
+        existed = False
+    nft.apply((ruleset.DeleteTable(),))
+    return existed
+
+
+def check(nft: Nft, desired: Iterable[Exposure], settings: Settings,
+          default_interfaces: Iterable[str] = (), skeleton: Path | None = None) -> Diff:
+    """The kernel against the stored exposures and against the skeleton rendered from the
+    settings, chain by chain. Chains are not judged while the settings lack the internal
+    addresses (Oakestra mode before the cluster assigned them)."""
+    try:
+        variables = ruleset.skeleton_vars(settings, default_interfaces)
+    except ConfigError:
+        chains = None
+    else:
+        reference = nft.reference((ruleset.ReplaceTable(variables,
+                                                        skeleton or ruleset.skeleton_path()),))
+        chains = parse_listing(reference).chains
+    return judge(desired, _listing(nft), chains)
 
 
 class Firewall:
-    def __init__(self, session: NftSession, variables: dict[str, str], skeleton=None,
+    def __init__(self, session: Nft, variables: dict[str, str], skeleton=None,
                  observe=None):
         self.session = session
         self.variables = variables  # the skeleton's $names (ruleset.skeleton_vars)
@@ -124,10 +124,10 @@ class Firewall:
         """The addresses our SNAT gives the flows we hand to the tunnel."""
         return {self.variables["internal_ipv4"], self.variables["internal_ipv6"]}
 
-    def _run(self, kind: str, text: str) -> None:
+    def _run(self, kind: str, tx: ruleset.Transaction) -> None:
         start = time.perf_counter()
         try:
-            self.session.run(text)
+            self.session.apply(tx)
         except KernelRefused:
             self._observe(kind, time.perf_counter() - start, False)
             raise
@@ -136,17 +136,16 @@ class Firewall:
     def load(self, exposures: Iterable[Exposure]) -> None:
         """Replace our whole table (skeleton and elements) in one transaction. Existing flows
         keep their conntrack NAT bindings, so they survive it."""
-        self._run("load", ruleset.load(self.variables, exposures, self.skeleton))
+        self._run("load", ruleset.load_tx(self.variables, exposures, self.skeleton))
         # The chains as loaded are the reference that drift is judged by. It is listed right
         # after the load, never later: the first listing after a repair follows a foreign
         # change by construction and would make a tampered chain the reference. The chains
         # depend only on the skeleton and its values, so this costs one terse listing (no
-        # elements: ~0.3 s at 50k, as nft 1.0.6 still fetches them) per set of values, at
-        # start and after a reload that changed them; never at a repair.
+        # elements, though nft 1.0.6 still fetches them) per set of values, at start and
+        # after a reload that changed them; never at a repair.
         values = (str(self.skeleton), tuple(sorted(self.variables.items())))
         if self._chains_for != values:
-            terse = self.session.run_json(f"list table {ruleset.TABLE}", terse=True)
-            self._chains_loaded = parse_listing(terse).chains
+            self._chains_loaded = parse_listing(self.session.list_table(terse=True)).chains
             self._chains_for = values
 
     _chains_loaded: dict | None = None
@@ -159,13 +158,11 @@ class Firewall:
         if not add and not remove:
             return
         try:
-            self._run("change", ruleset.change(add, remove))
-        except KernelRefused as exc:
-            if not any(err in exc.message for err in ("File exists", "No such file")):
-                raise
+            self._run("change", ruleset.change_tx(add, remove))
+        except (AlreadyExists, NoSuchObject) as exc:
             log.warning("the kernel's maps differ from the store (%s); retrying", exc.message)
             present = self.present(e.key for e in add + remove)
-            self._run("change", ruleset.change(add, remove, present))
+            self._run("change", ruleset.change_tx(add, remove, present))
 
     def present(self, keys: Iterable[Key]) -> set[Key]:
         """Which of these keys the kernel's maps hold: one listing of each map involved."""
@@ -173,23 +170,15 @@ class Firewall:
         found: set[Key] = set()
         for family in {k[0] for k in keys}:
             try:
-                listing = self.session.run_json(f"list map {ruleset.TABLE} "
-                                                f"{ruleset.MAPS[family]}")
-            except KernelRefused:
+                parsed = parse_listing(self.session.list_map(family))
+            except NoSuchObject:
                 continue  # no table, no map: none of them is there
-            parsed = parse_listing(listing)
             found |= keys & set(parsed.elements) if parsed else set()
         return found
 
     def listing(self) -> Listing | None:
-        """What the kernel holds (None: no table). Costs ~1 s at 50k: never on a request path."""
-        try:
-            out = self.session.run_json(f"list table {ruleset.TABLE}")
-        except KernelRefused as exc:
-            if "No such file or directory" in exc.message:
-                return None
-            raise
-        return parse_listing(out)
+        """What the kernel holds (None: no table). Never on a request path."""
+        return _listing(self.session)
 
     def read(self) -> dict[Key, Target] | None:
         listing = self.listing()
@@ -197,24 +186,18 @@ class Firewall:
 
     def diff(self, desired: Iterable[Exposure]) -> Diff:
         listing = self.listing()
-        diff = compute_diff(desired, None if listing is None else listing.elements)
-        if listing is not None:
-            diff.unreadable = listing.unreadable
-            if self._chains_loaded is None:
-                self._chains_loaded = listing.chains
-            diff.chains_changed = listing.chains != self._chains_loaded
-        return diff
+        if listing is not None and self._chains_loaded is None:
+            self._chains_loaded = listing.chains
+        return judge(desired, listing, self._chains_loaded)
 
     def counters(self) -> dict[str, int]:
         """Our named counters (egress connections and drops): a few lines, never the maps.
         Empty while the table is missing."""
         try:
-            return parse_counters(self.session.run_json(f"list counters table {ruleset.TABLE}"))
+            return parse_counters(self.session.list_counters())
         except KernelRefused:
             return {}
 
     def remove_table(self) -> bool:
         """Delete our table (teardown). Returns whether it existed."""
-        existed = self.read() is not None
-        self.session.run(f"table {ruleset.TABLE}\ndelete table {ruleset.TABLE}")
-        return existed
+        return teardown(self.session)

@@ -1,5 +1,7 @@
-"""The libnftables session: one context for the whole process, with nft's own error text
-carried in `KernelRefused`.
+"""The seam to nftables: the `Nft` protocol the firewall speaks, the two refusals code
+branches on, and the libnftables session that implements it (the in-memory one is
+gw/kernel/fake.py; see docs/architecture.md). nft's own error text is carried in
+`KernelRefused`.
 
 Every command runs on one dedicated thread. A context is not thread-safe, and the kernel
 stamps each committed generation with the id of the *thread* that committed it (the global
@@ -10,11 +12,60 @@ the drift watcher learns from `probe()` and uses to skip our own commits.
 from __future__ import annotations
 
 import json
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
+from ..core import ruleset
 from ..core.errors import KernelRefused
 
 PROBE_TABLE = "oakestra_gw_probe"
+
+
+class AlreadyExists(KernelRefused):
+    """EEXIST: an element's key is in the map with another target."""
+
+
+class NoSuchObject(KernelRefused):
+    """ENOENT: the element, the map or our table is not there."""
+
+
+# nft's words for the two refusals: the one place they are read.
+_REFUSALS = ((AlreadyExists, "File exists"), (NoSuchObject, "No such file or directory"))
+
+
+def refusal(message: str) -> KernelRefused:
+    """The error for nft's message: one of the two named refusals, or a plain one."""
+    for cls, words in _REFUSALS:
+        if words in message:
+            return cls(message)
+    return KernelRefused(message)
+
+
+class Nft(Protocol):
+    """What the firewall needs of nftables. Listings are `nft -j` JSON of our table; a missing
+    table or map raises `NoSuchObject`."""
+
+    def apply(self, tx: ruleset.Transaction) -> None:
+        """One transaction of `ruleset` ops, all or nothing."""
+
+    def list_table(self, terse: bool = False) -> dict:
+        """Our table; `terse` leaves out set and map elements."""
+
+    def list_map(self, family: str) -> dict:
+        """One family's map, with its elements."""
+
+    def list_counters(self) -> dict:
+        """Our table's named counters."""
+
+    def reference(self, tx: ruleset.Transaction) -> dict:
+        """Our table (terse) as `tx` would leave it on an empty ruleset, touching nothing:
+        the reference an edited chain is told by."""
+
+    def probe(self) -> None:
+        """A commit that leaves the ruleset as it was (see `NftSession.probe`)."""
+
+    def close(self) -> None: ...
 
 
 class NftSession:
@@ -42,16 +93,39 @@ class NftSession:
         """Run nft commands as one transaction; returns nft's output."""
         rc, out, err = self._cmd(text, False)
         if rc != 0:
-            raise KernelRefused(f"nftables refused the change: {_first_error(err)}")
+            raise refusal(f"nftables refused the change: {_first_error(err)}")
         return out
 
     def run_json(self, text: str, terse: bool = False) -> dict:
         """Run a listing command and return its JSON output; `terse` leaves out set and map
-        elements (a third of the time, a few kB instead of MBs at 50k elements)."""
+        elements (a few kB instead of MBs with many elements)."""
         rc, out, err = self._cmd(text, True, terse)
         if rc != 0:
-            raise KernelRefused(f"nftables refused: {_first_error(err)}")
+            raise refusal(f"nftables refused: {_first_error(err)}")
         return json.loads(out) if out.strip() else {"nftables": []}
+
+    def apply(self, tx: ruleset.Transaction) -> None:
+        self.run(ruleset.script(tx))
+
+    def list_table(self, terse: bool = False) -> dict:
+        return self.run_json(f"list table {ruleset.TABLE}", terse=terse)
+
+    def list_map(self, family: str) -> dict:
+        return self.run_json(f"list map {ruleset.TABLE} {ruleset.MAPS[family]}")
+
+    def list_counters(self) -> dict:
+        return self.run_json(f"list counters table {ruleset.TABLE}")
+
+    def reference(self, tx: ruleset.Transaction) -> dict:
+        """Loads `tx` in a network namespace of its own, which goes with the process: the
+        host's ruleset never holds it, even for a moment."""
+        proc = subprocess.run(
+            ["unshare", "--net", "sh", "-c",
+             f'nft -f - && exec nft -j -t list table {ruleset.TABLE}'],
+            input=ruleset.script(tx), capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise refusal(f"nftables refused the reference: {_first_error(proc.stderr)}")
+        return json.loads(proc.stdout)
 
     def probe(self) -> None:
         """An empty transaction that names `PROBE_TABLE` (created and deleted at once, so the

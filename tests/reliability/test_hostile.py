@@ -196,20 +196,19 @@ def test_no_target_outside_the_service_ranges_is_accepted(ip):
 # -- through the whole app: nft never sees a user's string ------------------------------------
 
 class RecordingSession:
-    """Stands in for gw.nft.NftSession: succeeds, and records every text nft would get."""
+    """Stands in for gw.kernel.nft.NftSession: succeeds, and records every text nft would get
+    (the session's own rendering of each transaction)."""
 
     def __init__(self):
         self.texts: list[str] = []
 
-    def run(self, text: str) -> str:
-        self.texts.append(text)
-        if text.startswith("get element"):
-            from gw.core.errors import KernelRefused
-            raise KernelRefused("nftables refused: Error: No such file or directory")
-        return ""
+    def apply(self, tx) -> None:
+        self.texts.append(ruleset.script(tx))
 
-    def run_json(self, text: str) -> dict:
-        self.texts.append(text)
+    def list_table(self, terse: bool = False) -> dict:
+        return {"nftables": []}
+
+    def list_map(self, family: str) -> dict:
         return {"nftables": []}
 
 

@@ -1,0 +1,134 @@
+"""An in-memory nftables that applies the firewall's transactions as the kernel does: all or
+nothing, refusing what the kernel refuses (an element whose key is held with another target,
+the delete of a key that is not there, anything in a table that is not there) with the same
+errors. Its listings have the JSON shape of `nft -j` for our maps, so the firewall's codec
+reads them. Chains are kept as the skeleton's rule lines with the values filled in: equal for
+equal loads, which is all the firewall asks of them. No root needed (see docs/testing.md)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+from ..core import ruleset
+from .nft import AlreadyExists, NoSuchObject
+
+CHAIN_RE = re.compile(r"^\s*chain (\w+) \{")
+VARIABLE_RE = re.compile(r"\$(\w+)")
+PREFIX = "nftables refused the change: Error: Could not process rule: "
+
+
+@dataclass
+class FakeTable:
+    maps: dict[str, dict[tuple, tuple]] = field(default_factory=dict)  # family -> key -> target
+    chains: dict[str, list[str]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class FakeNft:
+    def __init__(self):
+        self.table: FakeTable | None = None
+        self.transactions = 0  # committed ones, so a test can count them
+
+    # -- the Nft protocol -----------------------------------------------------------------
+
+    def apply(self, tx: ruleset.Transaction) -> None:
+        table = copy.deepcopy(self.table)
+        for op in tx:
+            table = _apply(table, op)
+        self.table = table
+        self.transactions += 1
+
+    def list_table(self, terse: bool = False) -> dict:
+        table = self._need()
+        items = [_map_json(family, elements, terse) for family, elements in table.maps.items()]
+        for name, rules in table.chains.items():
+            items.append({"chain": {**_OURS, "name": name}})
+            items += [{"rule": {**_OURS, "chain": name, "expr": [{"text": r}]}} for r in rules]
+        return {"nftables": items}
+
+    def list_map(self, family: str) -> dict:
+        return {"nftables": [_map_json(family, self._need().maps[family], terse=False)]}
+
+    def list_counters(self) -> dict:
+        return {"nftables": [{"counter": {**_OURS, "name": name, "packets": packets}}
+                             for name, packets in self._need().counters.items()]}
+
+    def reference(self, tx: ruleset.Transaction) -> dict:
+        other = FakeNft()
+        other.apply(tx)
+        return other.list_table(terse=True)
+
+    def probe(self) -> None:
+        self.transactions += 1
+
+    def close(self) -> None:
+        pass
+
+    # -- what a test does to the kernel behind the gateway's back -------------------------
+
+    def flush_map(self, family: str) -> None:
+        self._need().maps[family].clear()
+
+    def add_rule(self, chain: str, rule: str) -> None:
+        self._need().chains[chain].append(rule)
+
+    def _need(self) -> FakeTable:
+        if self.table is None:
+            raise NoSuchObject("nftables refused: Error: No such file or directory")
+        return self.table
+
+
+_OURS = {"family": ruleset.FAMILY, "table": ruleset.TABLE_NAME}
+
+
+def _map_json(family: str, elements: dict, terse: bool) -> dict:
+    m = {**_OURS, "name": ruleset.MAPS[family]}
+    if elements and not terse:
+        m["elem"] = [[{"concat": list(k)}, {"concat": [str(ip), port]}]
+                     for k, (ip, port) in elements.items()]
+    return {"map": m}
+
+
+def _apply(table: FakeTable | None, op) -> FakeTable | None:
+    if isinstance(op, ruleset.DeleteTable):
+        return None
+    if isinstance(op, ruleset.ReplaceTable):
+        return _skeleton(op)
+    if table is None:
+        raise NoSuchObject("nftables refused the change: Error: No such file or directory")
+    elements = table.maps[op.family]
+    if isinstance(op, ruleset.AddElements):
+        for e in op.exposures:
+            key = e.key[1:]
+            if elements.get(key, e.target) != e.target:
+                raise AlreadyExists(PREFIX + "File exists")
+            elements[key] = e.target
+    elif isinstance(op, ruleset.DeleteElements):
+        for _, proto, port in op.keys:
+            if elements.pop((proto, port), None) is None:
+                raise NoSuchObject(PREFIX + "No such file or directory")
+    else:
+        raise TypeError(f"not an nft op: {op!r}")
+    return table
+
+
+def _skeleton(op: ruleset.ReplaceTable) -> FakeTable:
+    """The table the skeleton declares: its maps and counters, and its chains' rule lines
+    (not the chain's own `type ... hook` line) with the values filled in."""
+    table = FakeTable(maps={family: {} for family in ruleset.MAPS})
+    chain = None
+    for line in op.skeleton.read_text().splitlines():
+        text = line.strip()
+        if m := CHAIN_RE.match(line):
+            chain = table.chains.setdefault(m[1], [])
+        elif text.startswith("counter ") and chain is None:
+            table.counters[text.split()[1]] = 0
+        elif text == "}":
+            chain = None
+        elif chain is not None and text and not text.startswith(("#", "type ")):
+            chain.append(VARIABLE_RE.sub(lambda v: op.variables[v[1]], text))
+    table.chains["egress_cap"] = [r.split(" egress_cap ", 1)[1]
+                                  for r in ruleset.cap_rules(op.variables)]
+    return table
