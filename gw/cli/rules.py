@@ -105,14 +105,15 @@ def rules_diff(config_path, as_json):
     \b
     Exit codes (like diff(1)): 0 equal; 1 different; 2 trouble.
     """
-    from ..kernel.firewall import Firewall
+    from ..kernel import firewall
 
     settings = load(config_path)
     try:
         desired = stored_exposures(settings)
         from ..kernel.nft import NftSession
 
-        diff = Firewall(NftSession(), {}).diff(desired)
+        diff = firewall.check(NftSession(), desired, _with_internal_ips(settings),
+                              _default_interfaces(settings))
     except Failure as exc:
         exc.exit_code = 2
         raise
@@ -124,7 +125,8 @@ def rules_diff(config_path, as_json):
             "missing": [e.to_dict() for e in diff.missing],
             "wrong": [e.to_dict() for e in diff.wrong],
             "unexpected": [{"family": f, "protocol": p, "exposed_port": n}
-                           for f, p, n in diff.unexpected]})
+                           for f, p, n in diff.unexpected],
+            "chains_edited": diff.chains_changed})
         sys.exit(1 if diff else 0)
     if not diff:
         click.echo(f"in sync: {len(desired)} exposure(s) in the store and the kernel")

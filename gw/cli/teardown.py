@@ -22,8 +22,7 @@ def teardown(config_path, as_json):
       systemctl disable --now oakestra-gw
       oakestra-gw teardown --config /etc/oakestra-gw/gateway.toml
     """
-    from ..kernel import conntrack, netlink
-    from ..kernel.firewall import Firewall
+    from ..kernel import conntrack, firewall, netlink
     from ..store.local import Store
 
     settings = load(config_path)
@@ -39,7 +38,7 @@ def teardown(config_path, as_json):
     try:
         from ..kernel.nft import NftSession
 
-        existed = Firewall(NftSession(), {}).remove_table()
+        existed = firewall.teardown(NftSession())
     except (GatewayError, ImportError, OSError) as exc:
         raise Failure(f"cannot remove the table: {reason(exc)}") from None
     from ..core.ruleset import TABLE

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..core import ruleset
-from ..core.config import Settings
+from ..core.settings import Settings
 from ..core.errors import ConfigError, KernelRefused
 from ..core.exposure import Exposure, Key
 from ..core.ruleset import Listing, Target, parse_counters, parse_listing  # noqa: F401 - re-exported

@@ -298,6 +298,24 @@ def test_rules_diff_while_the_daemon_runs(gw, clean):
     cli(gw, "rules", "diff", *c, check=0)
 
 
+@pytest.mark.kernel
+def test_rules_diff_names_an_edited_chain(gw, clean):
+    """The chains are judged against the skeleton rendered from the config, so a rule someone
+    added to one of ours shows, by chain, and a reload repairs it."""
+    c = ["--config", gw.config_path]
+    cli(gw, "expose", "add", 8080, "10.30.0.1:80", *c, check=0)
+    cli(gw, "rules", "diff", *c, check=0)
+    gw.nft("add", "rule", "inet", "oakestra_gw", "forward", "tcp", "dport", "9", "accept")
+    p = cli(gw, "rules", "diff", *c, check=1)
+    assert "kernel differs from the store: chains edited (forward)" in p.stdout, p.stdout
+    p = cli(gw, "rules", "diff", "--json", *c, check=1)
+    assert json.loads(p.stdout)["chains_edited"] == ["forward"]
+    gw.send(signal.SIGHUP)
+    gw.wait_log("reconcile: repaired")
+    p = cli(gw, "rules", "diff", *c, check=0)
+    assert p.stdout.startswith("in sync: 1 exposure(s)")
+
+
 # -- lifecycle with the CLI: stop, diff from the store, teardown --------------------------------
 
 @pytest.mark.kernel
