@@ -241,7 +241,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
         return {"status": "ok"}
 
     def _ready_reasons() -> dict:
-        return readiness.reasons(gateway.problems, ready_checks)
+        return readiness.reasons(gateway.health.snapshot(), ready_checks)
 
     @app.get("/api/ready", endpoint="ready")
     def ready():

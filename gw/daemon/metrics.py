@@ -84,7 +84,7 @@ class _StateCollector:
                     exposures.add_metric([family, protocol], counts.get((family, protocol), 0))
             yield exposures
         found = m.ready() if m.ready is not None else (
-            dict(m.gateway.problems) if m.gateway is not None else None)
+            m.gateway.health.snapshot() if m.gateway is not None else None)
         if found is not None:
             yield GaugeMetricFamily("oakestra_gw_ready", "1 when /api/ready answers 200, else 0",
                                     value=0 if found else 1)

@@ -206,8 +206,10 @@ class Daemon:
         self.firewall = Firewall(NftSession(), self._skeleton_vars(self.settings),
                                  observe=self.metrics.observe_firewall)
         self.flusher = Flusher()
+        own = (self.settings.network.internal_ipv4, self.settings.network.internal_ipv6)
         self.gateway = Gateway(self.store, self.firewall, self.flusher,
-                               on_change=self.metrics.on_change)
+                               on_change=self.metrics.on_change,
+                               own_addresses=(str(ip) for ip in own if ip))
         self.store.on_poisoned = self._store_poisoned
         if os.environ.get(CRASH_ENV):
             inject_crash(self.firewall, os.environ[CRASH_ENV], self.store)
@@ -223,9 +225,6 @@ class Daemon:
         else:
             log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
                         "only SIGHUP repairs it")
-        self.gateway.own_ips = frozenset(str(ip) for ip in (self.settings.network.internal_ipv4,
-                                                            self.settings.network.internal_ipv6)
-                                         if ip)
         self.gateway.load()
         self._check_own_address()
         log.info("loaded table %s with %d exposure(s) from %s", ruleset.TABLE,
@@ -331,7 +330,7 @@ class Daemon:
         start may replay it while this process lacks it. The store already refuses changes;
         readiness says why, and the daemon exits non-zero so that systemd restarts it: the
         start replays the journal and loads the kernel from it, and the two agree again."""
-        self.gateway.problems["store"] = cause
+        self.gateway.health.set("store", cause)
         self.exit_code = EXIT_FAILURE
         # Not at once: the answer (503) to the change that failed goes out first.
         timer = threading.Timer(POISONED_EXIT_AFTER, os.kill, (os.getpid(), signal.SIGTERM))
@@ -368,16 +367,13 @@ class Daemon:
             log.exception("stopping the cluster membership")
         if self.metrics is not None:
             self.metrics.close()
-        if self.flusher is not None:
-            self.flusher.wait(timeout=2)
-            self.flusher.close()
-        if self.store is not None:
-            lock = self.gateway._lock if self.gateway is not None else threading.RLock()
-            with lock:  # an in-flight change finishes first
-                try:
-                    self.store.close()
-                except GatewayError as exc:
-                    log.error("closing the store: %s", exc.message)
+        try:
+            if self.gateway is not None:
+                self.gateway.close()  # flushes, then the store after an in-flight change
+            elif self.store is not None:
+                self.store.close()
+        except GatewayError as exc:
+            log.error("closing the store: %s", exc.message)
         if self.gateway is not None:
             log.info("stopped; table %s left in place", ruleset.TABLE)
 
@@ -397,20 +393,19 @@ class Daemon:
     def reload(self) -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            skeleton_changed = self._apply_config()
-            self._reconcile(reload_skeleton=skeleton_changed)
+            self._reconcile(self._apply_config())
             self._check_ports()  # network.reserved_ports may have changed
         finally:
             sd_notify("READY=1")
 
-    def _apply_config(self) -> bool:
-        """Returns whether the skeleton's variables changed (the table must be reloaded)."""
+    def _apply_config(self) -> dict[str, str] | None:
+        """The reloaded configuration's skeleton values; None when it could not be applied."""
         log.info("reload: reading %s", self.config_path)
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", one_line(exc))
-            return False
+            return None
         pending = restart_needed(self.config, new)
         for key in pending:
             log.warning("reload: %s changed: restart needed to apply it", key)
@@ -420,21 +415,18 @@ class Daemon:
             token = auth.daemon_token(settings)
         except ConfigError as exc:
             log.error("reload: %s; keeping the running token and configuration", one_line(exc))
-            return False
+            return None
         try:
             variables = self._skeleton_vars(settings)
         except ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", one_line(exc))
-            return False
-        skeleton_changed = variables != self.firewall.variables
+            return None
         token_changed = token != self.token
         if settings.log != self.settings.log:
             setup_logging(settings.log.level, settings.log.format)
-        with self.gateway._lock:
-            self.firewall.variables = variables
-            self.settings = settings
-            self.token = token
-            api.reconfigure(self.app, settings, restart_needed=pending)
+        self.settings = settings
+        self.token = token
+        api.reconfigure(self.app, settings, restart_needed=pending)
         self.metrics.restart_needed = pending
         if token_changed and not settings.standalone and self.mqtt is None:
             # The cluster calls us with the token of the last ready callback: hand it the new one.
@@ -447,24 +439,20 @@ class Daemon:
                         "(e.g. %s); they stay until deleted", len(outside),
                         Exposure.from_dict(outside[0]))
         log.info("reload: applied %s", ", ".join(changed) if changed else "no live changes")
-        return skeleton_changed
+        return variables
 
-    def _reconcile(self, reload_skeleton: bool = False) -> None:
-        """Compare the kernel with the store and repair it; with `reload_skeleton`, load the
-        table (new skeleton values, same elements) even when it is in sync."""
+    def _reconcile(self, variables: dict[str, str] | None = None) -> None:
+        """Compare the kernel with the store and repair it; with new skeleton `variables`, the
+        table is loaded with them (same elements) even when it is in sync."""
         try:
-            if reload_skeleton:
-                with self.gateway._lock:
-                    diff = self.gateway.diff()
-                    self.gateway.load()
-            else:
-                diff = self.gateway.reconcile()
+            done = self.gateway.reconfigure(variables=variables)
         except GatewayError as exc:
             log.error("reconcile failed: %s", exc.message)
             return
-        self.metrics.reconciled(diff)
-        log.info("reconcile: %s%s", "repaired: " + diff.summary() if diff else "kernel in sync",
-                 "; table reloaded with the new configuration" if reload_skeleton else "")
+        self.metrics.reconciled(done.diff)
+        log.info("reconcile: %s%s", "repaired: " + done.diff.summary() if done.diff
+                 else "kernel in sync",
+                 "; table reloaded with the new configuration" if done.changed else "")
 
     def _on_drift(self, reason: str) -> bool:
         """The drift watcher saw another process change our table; False when the repair
@@ -474,7 +462,7 @@ class Daemon:
         try:
             diff = self.gateway.reconcile()
         except GatewayError as exc:
-            self.gateway.problems["drift"] = f"unrepaired drift: the repair failed: {exc.message}"
+            self.gateway.health.set("drift", f"unrepaired drift: the repair failed: {exc.message}")
             log.error("drift: repair failed: %s (after: %s)", exc.message, reason)
             return False
         self.metrics.reconciled(diff)

@@ -120,6 +120,10 @@ class Firewall:
         # observe(kind, seconds, ok): where metrics hook in, without the firewall knowing them.
         self._observe = observe or (lambda kind, seconds, ok: None)
 
+    def set_variables(self, variables: dict[str, str]) -> None:
+        """New skeleton values; they take effect at the next `load`."""
+        self.variables = dict(variables)
+
     def internal_addresses(self) -> set[str]:
         """The addresses our SNAT gives the flows we hand to the tunnel."""
         return {self.variables["internal_ipv4"], self.variables["internal_ipv6"]}

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 from ..core.errors import Conflict, GatewayError, NotFound
 from ..core.exposure import DeleteRequest, Exposure, Key
 from ..kernel.firewall import Diff, Firewall
+from .health import Health
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,63 @@ class AddResult:
     outcome: str  # "created" | "unchanged" | "relabelled"
 
 
+@dataclass(frozen=True)
+class Reconfigured:
+    diff: Diff       # how the kernel differed from the store before the load (if any)
+    changed: bool    # the values or the addresses changed: the table was loaded with them
+
+
 class Gateway:
     def __init__(self, store, firewall: Firewall, flusher=None,
-                 on_change: Callable[[str, bool], None] | None = None):
+                 on_change: Callable[[str, bool], None] | None = None,
+                 own_addresses: Iterable[str] = ()):
         self.store = store
         self.firewall = firewall
         self.flusher = flusher
         self._lock = threading.RLock()
         self._on_change = on_change or (lambda kind, ok: None)
         # Why the gateway is not ready, by cause; empty when it is.
-        self.problems: dict[str, str] = {}
+        self.health = Health()
         # The gateway's own internal addresses: a stored exposure to one of them (the cluster
         # handed out a new address since it was added) is never loaded into the kernel.
-        self.own_ips: frozenset[str] = frozenset()
+        self._own: frozenset[str] = frozenset(map(str, own_addresses))
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        return self._own
+
+    # -- configuration and end --------------------------------------------------------------
+
+    def reconfigure(self, *, variables: dict[str, str] | None = None,
+                    own_addresses: Iterable[str] | None = None) -> Reconfigured:
+        """Apply new skeleton values (`ruleset.skeleton_vars`: a reload, new internal
+        addresses) and/or new own internal addresses, then make the kernel follow the store,
+        all under the lock (no change is in flight meanwhile). When the values or the
+        addresses changed, the table is loaded again (new values, same elements, one
+        transaction) even if it was in sync; otherwise it is loaded only if it differs (as
+        `reconcile`). None leaves that part as it is. A failed load raises (GatewayError)
+        with the new values kept: the next load (a repair, a reload) applies them."""
+        with self._lock:
+            own = None if own_addresses is None else frozenset(map(str, own_addresses))
+            if ((variables is None or variables == self.firewall.variables)
+                    and own in (None, self._own)):
+                return Reconfigured(self.reconcile(), False)
+            diff = self.diff()  # against what runs: drift, not the change asked for
+            if variables is not None:
+                self.firewall.set_variables(variables)
+            if own is not None:
+                self._own = own
+            self.load()
+            return Reconfigured(diff, True)
+
+    def close(self) -> None:
+        """Let queued flushes finish (briefly), then close the store once an in-flight change
+        is done. The kernel table is left as it is: traffic keeps flowing."""
+        if self.flusher is not None:
+            self.flusher.wait(timeout=2)
+            self.flusher.close()
+        with self._lock:
+            self.store.close()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -137,7 +182,7 @@ class Gateway:
             docs = self._wanted()
             self._kernel(lambda: self.firewall.load(Exposure.from_dict(d) for d in docs),
                          kind="reconcile")
-            self.problems.pop("drift", None)
+            self.health.clear("drift")
             if self.flusher is not None:
                 # Flows of elements that are gone (a flush lost to a crash or a stop, an
                 # element someone else added) would live on: one sweep finds them all.
@@ -164,18 +209,17 @@ class Gateway:
                             diff.summary())
                 self.load()  # its sweep removes the flows of elements that are gone
             else:
-                for cause in ("drift", "firewall"):
-                    self.problems.pop(cause, None)
+                self.health.clear("drift", "firewall")
             return diff
 
     def _kernel(self, commit: Callable[[], None], kind: str = "change") -> None:
         try:
             commit()
         except GatewayError as exc:
-            self.problems["firewall"] = f"the last {kind} failed: {exc.message}"
+            self.health.set("firewall", f"the last {kind} failed: {exc.message}")
             self._on_change(kind, False)
             raise
-        self.problems.pop("firewall", None)
+        self.health.clear("firewall")
         self._on_change(kind, True)
 
     # A store change the kernel refused and the store could not take back: (put, delete).
@@ -190,7 +234,7 @@ class Gateway:
             self.store.commit(put=put, delete=delete)
         except GatewayError as exc:
             self._unreverted = (put, delete)
-            self.problems["store"] = f"could not revert a refused change: {exc.message}"
+            self.health.set("store", f"could not revert a refused change: {exc.message}")
             log.critical("the kernel refused a change and the store could not take it back "
                          "(%s): no change is taken until it can", exc.message)
 
@@ -202,11 +246,11 @@ class Gateway:
             put, delete = self._unreverted
             gone = set(delete) | {Exposure.from_dict(d).key for d in put}
             docs = [d for d in docs if Exposure.from_dict(d).key not in gone] + put
-        return [d for d in docs if d["service_ip"] not in self.own_ips]
+        return [d for d in docs if d["service_ip"] not in self._own]
 
     def pointing_at_itself(self) -> list[dict]:
         """Stored exposures whose service IP is one of the gateway's own internal addresses."""
-        return [d for d in self.store.exposures() if d["service_ip"] in self.own_ips]
+        return [d for d in self.store.exposures() if d["service_ip"] in self._own]
 
     def _settle(self) -> None:
         """Before a change: write the undo a failed revert left pending. If the store still
@@ -216,5 +260,5 @@ class Gateway:
         put, delete = self._unreverted
         self.store.commit(put=put, delete=delete)
         self._unreverted = None
-        self.problems.pop("store", None)
+        self.health.clear("store")
         log.warning("the store took back the change the kernel had refused")

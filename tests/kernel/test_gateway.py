@@ -49,7 +49,7 @@ def open_gateway(path) -> Gateway:
 def gateway(tmp_path):
     gw = open_gateway(tmp_path / "exposures.json")
     yield gw
-    gw.store.close()
+    gw.close()
 
 
 def test_add_is_idempotent_relabels_and_conflicts(gateway):
@@ -91,9 +91,9 @@ def test_kernel_refusal_rolls_the_store_back(gateway):
         gateway.add([ex(81, "10.30.0.2")])
     assert "No such file or directory" in info.value.message
     assert store_state(gateway.store) == before
-    assert "firewall" in gateway.problems
+    assert "firewall" in gateway.health
     gateway.load()
-    assert kernel_state() == before and not gateway.problems
+    assert kernel_state() == before and not gateway.health.snapshot()
 
 
 def test_a_delete_converges_when_the_kernel_lost_the_element(gateway):
@@ -229,7 +229,7 @@ def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch)
     monkeypatch.setattr(gateway.store, "commit", commit)
     with pytest.raises(KernelRefused):
         gateway.add([ex(81, "10.30.0.2")])
-    assert "store" in gateway.problems
+    assert "store" in gateway.health
     gateway.reconcile()  # the repair restores the table, without the refused exposure
     assert len(kernel_state()) == 1
     with pytest.raises(StoreUnavailable):
@@ -238,4 +238,37 @@ def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch)
     monkeypatch.setattr(gateway.store, "commit", real_commit)
     gateway.add([ex(82, "10.30.0.3")])
     assert kernel_state() == store_state(gateway.store) and len(kernel_state()) == 2
-    assert "store" not in gateway.problems and "firewall" not in gateway.problems
+    assert "store" not in gateway.health and "firewall" not in gateway.health
+
+
+def test_reconfigure_own_addresses_keeps_exposures_to_them_out_of_the_kernel(gateway):
+    """New own internal addresses (the cluster re-addressed the gateway): a stored exposure
+    to one of them leaves the kernel at once and stays in the store; back when it changes."""
+    gateway.add([ex(80, "10.30.0.7"), ex(81, "10.30.0.8")])
+    done = gateway.reconfigure(own_addresses=["10.30.0.7"])
+    assert done.changed and not done.diff
+    assert kernel_state() == {("ipv4", "tcp", 81): ("10.30.0.8", 80)}
+    assert len(store_state(gateway.store)) == 2
+    assert [d["exposed_port"] for d in gateway.pointing_at_itself()] == [80]
+    assert gateway.own_addresses == {"10.30.0.7"}
+    done = gateway.reconfigure(own_addresses=["10.30.0.7"])  # the same: only a reconcile
+    assert not done.changed and not done.diff
+    gateway.reconfigure(own_addresses=())
+    assert kernel_state() == store_state(gateway.store)
+
+
+def test_reconfigure_variables_loads_the_table_with_them(gateway):
+    gateway.add([ex(80, "10.30.0.1")])
+    moved = parse_config({"network": {"internal_ipv4": "10.30.255.9",
+                                      "internal_ipv6": "fdff::ffff:9"}})
+    done = gateway.reconfigure(variables=ruleset.skeleton_vars(moved))
+    assert done.changed and not done.diff
+    table = subprocess.run(["nft", "list", "table", "inet", "oakestra_gw"], check=True,
+                           capture_output=True, text=True).stdout
+    assert "10.30.255.9" in table and "10.30.255.1" not in table
+    assert kernel_state() == store_state(gateway.store)
+    # Nothing new, but the kernel drifted: the reconfigure repairs it like a reconcile.
+    subprocess.run(["nft", "flush", "map", "inet", "oakestra_gw", "expose_v4"], check=True)
+    done = gateway.reconfigure(variables=ruleset.skeleton_vars(moved))
+    assert not done.changed and [e.key for e in done.diff.missing] == [("ipv4", "tcp", 80)]
+    assert kernel_state() == store_state(gateway.store)
