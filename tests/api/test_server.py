@@ -99,7 +99,7 @@ def test_sighup_applies_a_changed_config(make):
     gw.config["api"]["threads"] = 3                 # cannot change live
     gw.write_config()
     gw.send(signal.SIGHUP)
-    log = gw.wait_log("gw.server: reconcile: ")
+    log = gw.wait_log("gw.daemon.server: reconcile: ")
     assert "reload: api.port changed: restart needed" in log
     assert "reload: api.threads changed: restart needed" in log
     assert "api.allowed_sources" in log.split("reload: applied")[1].splitlines()[0]
