@@ -95,7 +95,7 @@ def rules_diff(config_path, as_json):
     """Compare the exposures in the kernel (our nftables maps) with the store.
 
     Reads the store under a shared lock, or asks the daemon when it holds the store. Lists
-    the maps (about a second at 50,000 exposures). Needs root. Repair a difference with
+    the maps, so it takes longer the more exposures there are. Needs root. Repair a difference with
     `systemctl reload oakestra-gw` (SIGHUP: reconcile).
 
     \b

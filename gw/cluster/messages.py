@@ -1,4 +1,4 @@
-"""Oakestra's MQTT gateway topics (DESIGN.md, "Oakestra's MQTT gateway protocol"): topic
+"""Oakestra's MQTT gateway topics (docs/oakestra.md, "MQTT mode"): topic
 names, the messages parsed into typed values, and the answers. Pure: no I/O.
 
 The cluster publishes (JSON, QoS 1) to ``nodes/<gateway_id>/net/gateway/``:

@@ -1,5 +1,5 @@
 """MQTT mode: the gateway driven by Oakestra's cluster over its mosquitto, beside the HTTP API
-(DESIGN.md, "Oakestra's MQTT gateway protocol"; the messages are in gw.mqtt_messages).
+(docs/oakestra.md, "MQTT mode"; the messages are in gw.cluster.messages).
 
 - Joining: on a first start the gateway waits for the deploy message (a persistent session
   under a client id of its own, so a message sent while it was down is delivered when it

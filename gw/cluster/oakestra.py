@@ -1,4 +1,4 @@
-"""Joining the Oakestra cluster (DESIGN.md: 'Oakestra cluster contract').
+"""Joining the Oakestra cluster (docs/oakestra.md, "Joining the cluster").
 
 1. ``POST {cluster_url}/api/gateway/register`` ``{"gateway_id", "gateway_ipv4", "gateway_ipv6"}``
    (the public addresses; the id is "" on a first start) -> ``{"gateway_id"}``.
@@ -33,7 +33,7 @@ Every call is retried with capped exponential backoff, one log line per failed t
   itself to the next (steps 1, 2 and 4 again, under its id).
 
 The server calls `bring_up` and `announce_ready` (and `stop` at shutdown); their signatures are
-the contract between gw.server and this module.
+the contract between gw.daemon.server and this module.
 """
 
 from __future__ import annotations

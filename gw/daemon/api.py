@@ -1,5 +1,5 @@
-"""The management API (DESIGN.md, "Management API"): a Flask app factory with thin views over
-`gw.gateway.Gateway`.
+"""The management API (docs/api.md): a Flask app factory with thin views over
+`gw.service.gateway.Gateway`.
 
 Every answer is JSON; every error is ``{"error": <code>, "message": <sentence>, "field"?}``.
 A request is checked in this order: route and method (404, 405), bearer token (401), content
@@ -85,12 +85,12 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                egress: Callable[[], dict] | None = None) -> Flask:
     """The WSGI app. `token`: the bearer token (a string, None for none, or a callable giving
     either, read per request). `ready_checks()`: data-path problems by cause (normally
-    ``gw.netlink.readiness_problems(settings)``). `listening()`: the (port, proto) pairs local
-    processes listen on (default: procfs, gw.sockets). `gateway_id()`: the id the cluster
-    knows this gateway by (an add naming another is refused). `cluster()`: which orchestrator
-    or broker the gateway uses and whether it is connected, shown by /api/ready. `egress()`:
-    whether egress is on and on which interfaces (default: from the settings' configured
-    public interfaces)."""
+    ``gw.kernel.netlink.readiness_problems(settings)``). `listening()`: the (port, proto) pairs
+    local processes listen on (default: procfs, gw.kernel.sockets). `gateway_id()`: the id the
+    cluster knows this gateway by (an add naming another is refused). `cluster()`: which
+    orchestrator or broker the gateway uses and whether it is connected, shown by /api/ready.
+    `egress()`: whether egress is on and on which interfaces (default: from the settings'
+    configured public interfaces)."""
     app = Flask("gw.daemon.api")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     app.json.sort_keys = False

@@ -210,7 +210,7 @@ class Metrics:
                                      "kind (deploy, expose, unexpose) and result (ok, "
                                      "invalid, conflict, failed)", ["kind", "result"],
                                      registry=r)
-        # The cluster orchestrator or broker in use (gw.server sets it in Oakestra mode).
+        # The cluster orchestrator or broker in use (gw.daemon.server sets it in Oakestra mode).
         self.cluster: Callable[[], dict] = lambda: {}
         self.started = Gauge("oakestra_gw_start_time_seconds", "When the process started (Unix time)",
                              registry=r)
@@ -229,7 +229,7 @@ class Metrics:
         r.register(_StateCollector(self))
 
     def bind(self, gateway, ready: Callable[[], dict] | None = None) -> "Metrics":
-        """`ready()`: the reasons /api/ready gives (gw.readiness.reasons), read per scrape."""
+        """`ready()`: the reasons /api/ready gives (gw.core.readiness.reasons), read per scrape."""
         self.gateway = gateway
         if ready is not None:
             self.ready = ready

@@ -1,4 +1,4 @@
-"""The daemon: `oakestra-gw serve --config FILE` (DESIGN.md, "Process lifecycle").
+"""The daemon: `oakestra-gw serve --config FILE` (docs/cli.md, "The daemon: `serve`").
 
 Start: config -> store -> token -> Oakestra bring-up (internal IPs, bridge) -> load the
 skeleton and the stored exposures into the kernel (one transaction) -> serve the API (waitress)
@@ -580,8 +580,8 @@ def inject_refusals(firewall: Firewall, spec: str) -> None:
 def serve(config_path: str) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
     setup_logging()
-    # Background threads (drift watcher, flusher, compaction) hold the GIL for up to 5 ms by
-    # default; requests waiting behind them is what the p99 of an add is made of.
+    # Background threads (drift watcher, flusher, compaction) hold the GIL for a whole default
+    # switch interval; requests waiting behind them make the tail of an add's latency.
     sys.setswitchinterval(0.001)
     daemon = Daemon(config_path)
 

@@ -1,14 +1,15 @@
 """Conntrack entries of removed exposures. Deleting an exposure stops new flows at once (the map
 element is gone) but established flows keep their NAT binding until their entries go; a
-background worker removes them so the API can answer before the flush (DESIGN: within 1 s).
+background worker removes them so the API can answer before the flush (docs/oakestra.md,
+"Deleting an exposure").
 
 A flush can be lost (a crash between the kernel commit and the flush, a SIGTERM with flushes
 queued, an element someone else added while the daemon was down). So after every load of the
 table (start, repair) the same worker sweeps: one dump of the DNATed flows, and every flow our
 table NATed that no current exposure explains is deleted by its exact tuple.
 
-The `conntrack` tool filters in C against a kernel dump; at 100k entries that is far faster
-than walking the table from Python."""
+The `conntrack` tool filters in C against a kernel dump, which stays cheap on a large table
+where walking the entries from Python would not."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ _idle = ["chrt", "--idle", "0"] if shutil.which("chrt") else []
 
 
 def _run_idle(argv: list[str]) -> subprocess.CompletedProcess:
-    """A filtered delete still walks the whole table (~0.4 s of CPU at 120k entries): run it at
+    """A filtered delete still walks the whole table, so its CPU grows with it: run it at
     idle priority so it never competes with the API's requests for the cores. Where a system
     call filter forbids that (chrt fails before it runs conntrack), run it plainly."""
     global _idle

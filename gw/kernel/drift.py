@@ -40,8 +40,8 @@ class Transaction:
 
 def transactions(lines: Iterable[str]) -> Iterator[Transaction | str]:
     """Pure: group monitor lines into transactions, keeping only the changes that name our
-    table (or flush the ruleset): a load of 50k elements prints 50k lines, each of which must
-    cost next to nothing. Yields the monitor's own error lines as strings, such as nft's
+    table (or flush the ruleset): a load prints one line per element, so each line must cost
+    next to nothing. Yields the monitor's own error lines as strings, such as nft's
     '# ERROR: We lost some netlink events!' (ENOBUFS)."""
     changes: list[str] = []
     for line in lines:
@@ -71,7 +71,7 @@ def describe(changes: list[str]) -> str:
 
 class DriftWatcher:
     """Runs `nft monitor` in one thread and the repairs in another, so that reading events
-    never waits for a repair (a repair of 50k elements itself emits 50k events). Reports that
+    never waits for a repair (a repair itself emits one event per element it loads). Reports that
     arrive while a repair is pending are coalesced into it."""
 
     COALESCE = 0.05  # seconds: one repair for a burst of foreign changes

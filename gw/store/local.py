@@ -1,4 +1,4 @@
-"""The durable store of exposures (DESIGN.md, "The store").
+"""The durable store of exposures (docs/reliability.md, "Crash safety").
 
 TinyDB holds the documents in memory, with an index key -> doc_id so that lookups never scan.
 Every commit appends one checksummed record to a journal and fsyncs it before it returns; a
@@ -416,7 +416,7 @@ class _IntKeyed(MutableMapping):
 
 
 class _InPlaceTable(Table):
-    """TinyDB's Table rebuilds the whole table dict on every write (about 9 ms at 50k documents).
+    """TinyDB's Table rebuilds the whole table dict on every write: O(n) per document.
     Ours lives in a MemoryStorage, so the change is applied to it in place: O(1) per document."""
 
     def _update_table(self, updater) -> None:
@@ -539,7 +539,8 @@ class Store:
     def _raw_docs(self) -> list[dict]:
         """Under self._lock: all documents as TinyDB holds them. They are never changed in place
         (a put inserts a new dict), so this list stays a consistent picture after the lock is
-        released, and costs 1 ms at 50k where copying them would hold the lock for 50 ms."""
+        released; building it copies only references, where copying the documents would hold
+        the lock far longer."""
         return list(self._db.storage.read()[EXPOSURES_TABLE].values())
 
     # --- writing
