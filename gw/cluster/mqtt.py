@@ -76,12 +76,15 @@ class NotDeployed(Conflict):
 
 class MqttFront:
     """The MQTT front end of one process. `settings()` gives the running settings (a reload
-    may change the policy); `store` holds the deployment; `metrics` counts messages."""
+    may change the policy); `store` holds the deployment; `metrics` counts messages;
+    `readdress(ipv4, ipv6)` applies other internal addresses live (the daemon's)."""
 
-    def __init__(self, settings: Callable[[], Settings], store, metrics=None):
+    def __init__(self, settings: Callable[[], Settings], store, metrics=None,
+                 readdress: Callable[[str, str], None] | None = None):
         self._settings = settings
         self.store = store
         self.metrics = metrics
+        self._readdress = readdress
         oak = settings().oakestra
         self.node_id = oak.node_id
         self.urls = oak.mqtt_urls
@@ -267,9 +270,10 @@ class MqttFront:
             except queue.Empty:
                 continue
             kind = M.kind_of(self.node_id, msg.topic)
-            if kind is not None and kind != "deploy" and self._deployed.is_set():
-                # Deployed: the table is being loaded. Changes wait for it, unacknowledged.
-                # (Not deployed, they are refused: waiting could hold back the deploy itself.)
+            if kind is not None and self._deployed.is_set():
+                # Deployed: the table is being loaded. Messages wait for it, unacknowledged
+                # (a deploy too: other addresses are applied to a loaded table). Not
+                # deployed, changes are refused: waiting could hold back the deploy itself.
                 while not self._attached.wait(0.5):
                     if self._stop.is_set():
                         return
@@ -324,11 +328,17 @@ class MqttFront:
         if addresses == self._addresses:
             self._announce()  # the cluster may have missed the first answer
             return M.success("deploy", "unchanged", **M.deployed(*addresses))
+        # Stored first: should the process die before they are applied, the next start
+        # brings them up from the store (and the unacknowledged message comes again).
         self.store.commit(meta={"internal_ipv4": deploy.ipv4, "internal_ipv6": deploy.ipv6})
-        log.error("the deploy message assigns the internal addresses %s and %s, but the "
-                  "gateway serves on %s and %s: stored; restart it to use the new ones",
-                  *addresses, *self._addresses)
-        return M.success("deploy", "restart_needed", **M.deployed(*addresses))
+        log.warning("the deploy message assigns the internal addresses %s and %s (the gateway "
+                    "serves on %s and %s): applying them", *addresses, *self._addresses)
+        if self._readdress is None:
+            return M.success("deploy", "restart_needed", **M.deployed(*addresses))
+        self._readdress(*addresses)  # refused: the answer says why, the old ones serve
+        self._addresses = addresses
+        self._announce()
+        return M.success("deploy", "readdressed", **M.deployed(*addresses))
 
     def _require_deployed(self) -> None:
         if not self._attached.is_set():

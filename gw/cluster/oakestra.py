@@ -285,9 +285,14 @@ class Joined:
 class Membership:
     """The gateway's membership in one cluster, for the life of one process."""
 
-    def __init__(self, settings: Settings, store, client: ClusterClient | None = None):
+    def __init__(self, settings: Settings, store, client: ClusterClient | None = None,
+                 readdress: Callable[[str, str], None] | None = None):
         self.settings = settings
         self.store = store
+        # Applies new internal addresses live (the daemon's `readdress`); run before a ready
+        # announcement, so only once the gateway serves.
+        self._readdress = readdress
+        self._new_addresses: tuple[str, str] | None = None
         self.client = client or (None if settings.standalone
                                  else ClusterClient(settings.oakestra.cluster_urls))
         self._stop = threading.Event()
@@ -474,10 +479,13 @@ class Membership:
                         "using %s from now on", gid, current.gateway_id, gid)
             changed["gateway_id"] = gid
         if (ipv4, ipv6) != (current.ipv4, current.ipv6):
-            log.error("the cluster now assigns the internal addresses %s and %s, but the "
-                      "gateway serves on %s and %s: restart it to use the new ones",
-                      ipv4, ipv6, current.ipv4, current.ipv6)
+            log.warning("the cluster now assigns the internal addresses %s and %s (the gateway "
+                        "serves on %s and %s): applying them", ipv4, ipv6, current.ipv4,
+                        current.ipv6)
+            # Stored first: should the process die before they are applied, the next start
+            # brings them up from the store.
             changed.update(internal_ipv4=ipv4, internal_ipv6=ipv6)
+            self._new_addresses = (ipv4, ipv6)
         if changed:
             try:
                 self.store.commit(meta={**changed, "cluster_url": oak.cluster_url})
@@ -545,6 +553,7 @@ class Membership:
         """Step 4, retried (through the replicas) until it works; every try carries the newest
         token. False when stopped."""
         oak = self.settings.oakestra
+        self._apply_new_addresses()
         joined = self._joined
         try:
             retry("report ready to the cluster",
@@ -558,6 +567,27 @@ class Membership:
                  joined.gateway_id, self.settings.api.port)
         self.ready_sent.set()
         return True
+
+    def _apply_new_addresses(self) -> None:
+        """New internal addresses from the re-registration: applied live, then they are the
+        ones announced. Should that fail, the gateway keeps serving and announcing the old
+        ones (the store has the new ones for the next start)."""
+        new, self._new_addresses = self._new_addresses, None
+        if new is None:
+            return
+        joined = self._joined
+        if self._readdress is None:
+            log.error("the cluster assigns the internal addresses %s and %s, but the gateway "
+                      "serves on %s and %s: stored; restart it to use the new ones", *new,
+                      joined.ipv4, joined.ipv6)
+            return
+        try:
+            self._readdress(*new)
+        except GatewayError as exc:
+            log.error("could not apply the new internal addresses %s and %s (%s): serving on "
+                      "%s and %s until a restart", *new, exc.message, joined.ipv4, joined.ipv6)
+            return
+        self._joined = Joined(joined.gateway_id, *new)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -585,14 +615,16 @@ _current: Membership | None = None
 _current_lock = threading.Lock()
 
 
-def bring_up(settings: Settings, store) -> Settings:
+def bring_up(settings: Settings, store,
+             readdress: Callable[[str, str], None] | None = None) -> Settings:
     """Before the table is loaded and the API binds: returns the settings with the internal
     IPs filled in (standalone: from the config; Oakestra mode: stored or from the cluster),
     after the bridge towards the Oakestra network carries them. Raises a GatewayError (a
     `ClusterError` when the cluster cannot be joined on a first start) with a clear message;
-    the server exits 1 with it."""
+    the server exits 1 with it. `readdress(ipv4, ipv6)` applies new internal addresses the
+    cluster hands out later, live."""
     global _current
-    membership = Membership(settings, store)
+    membership = Membership(settings, store, readdress=readdress)
     with _current_lock:
         if _current is not None:
             _current.stop(timeout=0)

@@ -103,7 +103,8 @@ class _StateCollector:
                                 "start and reload)", value=m.conflicting)
         yield GaugeMetricFamily("oakestra_gw_exposures_refused_own", "Stored exposures not "
                                 "loaded because their service IP is the gateway's own internal "
-                                "address (checked at start)", value=m.refused_own)
+                                "address (checked at start and on new addresses)",
+                                value=m.refused_own)
         stats = m.conntrack_stats()
         if "nf_conntrack_count" in stats:
             yield GaugeMetricFamily("oakestra_gw_conntrack_entries", "Conntrack entries in use",

@@ -106,6 +106,12 @@ def watchdog_interval(environ=os.environ) -> float | None:
         return None
 
 
+def own_ips(settings: Settings) -> frozenset[str]:
+    """Pure: the gateway's internal addresses, as text."""
+    return frozenset(str(ip) for ip in (settings.network.internal_ipv4,
+                                        settings.network.internal_ipv6) if ip)
+
+
 def one_line(exc: GatewayError) -> str:
     field = getattr(exc, "field", None)
     if field and field not in exc.message:
@@ -170,6 +176,10 @@ class Daemon:
         self.mqtt = None                          # the MQTT front end (MQTT mode)
         self._reload = threading.Event()
         self._stopping = threading.Event()
+        # A reload and a re-address both change the running settings: one at a time.
+        self._config_lock = threading.Lock()
+        self._socket_map: dict = {}               # waitress's, shared by every API listener
+        self._dispatcher = None                   # waitress's worker threads
         self._threads: list[threading.Thread] = []
 
     # -- start ---------------------------------------------------------------------------
@@ -190,10 +200,10 @@ class Daemon:
             from ..cluster.mqtt import MqttFront  # noqa: PLC0415 - only MQTT mode needs paho
 
             self.mqtt = MqttFront(lambda: self.settings or self.config, self.store,
-                                  self.metrics)
+                                  self.metrics, readdress=self.readdress)
             self.settings = self.mqtt.bring_up()
         else:
-            self.settings = oakestra.bring_up(self.config, self.store)
+            self.settings = oakestra.bring_up(self.config, self.store, readdress=self.readdress)
         self.metrics.cluster = self._cluster_status
         self._skeleton_vars(self.settings)  # names a missing internal IP as a config error
         host = self.settings.api_host
@@ -206,10 +216,9 @@ class Daemon:
         self.firewall = Firewall(NftSession(), self._skeleton_vars(self.settings),
                                  observe=self.metrics.observe_firewall)
         self.flusher = Flusher()
-        own = (self.settings.network.internal_ipv4, self.settings.network.internal_ipv6)
         self.gateway = Gateway(self.store, self.firewall, self.flusher,
                                on_change=self.metrics.on_change,
-                               own_addresses=(str(ip) for ip in own if ip))
+                               own_addresses=own_ips(self.settings))
         self.store.on_poisoned = self._store_poisoned
         if os.environ.get(CRASH_ENV):
             inject_crash(self.firewall, os.environ[CRASH_ENV], self.store)
@@ -226,7 +235,7 @@ class Daemon:
             log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
                         "only SIGHUP repairs it")
         self.gateway.load()
-        self._check_own_address()
+        self._check_own_address(self.gateway.pointing_at_itself())
         log.info("loaded table %s with %d exposure(s) from %s", ruleset.TABLE,
                  len(self.store.exposures()), self.settings.store.path)
 
@@ -239,14 +248,7 @@ class Daemon:
         if self.settings.api.per_exposure_metrics:
             self.metrics.start_connection_counter(self.gateway.exposures)
 
-        import waitress  # noqa: PLC0415
-
-        try:
-            self.server = waitress.create_server(self.app, host=host, port=self.settings.api.port,
-                                                 threads=self.settings.api.threads, **WAITRESS)
-        except OSError as exc:
-            raise GatewayError(f"cannot listen on {host}:{self.settings.api.port}: "
-                               f"{exc.strerror or exc}") from None
+        self.server = self._listen(host)
         log.info("serving the API on http://%s:%d (%s mode, %s)",
                  f"[{host}]" if ":" in host else host, self.settings.api.port,
                  "standalone" if self.settings.standalone else
@@ -261,6 +263,101 @@ class Daemon:
         interval = watchdog_interval()
         if interval:
             self._thread("watchdog", self._watchdog_loop, interval)
+
+    def _listen(self, host: str):
+        """A waitress server for the API on `host`. Every one shares the socket map and the
+        worker threads of the first, so that a re-address can add a listener to the running
+        loop (see `_rebind`)."""
+        import waitress  # noqa: PLC0415
+        from waitress.task import ThreadedTaskDispatcher  # noqa: PLC0415
+
+        if self._dispatcher is None:
+            self._dispatcher = ThreadedTaskDispatcher()
+            self._dispatcher.set_thread_count(self.settings.api.threads)
+        try:
+            # `_dispatcher` is waitress's documented way in to share the worker threads.
+            return waitress.create_server(self.app, map=self._socket_map,
+                                          _dispatcher=self._dispatcher, host=host,
+                                          port=self.settings.api.port,
+                                          threads=self.settings.api.threads, **WAITRESS)
+        except OSError as exc:
+            raise GatewayError(f"cannot listen on {host}:{self.settings.api.port}: "
+                               f"{exc.strerror or exc}") from None
+
+    # -- new internal addresses from the cluster -------------------------------------------
+
+    def readdress(self, ipv4: str, ipv6: str) -> None:
+        """The cluster assigned other internal addresses (HTTP: a re-registration answered
+        with another id; MQTT: a deploy message). Applied live, in this order: the bridge
+        carries the new ones, the table is loaded with the new skeleton values (the SNAT) in
+        one transaction and the stored exposures are checked again (one that points at the
+        gateway now leaves the kernel, logged and counted), then the API moves to the new
+        address when it listens on the internal one. A refused bridge or table change leaves
+        the old addresses in place and raises. Called by the cluster side, after `start`."""
+        with self._config_lock:
+            old = self.settings
+            new = old.with_internal_ips(ipv4, ipv6)
+            if own_ips(new) == own_ips(old):
+                return
+            from ..kernel import netlink  # noqa: PLC0415
+
+            variables = self._skeleton_vars(new)
+            netlink.ensure_bridge(new)
+            try:
+                self.gateway.reconfigure(variables=variables, own_addresses=own_ips(new))
+            except GatewayError:
+                # Refused: the old addresses back, on the bridge and in the table.
+                netlink.ensure_bridge(old)
+                try:
+                    self.gateway.reconfigure(variables=self._skeleton_vars(old),
+                                             own_addresses=own_ips(old))
+                except GatewayError as exc:
+                    log.error("re-address: could not load the old values again either: %s",
+                              exc.message)
+                raise
+            pointing = self.gateway.pointing_at_itself()
+            self.settings = new
+            api.reconfigure(self.app, new)
+            log.warning("re-addressed: internal %s and %s (were %s and %s); bridge and table "
+                        "updated", ipv4, ipv6, old.network.internal_ipv4,
+                        old.network.internal_ipv6)
+            self._check_own_address(pointing)
+            if not old.api.host:  # the API listens on the internal IPv4
+                self._rebind(new.api_host)
+
+    def _rebind(self, host: str) -> None:
+        """Move the API's listener to `host`, inside waitress's loop (its socket map is not
+        safe to change from another thread): the new socket first, then the old one closed.
+        Connections already open on the old address finish on it. Should the new address be
+        refused, the old listener stays and /api/ready says a restart is needed."""
+        done, outcome = threading.Event(), {}
+
+        def swap():
+            try:
+                outcome["server"] = self._listen(host)
+            except GatewayError as exc:
+                outcome["error"] = exc
+            done.set()
+
+        self.server.trigger.pull_trigger(swap)
+        if not done.wait(10) or "error" in outcome:
+            why = outcome["error"].message if "error" in outcome else "the API loop did not answer"
+            self._rebind_problem = (f"the API still listens on {self.server.effective_host}, "
+                                    f"not on the new internal address {host} ({why}): restart "
+                                    "needed")
+            log.error("re-address: %s", self._rebind_problem)
+            self.metrics.restart_needed = [*self.metrics.restart_needed, "api.host"]
+            return
+        old, self.server = self.server, outcome["server"]
+        # Its listening socket only: the old server's trigger still wakes the loop for
+        # requests in flight on connections it accepted.
+        old.del_channel()
+        old.socket.close()
+        self._rebind_problem = None
+        log.info("re-address: the API listens on http://%s:%d now", host,
+                 self.settings.api.port)
+
+    _rebind_problem: str | None = None
 
     def _skeleton_vars(self, settings: Settings) -> dict[str, str]:
         """The skeleton's values, with the interfaces egress leaves by as the kernel has them
@@ -291,10 +388,9 @@ class Daemon:
                         "exposure or move the local service", exposure, reason)
         self.metrics.conflicting = len(found)
 
-    def _check_own_address(self) -> None:
+    def _check_own_address(self, found: list[dict]) -> None:
         """Stored exposures that point at the gateway's own internal address (it changed since
-        they were added): not loaded (see Gateway.own_ips); logged and counted."""
-        found = self.gateway.pointing_at_itself()
+        they were added): not loaded (see Gateway.own_addresses); logged and counted."""
         for d in found:
             log.error("stored exposure %s points at the gateway's own internal address %s: "
                       "not loaded into the kernel; delete it", Exposure.from_dict(d),
@@ -307,6 +403,8 @@ class Daemon:
         problems = netlink.readiness_problems(self.settings)
         if self.mqtt is not None:
             problems.update(self.mqtt.problems())
+        if self._rebind_problem:
+            problems["api"] = self._rebind_problem
         return problems
 
     def _gateway_id(self) -> str | None:
@@ -393,7 +491,8 @@ class Daemon:
     def reload(self) -> None:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            self._reconcile(self._apply_config())
+            with self._config_lock:  # not beside a re-address
+                self._reconcile(self._apply_config())
             self._check_ports()  # network.reserved_ports may have changed
         finally:
             sd_notify("READY=1")

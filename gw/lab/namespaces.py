@@ -502,9 +502,10 @@ class Daemon:
         return "\n".join(text.splitlines()[-lines:])
 
     def request(self, method: str, path: str, body: Any = None, *, token: str | None = "",
-                timeout: float = 10) -> tuple[int, Any]:
+                timeout: float = 10, host: str | None = None) -> tuple[int, Any]:
         """An HTTP request to the management API from inside the gateway namespace (allowed:
-        loopback/local). Returns (status, parsed JSON or text)."""
+        loopback/local), at `host` (default: where it was started to listen). Returns
+        (status, parsed JSON or text)."""
         import http.client
 
         token = self.token if token == "" else token
@@ -513,7 +514,8 @@ class Daemon:
             headers["Authorization"] = f"Bearer {token}"
         payload = None if body is None else json.dumps(body)
         with self.lab.inside("gateway"):
-            conn = http.client.HTTPConnection(self.api_host, self.api_port, timeout=timeout)
+            conn = http.client.HTTPConnection(host or self.api_host, self.api_port,
+                                              timeout=timeout)
             conn.connect()  # the socket is created here, in the gateway namespace
         try:
             conn.request(method, path, body=payload, headers=headers)

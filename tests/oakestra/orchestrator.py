@@ -60,6 +60,9 @@ class ClusterState:
     # Like Oakestra's real root service manager: every GET .../ip hands out a new address.
     churn: bool = False
     ip_calls: int = 0
+    # A cluster that lost its registrations: every register gets a new id (and then new
+    # internal addresses from GET .../ip), whatever id the gateway asks for.
+    reissue_ids: bool = False
 
     def fail(self, step: str, canned: str, times: int | None = None) -> None:
         assert canned in GARBAGE, canned
@@ -112,7 +115,7 @@ def create_app(state: ClusterState) -> Flask:
             return _bad("gateway_ipv4/gateway_ipv6 must be public addresses")
         if (fault := state._fault("register")) is not None:
             return fault
-        gid = doc["gateway_id"] or f"gw-{next(state._ids)}"
+        gid = (doc["gateway_id"] if not state.reissue_ids else "") or f"gw-{next(state._ids)}"
         with state.lock:
             state.gateways[gid] = doc
         return jsonify({"gateway_id": gid})

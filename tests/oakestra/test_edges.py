@@ -108,4 +108,4 @@ def test_a_restart_with_stored_addresses_does_not_ask_for_new_ones(lab):
     assert (state.ready[-1][1]["oakestra_gateway_ipv4"],
             state.ready[-1][1]["oakestra_gateway_ipv6"]) == (meta["internal_ipv4"],
                                                              meta["internal_ipv6"])
-    assert "restart it to use the new ones" not in daemon.log_tail(200)
+    assert "now assigns the internal addresses" not in daemon.log_tail(200)
