@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .nft import PROBE_TABLE
+from .supervisor import Supervisor
 from ..core.ruleset import TABLE_NAME
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,18 @@ class DriftWatcher:
         self._probe = probe
         self._own_pid: int | None = None
         self._learned = threading.Event()
-        self._argv = argv
         self._stop = threading.Event()
         self._pending = threading.Event()
         self._reasons: list[str] = []
-        self._proc: subprocess.Popen | None = None
-        self._threads = [threading.Thread(target=self._run, name="drift-watch", daemon=True),
-                         threading.Thread(target=self._repair, name="drift-repair", daemon=True)]
+        # A monitor that keeps dying must not turn into a reconcile loop: it backs off.
+        self._monitor = Supervisor(argv, self._read, label="drift watch", first=0.5,
+                                   most=30.0, steady=10.0, on_spawn=self._listening)
+        self._repairer = threading.Thread(target=self._repair, name="drift-repair", daemon=True)
         self.started = threading.Event()
 
     def start(self) -> "DriftWatcher":
-        for thread in self._threads:
-            thread.start()
+        self._monitor.start()
+        self._repairer.start()
         self.started.wait(5)
         self._probe()
         if not self._learned.wait(5):
@@ -104,40 +104,23 @@ class DriftWatcher:
                         self._own_pid)
         return self
 
-    def _run(self) -> None:
-        delay, restarted = 0.5, False
-        while not self._stop.is_set():
-            try:
-                self._proc = subprocess.Popen(self._argv, stdout=subprocess.PIPE,
-                                              stderr=subprocess.STDOUT, text=True, bufsize=1)
-            except OSError as exc:
-                log.error("drift watch: cannot run %s: %s", " ".join(self._argv), exc)
-                self._stop.wait(delay)
-                delay = min(delay * 2, 30)
-                continue
-            # The monitor listens once it runs; give it a moment to subscribe.
-            time.sleep(0.1)
-            self.started.set()
-            if restarted:  # only now: a repair before the new monitor listens would be blind
-                self._report("the nftables monitor was restarted; events may have been lost")
-            began = time.monotonic()
-            for item in transactions(self._proc.stdout):
-                if isinstance(item, str):
-                    self._report(f"the monitor reported an error ({item}); "
-                                 "events may be lost")
-                elif self._own_pid is None and any(PROBE_TABLE in c for c in item.changes):
-                    self._own_pid = item.pid  # our probe (start): the id our commits carry
-                    self._learned.set()
-                elif not self._is_own(item.pid) and touches_our_table(item.changes):
-                    self._report(f"process {item.pid} changed our table: "
-                                 f"{describe(item.changes)}")
-            if self._stop.is_set():
-                break
-            log.warning("drift watch: nft monitor exited (code %s)", self._proc.wait())
-            restarted = True
-            # A monitor that keeps dying must not turn into a reconcile loop: back off.
-            delay = 0.5 if time.monotonic() - began > 10 else min(delay * 2, 30)
-            self._stop.wait(delay)
+    def _listening(self, restarted: bool) -> None:
+        # The monitor listens once it runs; give it a moment to subscribe.
+        time.sleep(0.1)
+        self.started.set()
+        if restarted:  # only now: a repair before the new monitor listens would be blind
+            self._report("the nftables monitor was restarted; events may have been lost")
+
+    def _read(self, lines: Iterable[str]) -> None:
+        for item in transactions(lines):
+            if isinstance(item, str):
+                self._report(f"the monitor reported an error ({item}); events may be lost")
+            elif self._own_pid is None and any(PROBE_TABLE in c for c in item.changes):
+                self._own_pid = item.pid  # our probe (start): the id our commits carry
+                self._learned.set()
+            elif not self._is_own(item.pid) and touches_our_table(item.changes):
+                self._report(f"process {item.pid} changed our table: "
+                             f"{describe(item.changes)}")
 
     def _is_own(self, pid: int) -> bool:
         """The kernel names the committing *thread* (task_pid_nr), so a commit from one of our
@@ -175,11 +158,6 @@ class DriftWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(2)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        for thread in self._threads:
-            thread.join(timeout=3)
+        self._monitor.stop()
+        if self._repairer.is_alive():
+            self._repairer.join(timeout=3)

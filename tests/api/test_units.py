@@ -16,7 +16,8 @@ from gw.kernel import sockets
 from gw.core.config import parse_config
 from gw.core.errors import ConfigError
 from gw.kernel.firewall import Diff
-from gw.daemon.metrics import ConnectionCounter, Metrics, parse_event, read_conntrack_drops
+from gw.daemon.connections import ConnectionCounter, parse_event
+from gw.daemon.metrics import Metrics, read_conntrack_drops
 from gw.daemon.server import apply_live, config_changes, one_line, sd_notify, watchdog_interval
 from tests.helpers import wait_for
 
