@@ -3,7 +3,7 @@ nothing, refusing what the kernel refuses (an element whose key is held with ano
 the delete of a key that is not there, anything in a table that is not there) with the same
 errors. Its listings have the JSON shape of `nft -j` for our maps, so the firewall's codec
 reads them. Chains are kept as the skeleton's rule lines with the values filled in: equal for
-equal loads, which is all the firewall asks of them. No root needed (see docs/testing.md)."""
+equal loads, which is all the firewall asks of them. No root needed (see docs/architecture.md)."""
 
 from __future__ import annotations
 

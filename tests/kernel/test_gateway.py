@@ -1,42 +1,29 @@
 """The gateway service over the real store and the real kernel: after every operation the
 kernel's maps equal the store, which equals a model of what was acknowledged."""
 
-import ipaddress
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gw.core import ruleset
 from gw.core.config import parse_config
 from gw.core.errors import Conflict, KernelRefused, NotFound, StoreUnavailable
-from gw.core.exposure import DeleteRequest, Exposure
+from gw.core.exposure import DeleteRequest
 from gw.kernel.firewall import Firewall
 from gw.service.gateway import Gateway
 from gw.kernel.nft import NftSession
 from gw.store.local import Store
 from tests import oracle
+from tests.gateway_machine import (MACHINE_SETTINGS, SETTINGS, GatewayMachine, RealKernel,
+                                   by_key, ex, store_state)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_table")]
-
-SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
-                                     "internal_ipv6": "fdff::ffff:1"}})
-
-
-def ex(port, ip, service_port=80, proto="tcp", service_id=None):
-    return Exposure(port, proto, ipaddress.ip_address(ip), service_port, service_id)
 
 
 def kernel_state() -> dict:
     """The maps as the nft tool lists them (tests/oracle.py, independent of the code under
-    test), by key; a foreign element is a key of its own, so it never compares equal."""
-    return {item[:3]: item[3:] for item in oracle.read() or ()}
-
-
-def store_state(store) -> dict:
-    return {(d["family"], d["protocol"], d["exposed_port"]): (d["service_ip"], d["service_port"])
-            for d in store.exposures()}
+    test)."""
+    return by_key(oracle.read())
 
 
 def open_gateway(path) -> Gateway:
@@ -140,75 +127,14 @@ def test_reconcile_reports_and_repairs_drift(gateway):
 
 # -- a stateful property: random sequences against a model -----------------------------------
 
-ports = st.integers(1, 40)
-ips = st.sampled_from(["10.30.0.1", "10.30.0.2", "fdff:2000::1", "fdff:2000::2"])
+class OnTheKernel(GatewayMachine):
+    """tests/gateway_machine.py, as the unit tier runs it against the fake."""
+
+    Kernel = RealKernel
 
 
-class GatewayMachine(RuleBasedStateMachine):
-    def __init__(self):
-        super().__init__()
-        subprocess.run(["nft", "table inet oakestra_gw\ndelete table inet oakestra_gw"],
-                       check=True)
-        import tempfile
-        self.dir = tempfile.TemporaryDirectory()
-        self.path = f"{self.dir.name}/exposures.json"
-        self.gw = open_gateway(self.path)
-        self.model: dict = {}
-
-    @rule(port=ports, ip=ips, service_port=st.integers(1, 3), proto=st.sampled_from(["tcp", "udp"]))
-    def add(self, port, ip, service_port, proto):
-        e = ex(port, ip, service_port, proto)
-        try:
-            self.gw.add([e])
-        except Conflict:
-            assert self.model[e.key] != (str(e.service_ip), service_port)
-        else:
-            assert self.model.setdefault(e.key, (str(e.service_ip), service_port)) == (
-                str(e.service_ip), service_port)
-
-    @rule(port=ports, proto=st.sampled_from(["tcp", "udp"]),
-          family=st.sampled_from([None, "ipv4", "ipv6"]))
-    def delete(self, port, proto, family):
-        request = DeleteRequest(port, proto, family)
-        expected = {k for k in self.model if request.matches(k)}
-        try:
-            deleted = self.gw.delete(request)
-        except NotFound:
-            assert not expected
-        else:
-            assert {e.key for e in deleted} == expected
-            for key in expected:
-                del self.model[key]
-
-    @rule()
-    def tamper_and_reconcile(self):
-        subprocess.run(["nft", "flush", "map", "inet", "oakestra_gw", "expose_v4"], check=True)
-        self.gw.reconcile()
-
-    @rule()
-    def restart(self):
-        self.gw.store.close()
-        self.gw = open_gateway(self.path)
-
-    @precondition(lambda self: self.model)
-    @rule()
-    def restart_with_empty_kernel(self):
-        self.gw.store.close()
-        subprocess.run(["nft", "delete", "table", "inet", "oakestra_gw"], check=True)
-        self.gw = open_gateway(self.path)
-
-    @invariant()
-    def kernel_equals_store_equals_model(self):
-        assert kernel_state() == store_state(self.gw.store) == self.model
-
-    def teardown(self):
-        self.gw.store.close()
-        self.dir.cleanup()
-
-
-TestGatewayMachine = GatewayMachine.TestCase
-TestGatewayMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
-                                       suppress_health_check=list(HealthCheck))
+TestGatewayMachine = OnTheKernel.TestCase
+TestGatewayMachine.settings = MACHINE_SETTINGS
 
 
 def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch):
