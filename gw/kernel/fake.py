@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass, field
 
 from ..core import ruleset
-from .nft import AlreadyExists, NoSuchObject
+from ..core.errors import KernelRefused
+from .nft import NoSuchObject, refusal
 
 CHAIN_RE = re.compile(r"^\s*chain (\w+) \{")
 VARIABLE_RE = re.compile(r"\$(\w+)")
-PREFIX = "nftables refused the change: Error: Could not process rule: "
+PROCESS = "Error: Could not process rule: "
 
 
 @dataclass
@@ -29,16 +30,25 @@ class FakeTable:
 class FakeNft:
     def __init__(self):
         self.table: FakeTable | None = None
-        self.transactions = 0  # committed ones, so a test can count them
 
     # -- the Nft protocol -----------------------------------------------------------------
 
     def apply(self, tx: ruleset.Transaction) -> None:
+        # As nft does: first every op is checked against the table as the transaction leaves
+        # it (a refusal here and nothing reaches the kernel), then the kernel tries every op
+        # and reports each refusal; an op stops at its first refused element, and what came
+        # before stays in the transaction for the ops after it. Any refusal and nothing is
+        # committed.
+        errors = _unknown_table(self.table is not None, tx)
         table = copy.deepcopy(self.table)
-        for op in tx:
-            table = _apply(table, op)
+        for op in tx if not errors else ():
+            try:
+                table = _apply(table, op)
+            except KernelRefused as exc:
+                errors.append(exc.message)
+        if errors:
+            raise refusal(f"nftables refused the change: {'; '.join(errors[:3])}")
         self.table = table
-        self.transactions += 1
 
     def list_table(self, terse: bool = False) -> dict:
         table = self._need()
@@ -61,7 +71,7 @@ class FakeNft:
         return other.list_table(terse=True)
 
     def probe(self) -> None:
-        self.transactions += 1
+        pass  # commits nothing, as the session's probe leaves the ruleset as it was
 
     def close(self) -> None:
         pass
@@ -91,24 +101,33 @@ def _map_json(family: str, elements: dict, terse: bool) -> dict:
     return {"map": m}
 
 
+def _unknown_table(exists: bool, tx: ruleset.Transaction) -> list[str]:
+    """nft's own check: element ops on a table that will not be there."""
+    errors = []
+    for op in tx:
+        if isinstance(op, (ruleset.ReplaceTable, ruleset.DeleteTable)):
+            exists = isinstance(op, ruleset.ReplaceTable)
+        elif not exists:
+            errors.append("Error: No such file or directory")
+    return errors
+
+
 def _apply(table: FakeTable | None, op) -> FakeTable | None:
     if isinstance(op, ruleset.DeleteTable):
         return None
     if isinstance(op, ruleset.ReplaceTable):
         return _skeleton(op)
-    if table is None:
-        raise NoSuchObject("nftables refused the change: Error: No such file or directory")
     elements = table.maps[op.family]
     if isinstance(op, ruleset.AddElements):
         for e in op.exposures:
             key = e.key[1:]
             if elements.get(key, e.target) != e.target:
-                raise AlreadyExists(PREFIX + "File exists")
+                raise KernelRefused(PROCESS + "File exists")
             elements[key] = e.target
     elif isinstance(op, ruleset.DeleteElements):
         for _, proto, port in op.keys:
             if elements.pop((proto, port), None) is None:
-                raise NoSuchObject(PREFIX + "No such file or directory")
+                raise KernelRefused(PROCESS + "No such file or directory")
     else:
         raise TypeError(f"not an nft op: {op!r}")
     return table
