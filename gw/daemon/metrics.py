@@ -169,11 +169,12 @@ class Metrics:
         self.conntrack_stats = conntrack_stats
         self.conntrack_drops = conntrack_drops
         self.connections: ConnectionCounter | None = None
-        self.restart_needed: list[str] = []  # set by the daemon's reload
-        # The table's named counters (Firewall.counters), read at scrape time; set by the daemon.
+        # The table's named counters (Firewall.counters), read at scrape time; see `bind`.
         self.egress_counters: Callable[[], dict] = dict
-        self.conflicting = 0  # set by the daemon (Daemon._check_ports)
-        self.refused_own = 0  # set by the daemon (Daemon._check_own_address)
+        # What the daemon's checks found; see `report`.
+        self.restart_needed: list[str] = []
+        self.conflicting = 0
+        self.refused_own = 0
         r = self.registry
         self.api_requests = Counter("oakestra_gw_api_requests", "API requests by route, method and "
                                     "status", ["route", "method", "status"], registry=r)
@@ -223,12 +224,30 @@ class Metrics:
         GCCollector(registry=r)
         r.register(_StateCollector(self))
 
-    def bind(self, gateway, ready: Callable[[], dict] | None = None) -> "Metrics":
-        """`ready()`: the reasons /api/ready gives (gw.core.readiness.reasons), read per scrape."""
+    def bind(self, gateway, ready: Callable[[], dict] | None = None, *,
+             egress_counters: Callable[[], dict] | None = None,
+             cluster: Callable[[], dict] | None = None) -> "Metrics":
+        """`ready()`: the reasons /api/ready gives (gw.readiness.reasons), read per scrape;
+        `egress_counters()`: the table's named counters; `cluster()`: the orchestrator or
+        broker in use (Oakestra mode)."""
         self.gateway = gateway
         if ready is not None:
             self.ready = ready
+        if egress_counters is not None:
+            self.egress_counters = egress_counters
+        if cluster is not None:
+            self.cluster = cluster
         return self
+
+    def report(self, *, conflicting: int | None = None, refused_own: int | None = None,
+               restart_needed: list[str] | None = None) -> None:
+        """What the daemon's checks found (start, reload, new addresses); None: unchanged."""
+        if conflicting is not None:
+            self.conflicting = conflicting
+        if refused_own is not None:
+            self.refused_own = refused_own
+        if restart_needed is not None:
+            self.restart_needed = list(restart_needed)
 
     # -- hooks ---------------------------------------------------------------------------
 

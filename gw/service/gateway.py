@@ -91,6 +91,14 @@ class Gateway:
     def exposures(self) -> list[dict]:
         return self.store.exposures()
 
+    def kernel_counters(self) -> dict[str, int]:
+        """The table's named counters (egress), by name."""
+        return self.firewall.counters()
+
+    def probe(self) -> None:
+        """A commit of our own that touches nothing: the drift watcher learns our id by it."""
+        self.firewall.session.probe()
+
     def counts(self) -> Counter:
         """Exposures by (family, protocol), for metrics."""
         return self.store.counts()

@@ -18,7 +18,8 @@ from gw.core.errors import ConfigError
 from gw.kernel.firewall import Diff
 from gw.daemon.connections import ConnectionCounter, parse_event
 from gw.daemon.metrics import Metrics, read_conntrack_drops
-from gw.daemon.server import apply_live, config_changes, one_line, sd_notify, watchdog_interval
+from gw.daemon.reload import apply_live, config_changes, one_line
+from gw.daemon.systemd import sd_notify, watchdog_interval
 from tests.helpers import wait_for
 
 BASE = {"network": {"internal_ipv4": "10.30.255.1", "internal_ipv6": "fdff::ffff:1"}}
@@ -147,7 +148,7 @@ def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from gw.daemon.server import Daemon
+    from gw.daemon.systemd import api_answers, watchdog_loop
 
     healthy = {"ok": True}
     unhealthy_answers = []  # one item per 503 the watchdog was given
@@ -170,10 +171,10 @@ def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
     sock.bind(str(tmp_path / "notify"))
     sock.settimeout(30)  # only catches a hang
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-    daemon = Daemon("unused.toml")
-    daemon.settings = parse_config({**BASE, "api": {"host": "127.0.0.1",
-                                                    "port": server.server_address[1]}})
-    thread = threading.Thread(target=daemon._watchdog_loop, args=(0.05,), daemon=True)
+    stopping = threading.Event()
+    port = server.server_address[1]
+    thread = threading.Thread(target=watchdog_loop, daemon=True,
+                              args=(stopping, 0.05, lambda t: api_answers("127.0.0.1", port, t)))
     thread.start()
     try:
         assert sock.recv(100) == b"WATCHDOG=1"
@@ -188,7 +189,7 @@ def test_watchdog_pings_only_while_the_api_answers(tmp_path, monkeypatch):
         healthy["ok"] = True
         assert sock.recv(100) == b"WATCHDOG=1"
     finally:
-        daemon._stopping.set()
+        stopping.set()
         thread.join(2)
         server.shutdown()
         sock.close()

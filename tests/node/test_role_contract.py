@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from gw.core.config import SECTIONS
-from gw.daemon.server import LIVE
+from gw.daemon.reload import LIVE
 from tests.node.test_ansible_lint import ANSIBLE, env, tool
 
 ROLE = ANSIBLE / "roles" / "oakestra_gateway"

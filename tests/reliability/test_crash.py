@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from gw.daemon.server import CRASH_ENV, CRASH_EXIT
+from gw.daemon.faults import CRASH_ENV, CRASH_EXIT
 from tests.fs import Ext4, mount_namespace, require_tools
 from tests.helpers import doc, ex
 from tests.reliability.common import (Worker, freeze, report, scaled, split_by_worker,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gw.lab import namespaces as L
-from gw.daemon.server import CRASH_ENV, CRASH_EXIT
+from gw.daemon.faults import CRASH_ENV, CRASH_EXIT
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gw.daemon.server import REFUSE_ENV
+from gw.daemon.faults import REFUSE_ENV
 from tests.api.harness import gw_command
 from tests.helpers import wait_for
 from tests.reliability.daemon import docs_set, gateway

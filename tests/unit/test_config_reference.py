@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 from gw.core.config import SECTIONS, parse_config
-from gw.daemon.server import LIVE
+from gw.daemon.reload import LIVE
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 ALL_KEYS = {f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys}
@@ -61,14 +61,14 @@ def test_the_table_names_every_key_and_what_a_reload_applies():
 def test_restart_needed_names_the_keys_of_the_file():
     """What `restart_needed` reports is a key an operator finds in gateway.toml and in the table
     above, also where the setting is held under another name (cluster_url as a list)."""
-    from gw.daemon.server import restart_needed
+    from gw.daemon.reload import restart_needed
 
     base = {"network": {"internal_ipv4": "10.30.255.1", "internal_ipv6": "fdff::1"}}
     started = parse_config({**base, "oakestra": {"cluster_url": "http://10.30.0.1:10100"}})
     now = parse_config({**base, "oakestra": {"cluster_url": "http://10.30.0.2:10100"}})
     assert restart_needed(started, now) == ["oakestra.cluster_url"]
     # Every setting a reload compares is reported under a key of the file.
-    from gw.daemon.server import FIELD_KEYS, SETTINGS_SECTIONS
+    from gw.daemon.reload import FIELD_KEYS, SETTINGS_SECTIONS
 
     fields = {f"{section}.{name}" for section in SETTINGS_SECTIONS
               for name in getattr(started, section).__dataclass_fields__}

@@ -1,0 +1,24 @@
+"""Where the daemon's gateway is put together: the firewall on a libnftables session, the
+flusher, the store, and (for the crash tests only, see `faults`) the wrappers that inject
+faults around store and firewall."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping
+
+from ..kernel.conntrack import Flusher
+from ..kernel.firewall import Firewall
+from ..service.gateway import Gateway
+from . import faults
+from .metrics import Metrics
+
+
+def gateway(store, variables: dict[str, str], metrics: Metrics, own_addresses: Iterable[str],
+            environ: Mapping[str, str] = os.environ) -> Gateway:
+    from ..kernel.nft import NftSession  # noqa: PLC0415 - needs python3-nftables
+
+    firewall = Firewall(NftSession(), variables, observe=metrics.observe_firewall)
+    store, firewall = faults.wrap(store, firewall, environ)
+    return Gateway(store, firewall, Flusher(), on_change=metrics.on_change,
+                   own_addresses=own_addresses)

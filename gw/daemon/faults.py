@@ -1,0 +1,139 @@
+"""TEST ONLY: faults for the crash and edge tests (tests/reliability), injected by wrapping the
+firewall and the store where the daemon builds them (`wrap`), never by patching the daemon.
+
+OAKESTRA_GW_TEST_CRASH="before-kernel:N" makes the process die at once (os._exit, no cleanup:
+like a crash) in its N-th change of exposures, after the store commit and before the kernel
+commit; "after-kernel:N" right after the kernel commit, before the answer;
+"refuse-then-store-fails:N" makes the N-th kernel commit refused and the store's next write
+(the revert) fail; "sync-then-cut-fails:N" makes the N-th journal fdatasync fail (EIO) and the
+truncate that takes the record back fail (EROFS).
+OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first one (the
+start) fail as a kernel refusal would, so a failing repair can be tested.
+Read once at start; never set them in production.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Mapping
+
+from ..core.errors import ConfigError, KernelRefused, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
+CRASH_EXIT = 97
+REFUSE_ENV = "OAKESTRA_GW_TEST_REFUSE_LOADS"
+POINTS = ("before-kernel", "after-kernel", "refuse-then-store-fails", "sync-then-cut-fails")
+
+
+class _Wrapper:
+    """Everything not overridden goes to the wrapped object."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class FaultyStore(_Wrapper):
+    """A store whose next commit can be made to fail as on a file system gone read-only."""
+
+    fail_next = False
+
+    def commit(self, *args, **kwargs):
+        if self.fail_next:
+            self.fail_next = False
+            raise StoreUnavailable(f"cannot write the store's journal: "
+                                   f"{os.strerror(errno.EROFS)} (test only)")
+        return self.inner.commit(*args, **kwargs)
+
+
+class FaultyFirewall(_Wrapper):
+    """`apply` is what Gateway.add and Gateway.delete call exactly between their store commit
+    and their answer; `load` is the whole table (start, reload, repair)."""
+
+    def __init__(self, inner, store: FaultyStore, point: str | None = None, nth: int = 0,
+                 refuse_loads: int = 0):
+        super().__init__(inner)
+        self.store, self.point, self.nth, self.refuse_loads = store, point, nth, refuse_loads
+        self.applies = self.loads = 0
+
+    def apply(self, *args, **kwargs):
+        self.applies += 1
+        due = self.applies == self.nth
+        if due and self.point == "refuse-then-store-fails":
+            # A double failure: the kernel refuses, and the store's next write (the revert)
+            # fails.
+            self.store.fail_next = True
+            raise KernelRefused(f"{CRASH_ENV}: nftables refused the transaction (test only)")
+        if due and self.point == "before-kernel":
+            log.critical("%s: exiting after the store commit, before the kernel commit", CRASH_ENV)
+            os._exit(CRASH_EXIT)
+        self.inner.apply(*args, **kwargs)
+        if due and self.point == "after-kernel":
+            log.critical("%s: exiting after the kernel commit, before the answer", CRASH_ENV)
+            os._exit(CRASH_EXIT)
+
+    def load(self, *args, **kwargs):
+        self.loads += 1
+        if 1 < self.loads <= 1 + self.refuse_loads:
+            raise KernelRefused(f"nftables refused the change ({REFUSE_ENV}, load {self.loads})")
+        return self.inner.load(*args, **kwargs)
+
+
+def parse(environ: Mapping[str, str]) -> tuple[str | None, int, int]:
+    """(crash point, N, refused loads) from the environment; ConfigError naming the variable."""
+    point, nth, refuse = None, 0, 0
+    if environ.get(CRASH_ENV):
+        spec = environ[CRASH_ENV]
+        point, _, count = spec.partition(":")
+        if point not in POINTS or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"{CRASH_ENV}={spec!r}: expected one of {', '.join(POINTS)}, "
+                              "then :N")
+        nth = int(count)
+        log.warning("%s=%s: this process will crash on purpose (test only)", CRASH_ENV, spec)
+    if environ.get(REFUSE_ENV):
+        spec = environ[REFUSE_ENV]
+        if not spec.isdigit():
+            raise ConfigError(f"{REFUSE_ENV}={spec!r}: expected a number")
+        refuse = int(spec)
+        log.warning("%s=%s: table loads after the first will fail on purpose (test only)",
+                    REFUSE_ENV, spec)
+    return point, nth, refuse
+
+
+def _fail_sync_then_cut(store, nth: int) -> None:
+    """The nth journal fdatasync fails with EIO, then the truncate after it with EROFS: the
+    record was written and stays in the journal. The store has no seam for its file calls
+    yet, so this one still replaces two of its methods (on this test path only)."""
+    sync, truncate, calls = store._sync, store._truncate, [0]
+
+    def failing_sync(fd):
+        calls[0] += 1
+        if calls[0] != nth:
+            return sync(fd)
+        store._truncate = failing_truncate
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (test only)")
+
+    def failing_truncate(fd, length):
+        store._truncate = truncate
+        raise OSError(errno.EROFS, f"{os.strerror(errno.EROFS)} (test only)")
+
+    store._sync = failing_sync
+
+
+def wrap(store, firewall, environ: Mapping[str, str]):
+    """(store, firewall) for the gateway: the ones given, or wrappers with the faults the
+    environment asks for."""
+    point, nth, refuse = parse(environ)
+    if point == "sync-then-cut-fails":
+        _fail_sync_then_cut(store, nth)
+        point = None
+    if point is None and not refuse:
+        return store, firewall
+    faulty = FaultyStore(store)
+    return faulty, FaultyFirewall(firewall, faulty, point, nth, refuse)

@@ -1,0 +1,86 @@
+"""The API's listening socket (waitress), movable to another address while it serves.
+
+Waitress settings: slow or half-open clients must not block the others. Requests are read by
+the event loop, never by a worker thread, so a trickling client holds a socket, not a thread;
+an idle connection is closed after channel_timeout. Bodies past max_request_body_size are
+refused by waitress before they are buffered (the app's own limit, 64 KiB, answers JSON below
+that). The input chain keeps remote connections below the connection limit
+(ruleset.API_REMOTE_CAP), so the watchdog's probe from the gateway itself always gets in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..core import ruleset
+from ..core.errors import GatewayError
+
+log = logging.getLogger("gw.daemon.server")
+
+WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
+                connection_limit=ruleset.API_CONNECTION_LIMIT,
+                max_request_header_size=16 * 1024, max_request_body_size=128 * 1024,
+                asyncore_use_poll=True, ident="oakestra-gw", expose_tracebacks=False,
+                clear_untrusted_proxy_headers=True)
+
+
+class Listener:
+    """Every server it makes shares one socket map and one pool of worker threads, so that
+    `move` can add a listener to the running loop."""
+
+    def __init__(self, app, host: str, port: int, threads: int):
+        from waitress.task import ThreadedTaskDispatcher  # noqa: PLC0415
+
+        self._app, self._port, self._threads = app, port, threads
+        self._map: dict = {}
+        self._dispatcher = ThreadedTaskDispatcher()
+        self._dispatcher.set_thread_count(threads)
+        self.server = self._listen(host)
+
+    def _listen(self, host: str):
+        import waitress  # noqa: PLC0415
+
+        try:
+            # `_dispatcher` is waitress's documented way in to share the worker threads.
+            return waitress.create_server(self._app, map=self._map, _dispatcher=self._dispatcher,
+                                          host=host, port=self._port, threads=self._threads,
+                                          **WAITRESS)
+        except OSError as exc:
+            raise GatewayError(f"cannot listen on {host}:{self._port}: "
+                               f"{exc.strerror or exc}") from None
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (raised as SystemExit into waitress's loop)."""
+        self.server.run()
+
+    def move(self, host: str) -> str | None:
+        """Listen on `host` instead, inside waitress's loop (its socket map is not safe to
+        change from another thread): the new socket first, then the old one closed.
+        Connections already open on the old address finish on it. None when done; else why
+        not (the old listener stays)."""
+        done, outcome = threading.Event(), {}
+
+        def swap():
+            try:
+                outcome["server"] = self._listen(host)
+            except GatewayError as exc:
+                outcome["error"] = exc
+            done.set()
+
+        self.server.trigger.pull_trigger(swap)
+        if not done.wait(10) or "error" in outcome:
+            why = outcome["error"].message if "error" in outcome else "the API loop did not answer"
+            return (f"the API still listens on {self.server.effective_host}, not on the new "
+                    f"internal address {host} ({why}): restart needed")
+        old, self.server = self.server, outcome["server"]
+        # Its listening socket only: the old server's trigger still wakes the loop for
+        # requests in flight on connections it accepted.
+        old.del_channel()
+        old.socket.close()
+        log.info("re-address: the API listens on http://%s:%d now", host, self._port)
+        return None
+
+    def close(self) -> None:
+        self._dispatcher.shutdown(timeout=5)
+        self.server.close()
