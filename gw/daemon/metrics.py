@@ -206,7 +206,7 @@ class Metrics:
                                      "kind (deploy, expose, unexpose) and result (ok, "
                                      "invalid, conflict, failed)", ["kind", "result"],
                                      registry=r)
-        # The cluster orchestrator or broker in use (gw.daemon.server sets it in Oakestra mode).
+        # The cluster orchestrator or broker in use (Oakestra mode); see `bind`.
         self.cluster: Callable[[], dict] = lambda: {}
         self.started = Gauge("oakestra_gw_start_time_seconds", "When the process started (Unix time)",
                              registry=r)
