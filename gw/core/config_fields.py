@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from .errors import ConfigError, InvalidInput
-from .exposure import IPNetwork, parse_port
+from .exposure import IPNetwork, address_flaw, parse_port
 
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 HTTP_URL_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
@@ -90,8 +90,9 @@ def internal_ip(value: str, name: str, version: int):
         raise ConfigError(f"{name}: {value!r} is not an IP address", field=name) from None
     if ip.version != version:
         raise ConfigError(f"{name}: {value} is not an IPv{version} address", field=name)
-    if ip.is_loopback or ip.is_unspecified or ip.is_multicast or ip.is_link_local:
-        raise ConfigError(f"{name}: {value} cannot be the gateway's internal address", field=name)
+    if flaw := address_flaw(ip):
+        raise ConfigError(f"{name}: {value} cannot be the gateway's internal address (a {flaw} "
+                          "address)", field=name)
     return ip
 
 

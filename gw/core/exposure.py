@@ -120,6 +120,16 @@ def parse_family(value: Any, name: str = "family") -> str:
     return value.lower()
 
 
+def address_flaw(ip: IPAddress) -> str | None:
+    """Pure: why `ip` can be neither a service's nor the gateway's internal address
+    ("loopback", "link-local", "multicast", "unspecified"); None when it can be."""
+    for flaw, bad in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
+                      ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified)):
+        if bad:
+            return flaw
+    return None
+
+
 def parse_service_ip(value: Any, policy: Policy, name: str = "service_ip") -> IPAddress:
     if not isinstance(value, str):
         raise InvalidInput(f"{name} must be an IPv4 or IPv6 address string, not {_kind(value)}",
@@ -134,10 +144,8 @@ def parse_service_ip(value: Any, policy: Policy, name: str = "service_ip") -> IP
     if ip.version == 6 and (ip.ipv4_mapped is not None or ip.scope_id):
         raise InvalidInput(f"{name} {ip} is an IPv4-mapped or scoped IPv6 address; "
                            "use the plain address", field=name)
-    for flaw, bad in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
-                      ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified)):
-        if bad:
-            raise InvalidInput(f"{name} {ip} is a {flaw} address", field=name)
+    if flaw := address_flaw(ip):
+        raise InvalidInput(f"{name} {ip} is a {flaw} address", field=name)
     if not any(ip in net for net in policy.service_ranges if net.version == ip.version):
         ranges = ", ".join(str(n) for n in policy.service_ranges)
         raise InvalidInput(f"{name} {ip} is outside the service ranges ({ranges})", field=name)
