@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-import json
-import subprocess
 
 import click
 
 from ..core.settings import Settings
 from ..core.errors import ConfigError
+from ..kernel.netlink import bridge_address
 from .common import Failure, config_option, load
 
 DEFAULT_URL = "http://127.0.0.1:11022"
@@ -56,20 +55,6 @@ def _transport(exc) -> str:
         if marker in text:
             return marker.lower()
     return text[:200]
-
-
-def bridge_address(ifname: str, version: int) -> str | None:
-    """The first address of `version` on the bridge (IPv6: of global scope), or None."""
-    scope = ["scope", "global"] if version == 6 else []
-    try:
-        out = subprocess.run(["ip", "-j", f"-{version}", "addr", "show", "dev", ifname, *scope],
-                             capture_output=True, text=True, timeout=5)
-        for link in json.loads(out.stdout or "[]"):
-            for addr in link.get("addr_info", []):
-                return addr.get("local")
-    except (OSError, ValueError, subprocess.SubprocessError):
-        pass
-    return None
 
 
 def default_url(settings: Settings | None) -> str:

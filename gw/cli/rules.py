@@ -10,7 +10,7 @@ import click
 from ..core.settings import DEFAULT_CONFIG_PATH, Settings
 from ..core.errors import ConfigError, GatewayError
 from . import output
-from .client import bridge_address
+from ..kernel.netlink import bridge_address
 from .common import CONTEXT, Failure, config_failure, config_option, echo_json, load, reason, warn
 from .store import stored_exposures
 

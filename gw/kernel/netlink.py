@@ -6,7 +6,7 @@
   IPv6 address is added with ``IFA_F_NODAD``: without it, it stays "tentative" (unusable, not
   bindable) for as long as the link has no carrier, which is the normal state of a bridge
   without ports. Idempotent: running it again (a restart) changes nothing and duplicates nothing.
-- `remove_bridge`: teardown.
+- `remove_bridge`: teardown; `bridge_address`: what the bridge carries (for the CLI).
 - `readiness_problems`: why the data path cannot work now (tunnel missing, service ranges not
   routed through it, forwarding off), for ``/api/ready``.
 - `public_addresses`: the global addresses of the public interfaces (default: the default
@@ -140,17 +140,19 @@ def remove_bridge(settings: Settings) -> bool:
         raise NetlinkFailed(f"could not remove bridge {name}: {_reason(exc)}") from None
 
 
-def bridge_state(settings: Settings) -> dict | None:
-    """The bridge's global addresses and flags (for tests and `status`); None if absent."""
-    with _iproute() as ipr:
-        index = _index(ipr, settings.network.bridge_interface)
-        if index is None:
-            return None
-        return {"kind": _kind(ipr, index),
-                "addresses": [{"address": str(ip), "prefixlen": prefix,
-                               "nodad": bool(flags & IFA_F_NODAD),
-                               "tentative": bool(flags & IFA_F_TENTATIVE)}
-                              for ip, prefix, flags in _addresses(ipr, index)]}
+def bridge_address(ifname: str, version: int) -> str | None:
+    """The first global address of IP `version` on bridge `ifname`; None when there is none,
+    no such link, or it cannot be read. For the CLI, which finds the daemon's API on the
+    internal address the daemon put there."""
+    try:
+        with _iproute() as ipr:
+            index = _index(ipr, ifname)
+            if index is None:
+                return None
+            return next((str(ip) for ip, _, _ in _addresses(ipr, index)
+                         if ip.version == version), None)
+    except Exception:  # noqa: BLE001 - NetlinkError, OSError: the caller falls back
+        return None
 
 
 # -- readiness ---------------------------------------------------------------------------------
