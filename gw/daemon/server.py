@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from ..cluster import oakestra
+from ..cluster.oakestra import Membership
 from ..core import ruleset
 from ..core.config import Settings, check_state_directory, load_config
 from ..core.errors import ConfigError, GatewayError
@@ -56,6 +56,7 @@ class Daemon:
         self.token: str | None = None
         self.drift = None
         self.mqtt = None                          # the MQTT front end (MQTT mode)
+        self.membership: Membership | None = None  # the HTTP one (Oakestra and standalone)
         self._reload = threading.Event()
         self._stopping = threading.Event()
         # A reload and a re-address both change the running settings: one at a time.
@@ -85,7 +86,8 @@ class Daemon:
                                   self.metrics, readdress=self.readdress)
             self.settings = self.mqtt.bring_up()
         else:
-            self.settings = oakestra.bring_up(self.config, self.store, readdress=self.readdress)
+            self.membership = Membership(self.config, self.store, readdress=self.readdress)
+            self.settings = self.membership.bring_up()
         variables = self._skeleton_vars(self.settings)  # names a missing internal IP
         host = self.settings.api_host
         if self.token is None and not auth.is_loopback_host(host):
@@ -124,8 +126,8 @@ class Daemon:
                  "Oakestra MQTT" if self.settings.mqtt_mode else "Oakestra",
                  "token required" if self.token else "no token")
         self._check_ports()  # now that our own API port listens too
-        if self.mqtt is None:
-            oakestra.announce_ready(self.settings, self.store, self.token)
+        if self.membership is not None:
+            self.membership.announce_ready(self.token)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on port "
                   f"{self.settings.api.port}")
         self._thread("reload", self._reload_loop)
@@ -213,12 +215,13 @@ class Daemon:
         """The id the cluster knows this gateway by."""
         if self.mqtt is not None:
             return self.mqtt.node_id
-        return oakestra.gateway_id() or self.settings.oakestra.gateway_id or None
+        gid = self.membership.gateway_id if self.membership is not None else None
+        return gid or self.settings.oakestra.gateway_id or None
 
     def _cluster_status(self) -> dict:
         if self.mqtt is not None:
             return self.mqtt.status()
-        return oakestra.cluster_status()
+        return self.membership.status() if self.membership is not None else {}
 
     def _thread(self, name, target, *args) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -260,10 +263,11 @@ class Daemon:
             self.drift.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
-        try:
-            oakestra.stop()  # background re-registration and ready callbacks
-        except Exception:  # noqa: BLE001 - closing anyway
-            log.exception("stopping the cluster membership")
+        if self.membership is not None:
+            try:
+                self.membership.stop()  # background re-registration and ready callbacks
+            except Exception:  # noqa: BLE001 - closing anyway
+                log.exception("stopping the cluster membership")
         if self.metrics is not None:
             self.metrics.close()
         try:
@@ -310,9 +314,9 @@ class Daemon:
         self.settings, self.token = new.settings, new.token
         api.reconfigure(self.app, new.settings, restart_needed=new.pending)
         self.metrics.report(restart_needed=new.pending)
-        if token_changed and not new.settings.standalone and self.mqtt is None:
+        if token_changed and self.membership is not None:
             # The cluster calls us with the token of the last ready callback: hand it the new one.
-            oakestra.announce_ready(new.settings, self.store, new.token)
+            self.membership.announce_ready(new.token)
         reload.warn_outside_ranges([Exposure.from_dict(d) for d in self.gateway.exposures()],
                                    new.settings)
         log.info("reload: applied %s", ", ".join(new.changed) if new.changed

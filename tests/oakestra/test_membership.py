@@ -1,4 +1,4 @@
-"""The Oakestra client (gw.oakestra) against the stand-in orchestrator served over real HTTP on
+"""The Oakestra client (gw.cluster.oakestra) against the stand-in orchestrator served over real HTTP on
 loopback; the kernel side (bridge, public addresses) is replaced by recorders, so these run
 without root. The daemon-level flows (real bridge, real exit codes) are in test_daemon.py."""
 
@@ -268,7 +268,7 @@ def test_backoff_doubles_up_to_the_cap():
 
     def attempt():
         if next(n) < 8:
-            raise oakestra._Retryable("down")
+            raise oakestra.Retryable("down")
         return "ok"
 
     assert oakestra.retry("x", attempt, give_up_after=None, backoff_max=3, stop=waits) == "ok"
@@ -281,7 +281,7 @@ def test_backoff_never_sleeps_past_the_give_up_time():
     waits.wait = lambda s: (waits.waits.append(s), now.__setitem__(0, now[0] + s))[-1] and False
 
     def attempt():
-        raise oakestra._Retryable("down")
+        raise oakestra.Retryable("down")
 
     with pytest.raises(oakestra.ClusterUnreachable) as err:
         oakestra.retry("x", attempt, give_up_after=2.2, backoff_max=30, stop=waits,
