@@ -42,11 +42,14 @@ class _Wrapper:
 class FaultyStore(_Wrapper):
     """A store whose next commit can be made to fail as on a file system gone read-only."""
 
-    fail_next = False
+    _fail_next = False
+
+    def fail_next_commit(self) -> None:
+        self._fail_next = True
 
     def commit(self, *args, **kwargs):
-        if self.fail_next:
-            self.fail_next = False
+        if self._fail_next:
+            self._fail_next = False
             raise StoreUnavailable(f"cannot write the store's journal: "
                                    f"{os.strerror(errno.EROFS)} (test only)")
         return self.inner.commit(*args, **kwargs)
@@ -68,7 +71,7 @@ class FaultyFirewall(_Wrapper):
         if due and self.point == "refuse-then-store-fails":
             # A double failure: the kernel refuses, and the store's next write (the revert)
             # fails.
-            self.store.fail_next = True
+            self.store.fail_next_commit()
             raise KernelRefused(f"{CRASH_ENV}: nftables refused the transaction (test only)")
         if due and self.point == "before-kernel":
             log.critical("%s: exiting after the store commit, before the kernel commit", CRASH_ENV)
