@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..core import ruleset
 from ..core.errors import KernelRefused
-from .nft import NoSuchObject, refusal
+from .nft import EXISTS_WORDS, MISSING_WORDS, NoSuchObject, refusal
 
 CHAIN_RE = re.compile(r"^\s*chain (\w+) \{")
 VARIABLE_RE = re.compile(r"\$(\w+)")
@@ -86,7 +86,7 @@ class FakeNft:
 
     def _need(self) -> FakeTable:
         if self.table is None:
-            raise NoSuchObject("nftables refused: Error: No such file or directory")
+            raise NoSuchObject(f"nftables refused: Error: {MISSING_WORDS}")
         return self.table
 
 
@@ -108,7 +108,7 @@ def _unknown_table(exists: bool, tx: ruleset.Transaction) -> list[str]:
         if isinstance(op, (ruleset.ReplaceTable, ruleset.DeleteTable)):
             exists = isinstance(op, ruleset.ReplaceTable)
         elif not exists:
-            errors.append("Error: No such file or directory")
+            errors.append(f"Error: {MISSING_WORDS}")
     return errors
 
 
@@ -122,12 +122,12 @@ def _apply(table: FakeTable | None, op) -> FakeTable | None:
         for e in op.exposures:
             key = e.key[1:]
             if elements.get(key, e.target) != e.target:
-                raise KernelRefused(PROCESS + "File exists")
+                raise KernelRefused(PROCESS + EXISTS_WORDS)
             elements[key] = e.target
     elif isinstance(op, ruleset.DeleteElements):
         for _, proto, port in op.keys:
             if elements.pop((proto, port), None) is None:
-                raise KernelRefused(PROCESS + "No such file or directory")
+                raise KernelRefused(PROCESS + MISSING_WORDS)
     else:
         raise TypeError(f"not an nft op: {op!r}")
     return table

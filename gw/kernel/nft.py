@@ -30,8 +30,9 @@ class NoSuchObject(KernelRefused):
     """ENOENT: the element, the map or our table is not there."""
 
 
-# nft's words for the two refusals: the one place they are read.
-_REFUSALS = ((AlreadyExists, "File exists"), (NoSuchObject, "No such file or directory"))
+# nft's words for the two refusals (strerror of EEXIST and ENOENT): read here only.
+EXISTS_WORDS, MISSING_WORDS = "File exists", "No such file or directory"
+_REFUSALS = ((AlreadyExists, EXISTS_WORDS), (NoSuchObject, MISSING_WORDS))
 
 
 def refusal(message: str) -> KernelRefused:

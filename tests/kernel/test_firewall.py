@@ -10,7 +10,7 @@ from gw.core.config import parse_config
 from gw.core.errors import KernelRefused
 from gw.core.exposure import Exposure
 from gw.kernel.firewall import Firewall
-from gw.kernel.nft import NftSession
+from gw.kernel.nft import NftSession, NoSuchObject
 from tests import oracle
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_table")]
@@ -103,6 +103,7 @@ def test_refusals_carry_nfts_words_and_change_nothing(fw):
         fw.session.run("add element inet oakestra_gw expose_v4 { udp . 1 : 10.30.0.1 . 1 }\n"
                        "add element inet oakestra_gw no_such_map { tcp . 1 : 10.30.0.1 . 1 }")
     assert "No such file or directory" in info.value.message
+    assert isinstance(info.value, NoSuchObject)  # the refusal code branches on
     assert kernel_elements() == as_elements(MIXED[:1])
 
 

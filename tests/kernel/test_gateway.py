@@ -11,7 +11,7 @@ from gw.core.errors import Conflict, KernelRefused, NotFound, StoreUnavailable
 from gw.core.exposure import DeleteRequest
 from gw.kernel.firewall import Firewall
 from gw.service.gateway import Gateway
-from gw.kernel.nft import NftSession
+from gw.kernel.nft import NftSession, NoSuchObject
 from gw.store.local import Store
 from tests import oracle
 from tests.gateway_machine import (MACHINE_SETTINGS, SETTINGS, GatewayMachine, RealKernel,
@@ -77,6 +77,7 @@ def test_kernel_refusal_rolls_the_store_back(gateway):
     with pytest.raises(KernelRefused) as info:
         gateway.add([ex(81, "10.30.0.2")])
     assert "No such file or directory" in info.value.message
+    assert isinstance(info.value, NoSuchObject)  # the refusal code branches on
     assert store_state(gateway.store) == before
     assert "firewall" in gateway.health
     gateway.load()
