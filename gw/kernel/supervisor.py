@@ -39,10 +39,6 @@ class Supervisor:
         self._thread.start()
         return self
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def _run(self) -> None:
         delay, restarted = self._first, False
         while not self._stop.is_set():
