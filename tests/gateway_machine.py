@@ -45,8 +45,7 @@ def by_key(elements) -> dict:
 
 
 def store_state(store) -> dict:
-    return {(d["family"], d["protocol"], d["exposed_port"]): (d["service_ip"], d["service_port"])
-            for d in store.exposures()}
+    return {e.key: (str(e.service_ip), e.service_port) for e in store.exposures()}
 
 
 class RealKernel:

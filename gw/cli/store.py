@@ -26,7 +26,7 @@ def stored_exposures(settings: Settings) -> list[Exposure]:
         return []
     try:
         with Store(path, shared=True) as store:
-            docs = store.exposures()
+            return store.exposures()
     except StoreLocked:
         docs = settings_client(settings).call("GET", "/api/service/exposure")[1]["exposures"]
     return [output.exposure(d) for d in docs]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .errors import InvalidInput
-from .exposure import FAMILIES, PROTOCOLS, Key, parse_family, parse_protocol
+from .exposure import FAMILIES, PROTOCOLS, Exposure, Key, parse_family, parse_protocol
 
 MAX_LIMIT = 10000
 QUERY_FIELDS = {"family", "protocol", "service_id", "port", "limit", "cursor"}
@@ -27,11 +27,11 @@ class ListQuery:
     limit: int | None = None  # None: everything that matches
     after: Key | None = None
 
-    def matches(self, doc: Mapping) -> bool:
-        return ((self.family is None or doc["family"] == self.family)
-                and (self.protocol is None or doc["protocol"] == self.protocol)
-                and (self.service_id is None or doc.get("service_id") == self.service_id)
-                and self.ports[0] <= doc["exposed_port"] <= self.ports[1])
+    def matches(self, e: Exposure) -> bool:
+        return ((self.family is None or e.family == self.family)
+                and (self.protocol is None or e.protocol == self.protocol)
+                and (self.service_id is None or e.service_id == self.service_id)
+                and self.ports[0] <= e.exposed_port <= self.ports[1])
 
 
 def cursor_of(key: Key) -> str:
@@ -85,18 +85,17 @@ def parse_query(args: Mapping[str, str]) -> ListQuery:
         after=parse_cursor(args["cursor"]) if "cursor" in args else None)
 
 
-def select(docs: Iterable[Mapping], query: ListQuery) -> tuple[list[dict], str | None]:
-    """The page of `docs` (sorted by key) that `query` asks for, and the cursor of the next
-    page (None on the last one)."""
-    page: list[dict] = []
-    for doc in docs:
-        key = (doc["family"], doc["protocol"], doc["exposed_port"])
-        if query.after is not None and key <= query.after:
+def select(exposures: Iterable[Exposure],
+           query: ListQuery) -> tuple[list[Exposure], str | None]:
+    """The page of `exposures` (sorted by key) that `query` asks for, and the cursor of the
+    next page (None on the last one)."""
+    page: list[Exposure] = []
+    for e in exposures:
+        if query.after is not None and e.key <= query.after:
             continue
-        if not query.matches(doc):
+        if not query.matches(e):
             continue
         if query.limit is not None and len(page) == query.limit:
-            last = page[-1]
-            return page, cursor_of((last["family"], last["protocol"], last["exposed_port"]))
-        page.append(dict(doc))
+            return page, cursor_of(page[-1].key)
+        page.append(e)
     return page, None

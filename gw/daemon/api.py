@@ -217,7 +217,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     def list_exposures():
         query = listing.parse_query(request.args)
         page, next_cursor = listing.select(gateway.exposures(), query)
-        body: dict = {"exposures": page}
+        body: dict = {"exposures": [e.to_dict() for e in page]}
         if query.limit is not None:
             body["next_cursor"] = next_cursor
         return body

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily
 
-from ..core.exposure import Key
+from ..core.exposure import Exposure, Key
 from ..kernel.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class ConnectionCounter:
     the counter can only undercount. The set of exposures is re-read every `refresh`
     seconds; the counter of a deleted exposure disappears."""
 
-    def __init__(self, exposures: Callable[[], Iterable[dict]], refresh: float = 5.0,
+    def __init__(self, exposures: Callable[[], Iterable[Exposure]], refresh: float = 5.0,
                  command: tuple[str, ...] = ("conntrack", "-E", "-e", "NEW", "-b", "4194304")):
         self._exposures = exposures
         self._refresh = refresh
@@ -66,10 +66,7 @@ class ConnectionCounter:
         self._refresher.start()
 
     def refresh(self) -> None:
-        targets = {}
-        for doc in self._exposures():
-            key = (doc["family"], doc["protocol"], int(doc["exposed_port"]))
-            targets[key] = (ipaddress.ip_address(doc["service_ip"]), int(doc["service_port"]))
+        targets = {e.key: e.target for e in self._exposures()}
         with self._lock:
             self._targets = targets
             self._counts = {k: v for k, v in self._counts.items() if k in targets}

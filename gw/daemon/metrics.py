@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..core import readiness
+from ..core.exposure import Exposure
 from ..kernel import conntrack
 from .connections import ConnectionCounter
 
@@ -291,7 +292,7 @@ class Metrics:
 
     # -- per-exposure counters -------------------------------------------------------------
 
-    def start_connection_counter(self, exposures: Callable[[], Iterable[dict]],
+    def start_connection_counter(self, exposures: Callable[[], Iterable[Exposure]],
                                  **kw) -> "ConnectionCounter":
         self.connections = ConnectionCounter(exposures, **kw)
         self.connections.start()

@@ -194,11 +194,10 @@ class Daemon:
         return ruleset.egress_status(self.settings, self._egress_interfaces)
 
     def _check_ports(self) -> None:
-        exposures = [Exposure.from_dict(d) for d in self.gateway.exposures()]
-        self.metrics.report(conflicting=checks.shadowed_ports(exposures, self.settings))
+        self.metrics.report(conflicting=checks.shadowed_ports(self.gateway.exposures(),
+                                                              self.settings))
 
-    def _check_own_address(self, found: list[dict]) -> None:
-        found = [Exposure.from_dict(d) for d in found]
+    def _check_own_address(self, found: list[Exposure]) -> None:
         self.metrics.report(refused_own=checks.pointing_at_itself(found))
 
     def _ready_checks(self) -> dict:
@@ -317,8 +316,7 @@ class Daemon:
         if token_changed and self.membership is not None:
             # The cluster calls us with the token of the last ready callback: hand it the new one.
             self.membership.announce_ready(new.token)
-        reload.warn_outside_ranges([Exposure.from_dict(d) for d in self.gateway.exposures()],
-                                   new.settings)
+        reload.warn_outside_ranges(self.gateway.exposures(), new.settings)
         log.info("reload: applied %s", ", ".join(new.changed) if new.changed
                  else "no live changes")
 

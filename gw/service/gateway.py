@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 from ..core.errors import Conflict, GatewayError, NotFound
 from ..core.exposure import DeleteRequest, Exposure, Key
 from ..kernel.firewall import Diff, Firewall
+from ..store.protocol import Store
 from .health import Health
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Reconfigured:
 
 
 class Gateway:
-    def __init__(self, store, firewall: Firewall, flusher=None,
+    def __init__(self, store: Store, firewall: Firewall, flusher=None,
                  on_change: Callable[[str, bool], None] | None = None,
                  own_addresses: Iterable[str] = ()):
         self.store = store
@@ -88,7 +89,7 @@ class Gateway:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def exposures(self) -> list[dict]:
+    def exposures(self) -> list[Exposure]:
         return self.store.exposures()
 
     def kernel_counters(self) -> dict[str, int]:
@@ -110,14 +111,13 @@ class Gateway:
         updates the store; another target on a taken key is a Conflict."""
         with self._lock:
             self._settle()
-            results, new, relabel, old_docs = [], [], [], []
+            results, new, relabel, old = [], [], [], []
             for i, e in enumerate(exposures):
-                current = self.store.get(e.key)
-                if current is None:
+                existing = self.store.get(e.key)
+                if existing is None:
                     new.append(e)
                     results.append(AddResult(e, "created"))
                     continue
-                existing = Exposure.from_dict(current)
                 if existing.target != e.target:
                     where = f"exposures[{i}]." if len(exposures) > 1 else ""
                     raise Conflict(f"{e.exposed_port}/{e.protocol} ({e.family}) is already "
@@ -125,13 +125,13 @@ class Gateway:
                                    field=where + "exposed_port")
                 if existing.service_id != e.service_id and e.service_id is not None:
                     relabel.append(e)
-                    old_docs.append(current)
+                    old.append(existing)
                     results.append(AddResult(e, "relabelled"))
                 else:
                     results.append(AddResult(existing, "unchanged"))
             if not new and not relabel:
                 return results
-            self.store.commit(put=[e.to_dict() for e in new + relabel])
+            self.store.commit(put=new + relabel)
             if new:
                 if self.flusher is not None:
                     # The flush of a delete of the same exposure moments ago, queued or
@@ -140,15 +140,14 @@ class Gateway:
                 try:
                     self._kernel(lambda: self.firewall.apply(add=new))
                 except Exception:
-                    self._revert(put=old_docs, delete=[e.key for e in new])
+                    self._revert(put=old, delete=[e.key for e in new])
                     raise
             return results
 
     def delete(self, request: DeleteRequest) -> list[Exposure]:
         with self._lock:
             self._settle()
-            found = [Exposure.from_dict(d) for k in request.keys()
-                     if (d := self.store.get(k)) is not None]
+            found = [e for k in request.keys() if (e := self.store.get(k)) is not None]
             if not found:
                 fam = f" ({request.family})" if request.family else ""
                 raise NotFound(f"{request.exposed_port}/{request.protocol}{fam} is not exposed",
@@ -162,9 +161,8 @@ class Gateway:
         no-op). Scans the store: for the cluster's per-service delete, not a hot path."""
         with self._lock:
             self._settle()
-            found = [Exposure.from_dict(d) for d in self.store.exposures()
-                     if d.get("service_id") == service_id
-                     and exposed_port in (None, int(d["exposed_port"]))]
+            found = [e for e in self.store.exposures() if e.service_id == service_id
+                     and exposed_port in (None, e.exposed_port)]
             if found:
                 self._remove(found)
         return found
@@ -175,7 +173,7 @@ class Gateway:
         try:
             self._kernel(lambda: self.firewall.apply(remove=found))
         except Exception:
-            self._revert(put=[e.to_dict() for e in found], delete=[])
+            self._revert(put=found, delete=[])
             raise
         if self.flusher is not None:
             # Queued under the lock: a re-add that follows finds it, to cancel or await.
@@ -187,8 +185,8 @@ class Gateway:
         """Make the kernel hold the skeleton and exactly the store's exposures (one
         transaction). Used at start and to repair drift: no read of the kernel needed."""
         with self._lock:
-            docs = self._wanted()
-            self._kernel(lambda: self.firewall.load(Exposure.from_dict(d) for d in docs),
+            wanted = self._wanted()
+            self._kernel(lambda: self.firewall.load(wanted),
                          kind="reconcile")
             self.health.clear("drift")
             if self.flusher is not None:
@@ -200,13 +198,13 @@ class Gateway:
         """What the current exposures account for: (family, protocol, exposed port, service
         IP, service port), the shape of `conntrack.Flow.through`."""
         with self._lock:
-            return {(*e.key, *e.target) for e in map(Exposure.from_dict, self.store.exposures())}
+            return {(*e.key, *e.target) for e in self.store.exposures()}
 
     def diff(self) -> Diff:
         """Kernel versus store. Lists the maps, whose cost grows with them: never on a request
         path."""
         with self._lock:
-            return self.firewall.diff(Exposure.from_dict(d) for d in self._wanted())
+            return self.firewall.diff(self._wanted())
 
     def reconcile(self) -> Diff:
         """Compare kernel (maps and chains) with the store; if they differ, load the table
@@ -232,9 +230,9 @@ class Gateway:
         self._on_change(kind, True)
 
     # A store change the kernel refused and the store could not take back: (put, delete).
-    _unreverted: tuple[list[dict], list[Key]] | None = None
+    _unreverted: tuple[list[Exposure], list[Key]] | None = None
 
-    def _revert(self, put: Iterable[dict], delete: Iterable[Key]) -> None:
+    def _revert(self, put: Iterable[Exposure], delete: Iterable[Key]) -> None:
         """Undo a store change the kernel refused. Should this write fail too, the undo is
         kept: the kernel is never loaded with the refused change, and no change is taken
         until the store has taken the undo (see `_settle`)."""
@@ -247,19 +245,19 @@ class Gateway:
             log.critical("the kernel refused a change and the store could not take it back "
                          "(%s): no change is taken until it can", exc.message)
 
-    def _wanted(self) -> list[dict]:
+    def _wanted(self) -> list[Exposure]:
         """What the kernel must hold: the store, less a refused change it could not revert,
         less exposures that point at the gateway itself."""
-        docs = self.store.exposures()
+        wanted = self.store.exposures()
         if self._unreverted is not None:
             put, delete = self._unreverted
-            gone = set(delete) | {Exposure.from_dict(d).key for d in put}
-            docs = [d for d in docs if Exposure.from_dict(d).key not in gone] + put
-        return [d for d in docs if d["service_ip"] not in self._own]
+            gone = set(delete) | {e.key for e in put}
+            wanted = [e for e in wanted if e.key not in gone] + put
+        return [e for e in wanted if str(e.service_ip) not in self._own]
 
-    def pointing_at_itself(self) -> list[dict]:
+    def pointing_at_itself(self) -> list[Exposure]:
         """Stored exposures whose service IP is one of the gateway's own internal addresses."""
-        return [d for d in self.store.exposures() if d["service_ip"] in self._own]
+        return [e for e in self.store.exposures() if str(e.service_ip) in self._own]
 
     def _settle(self) -> None:
         """Before a change: write the undo a failed revert left pending. If the store still

@@ -1,1 +1,1 @@
-"""The durable store of exposures."""
+"""The durable store of exposures: the `Store` protocol and its TinyDB implementation."""

@@ -58,15 +58,12 @@ from tinydb.storages import JSONStorage, MemoryStorage
 from tinydb.table import Table
 
 from gw.core.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
+from gw.core.exposure import FAMILIES, PROTOCOLS, Exposure, Key
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str, int]  # (family, protocol, exposed_port)
-
 EXPOSURES_TABLE = "exposures"
 STORE_TABLE = "store"
-FAMILIES = ("ipv4", "ipv6")
-PROTOCOLS = ("tcp", "udp")
 # Documents per json.dumps call when writing a snapshot: the background writer gives the GIL
 # back between chunks, so a commit waits for one chunk, not for the whole snapshot.
 SNAPSHOT_CHUNK = 500
@@ -93,11 +90,25 @@ def _key_of(doc) -> Key:
     return _checked_key(key)
 
 
-def _change(put: Iterable[Mapping], delete: Iterable[Key], meta: Mapping | None) -> dict:
+def _decoded(doc) -> Exposure:
+    """The Exposure a stored document holds; InvalidInput if it holds none."""
+    key = _key_of(doc)
+    try:
+        exposure = Exposure.from_dict(doc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInput(f"not an exposure document ({type(e).__name__}: {e}): {doc!r}") \
+            from None
+    if exposure.key != key:
+        raise InvalidInput(f"family {key[0]} does not match service_ip: {doc!r}")
+    return exposure
+
+
+def _change(put: Iterable[Exposure], delete: Iterable[Key], meta: Mapping | None) -> dict:
     """The validated change as it goes into a journal record; {} when there is nothing to do."""
-    docs = list(put)
-    if not all(isinstance(doc, Mapping) for doc in docs):
-        raise InvalidInput("put takes exposure documents (mappings)")
+    given = list(put)
+    if not all(isinstance(e, Exposure) for e in given):
+        raise InvalidInput("put takes Exposures")
+    docs = [e.to_dict() for e in given]
     keys = [_key_of(doc) for doc in docs]
     if len(set(keys)) != len(keys):
         raise InvalidInput("the same exposure key twice in one commit")
@@ -119,7 +130,7 @@ def _checked_change(change) -> dict:
     if not isinstance(change, dict) or not set(change) <= {"put", "delete", "meta"}:
         raise ValueError("not a change record")
     for doc in change.get("put", ()):
-        _key_of(doc)
+        _decoded(doc)
     for key in change.get("delete", ()):
         _checked_key(key)
     if not isinstance(change.get("meta", {}), dict):
@@ -300,7 +311,7 @@ def _snapshot_docs(path: Path, table) -> dict[Key, dict]:
     docs: dict[Key, dict] = {}
     for doc_id, doc in table.items():
         try:
-            key = _key_of(doc)
+            key = _decoded(doc).key
         except InvalidInput as e:
             raise _corrupt(path, f"document {doc_id}: {e.message}") from None
         if key in docs:
@@ -500,6 +511,8 @@ class Store:
         self._table = self._db.table(EXPOSURES_TABLE)
         doc_ids = self._table.insert_multiple(loaded.docs.values())
         self._index: dict[Key, int] = dict(zip(loaded.docs, doc_ids))
+        # The documents decoded once, so that reads hand out (immutable) Exposures at no cost.
+        self._exposures = {key: Exposure.from_dict(doc) for key, doc in loaded.docs.items()}
         self._meta = loaded.meta
         self._seq = loaded.seq
         self._snap_seq = loaded.snap_seq
@@ -508,15 +521,16 @@ class Store:
 
     # --- reading
 
-    def exposures(self) -> list[dict]:
+    def exposures(self) -> list[Exposure]:
+        """All exposures, sorted by key."""
         with self._lock:
-            docs = self._raw_docs()
-        return sorted(map(dict, docs), key=_doc_key)
+            items = list(self._exposures.items())
+        items.sort(key=_first)
+        return [e for _, e in items]
 
-    def get(self, key: Key) -> dict | None:
+    def get(self, key: Key) -> Exposure | None:
         with self._lock:
-            doc_id = self._index.get(_as_key(key))
-            return None if doc_id is None else dict(self._table.get(doc_id=doc_id))
+            return self._exposures.get(_as_key(key))
 
     def __len__(self) -> int:
         with self._lock:
@@ -635,11 +649,14 @@ class Store:
             doc_id = self._index.pop(tuple(key), None)
             if doc_id is not None:
                 self._table.remove(doc_ids=[doc_id])
+                del self._exposures[tuple(key)]
         for doc in change.get("put", ()):
-            key = _key_of(doc)
+            exposure = Exposure.from_dict(doc)
+            key = exposure.key
             if key in self._index:
                 self._table.remove(doc_ids=[self._index[key]])
             self._index[key] = self._table.insert(doc)
+            self._exposures[key] = exposure
         _merge_meta(self._meta, change.get("meta", {}))
 
     # --- compaction
@@ -760,6 +777,9 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_first = operator.itemgetter(0)
 
 
 def _as_key(key) -> Key | None:

@@ -133,10 +133,10 @@ def test_kernel_refusal_is_503_and_reverts_the_store(env):
     r = call(client, "POST", ADD, {"exposures": [{**WEB, "exposed_port": 8081},
                                                  {**WEB, "exposed_port": 8082}]})
     assert r.status_code == 503 and r.get_json()["error"] == "kernel_refused"
-    assert [d["exposed_port"] for d in store.exposures()] == [8080]
+    assert [e.exposed_port for e in store.exposures()] == [8080]
     r = call(client, "POST", DELETE, {"exposed_port": 8080})
     assert r.status_code == 503
-    assert [d["exposed_port"] for d in store.exposures()] == [8080]
+    assert [e.exposed_port for e in store.exposures()] == [8080]
     r = call(client, "GET", "/api/ready", token=None)
     assert r.status_code == 503 and "firewall" in r.get_json()["reasons"]
 

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+from gw.core.exposure import Exposure
 from gw.store.local import Store
 from tests.api.harness import Gateway, require_root
 
@@ -44,7 +45,7 @@ def big(tmp_path_factory):
         docs = seed_docs()
         with Store(gateway.store_dir / "exposures.json") as store:
             for i in range(0, len(docs), 5000):
-                store.commit(put=docs[i:i + 5000])
+                store.commit(put=map(Exposure.from_dict, docs[i:i + 5000]))
         gateway.start(wait=False)
         gateway.wait_serving(timeout=180)  # a generous bound that only catches a hang
         gateway.docs = docs

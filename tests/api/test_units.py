@@ -15,6 +15,7 @@ from gw.daemon import auth
 from gw.kernel import sockets
 from gw.core.config import parse_config
 from gw.core.errors import ConfigError
+from gw.core.exposure import Exposure
 from gw.kernel.firewall import Diff
 from gw.daemon.connections import ConnectionCounter, parse_event
 from gw.daemon.metrics import Metrics, read_conntrack_drops
@@ -251,9 +252,8 @@ def test_conntrack_event_parsing_and_counting():
     assert parse_event(six) == (("ipv6", "tcp", 443), (ipaddress.ip_address("fdff::1"), 8443))
     assert parse_event("conntrack v1.4.7 (conntrack-tools): 2 flow events have been shown.") \
         is None
-    counter = ConnectionCounter(lambda: [{"family": "ipv4", "protocol": "udp",
-                                          "exposed_port": 5353, "service_ip": "10.30.0.1",
-                                          "service_port": 53}])
+    counter = ConnectionCounter(lambda: [Exposure(5353, "udp", ipaddress.ip_address("10.30.0.1"),
+                                                  53)])
     counter.refresh()
     counter.count(line)
     counter.count(line)

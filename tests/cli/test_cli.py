@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from gw.cli import main
+from gw.core.exposure import Exposure
 from tests.api.harness import (API_PORT, INTERNAL_V4, INTERNAL_V6, PUBLIC_V4, Gateway,
                                docs_set, gw_command, in_netns, require_root, running)
 from tests.helpers import doc, wait_for
@@ -86,10 +87,11 @@ def test_rules_show_renders_skeleton_and_stored_exposures(tmp_path):
     assert f"redefine internal_ipv4 = {INTERNAL_V4}" in r.stdout
     assert not (tmp_path / "state").exists()  # nothing stored yet, nothing created
     with Store(tmp_path / "state" / "exposures.json") as store:
-        store.commit(put=[{"exposed_port": 8080, "protocol": "tcp", "service_ip": "10.30.0.1",
-                           "service_port": 80, "family": "ipv4"},
-                          {"exposed_port": 53, "protocol": "udp", "service_ip": "fdff::1",
-                           "service_port": 53, "family": "ipv6"}])
+        store.commit(put=map(Exposure.from_dict, [
+            {"exposed_port": 8080, "protocol": "tcp", "service_ip": "10.30.0.1",
+             "service_port": 80, "family": "ipv4"},
+            {"exposed_port": 53, "protocol": "udp", "service_ip": "fdff::1",
+             "service_port": 53, "family": "ipv6"}]))
     r = invoke("rules", "show", "--config", config)
     assert r.exit_code == 0, r.output
     assert "add element inet oakestra_gw expose_v4 { tcp . 8080 : 10.30.0.1 . 80 }" in r.stdout
@@ -115,8 +117,8 @@ def test_store_check(tmp_path):
     assert r.exit_code == 0 and "no store yet" in r.output
     path = tmp_path / "state" / "exposures.json"
     with Store(path) as store:
-        store.commit(put=[{"exposed_port": 8080, "protocol": "tcp", "service_ip": "10.30.0.1",
-                           "service_port": 80, "family": "ipv4"}])
+        store.commit(put=[Exposure.from_dict({"exposed_port": 8080, "protocol": "tcp",
+                                              "service_ip": "10.30.0.1", "service_port": 80})])
     r = invoke("store", "check", "--config", config)
     assert r.exit_code == 0 and "ok: 1 exposure(s)" in r.output, r.output
     with Store(path):  # held for writing, as by the daemon

@@ -10,9 +10,12 @@ flight more. The changes are a pure function of (seed, i), so the parent rebuild
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import random
 import sys
+
+from gw.core.exposure import Exposure
 
 PORTS = range(1, 33)  # few keys, so that puts often replace and deletes often hit
 # Small, so that compactions (rotation, background snapshot, .bak, segment cleanup) happen
@@ -30,13 +33,11 @@ def change(seed: int, i: int) -> dict:
     put = {}
     for _ in range(rnd.randint(0, 3)):
         family, protocol, port = key()
-        put[family, protocol, port] = {
-            "exposed_port": port, "protocol": protocol, "family": family,
-            "service_ip": "10.30.0.%d" % rnd.randint(1, 254) if family == "ipv4"
-            else "fdff::%x" % rnd.randint(1, 0xffff),
-            "service_port": rnd.randint(1, 65535),
-            **({"service_id": f"s{i}"} if rnd.random() < 0.5 else {}),
-        }
+        ip = ("10.30.0.%d" % rnd.randint(1, 254) if family == "ipv4"
+              else "fdff::%x" % rnd.randint(1, 0xffff))
+        put[family, protocol, port] = Exposure(
+            port, protocol, ipaddress.ip_address(ip), rnd.randint(1, 65535),
+            f"s{i}" if rnd.random() < 0.5 else None)
     delete = [key() for _ in range(rnd.randint(0, 2))]
     meta = {"last": i, "odd": None if i % 2 == 0 else i} if rnd.random() < 0.3 else None
     return {"put": list(put.values()), "delete": delete, "meta": meta}
@@ -48,8 +49,8 @@ def apply_changes(docs: dict, meta: dict, seed: int, start: int, stop: int) -> N
         c = change(seed, i)
         for key in c["delete"]:
             docs.pop(key, None)
-        for doc in c["put"]:
-            docs[doc["family"], doc["protocol"], doc["exposed_port"]] = doc
+        for exposure in c["put"]:
+            docs[exposure.key] = exposure
         for name, value in (c["meta"] or {}).items():
             if value is None:
                 meta.pop(name, None)

@@ -6,6 +6,7 @@ bind mount)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import pytest
 
 from crashwriter import apply_changes
 from gw.core.errors import StoreUnavailable
+from gw.core.exposure import Exposure
 from gw.store.local import Store
 from tests.fs import Ext4, fill, mount_namespace, require_tools
 
@@ -53,8 +55,7 @@ def state_of(path: Path) -> tuple[dict, dict]:
     # snapshot instead of the torn records this one left.
     with Store(path, shared=True) as store:
         assert store.check() == []
-        return {(d["family"], d["protocol"], d["exposed_port"]): d
-                for d in store.exposures()}, store.meta()
+        return {e.key: e for e in store.exposures()}, store.meta()
 
 
 def expected_states(base: tuple[dict, dict], seed: int, acked: int):
@@ -158,9 +159,8 @@ def test_the_power_loss_test_catches_a_missing_fsync(ext4):
 
 # --- a full or read-only filesystem --------------------------------------------------------------
 
-def exposure(port: int, **extra) -> dict:
-    return {"exposed_port": port, "protocol": "udp", "service_ip": "10.30.0.1",
-            "service_port": 1, "family": "ipv4", **extra}
+def exposure(port: int, service_id: str | None = None) -> Exposure:
+    return Exposure(port, "udp", ipaddress.ip_address("10.30.0.1"), 1, service_id)
 
 
 @pytest.mark.kernel

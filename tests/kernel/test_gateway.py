@@ -45,7 +45,7 @@ def test_add_is_idempotent_relabels_and_conflicts(gateway):
     assert [r.outcome for r in gateway.add([e])] == ["unchanged"]
     assert [r.outcome for r in gateway.add([ex(8080, "10.30.0.1", service_id="web")])] == [
         "relabelled"]
-    assert gateway.store.get(e.key)["service_id"] == "web"
+    assert gateway.store.get(e.key).service_id == "web"
     with pytest.raises(Conflict) as info:
         gateway.add([ex(8080, "10.30.0.2")])
     assert info.value.field == "exposed_port" and "10.30.0.1:80" in info.value.message

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from gw.core.exposure import Exposure
 from gw.lab import namespaces as L
 from gw.store.local import Store
 from tests.oakestra.orchestrator import ClusterState, Orchestrator
@@ -131,8 +132,8 @@ def test_errors_and_garbage_end_a_first_start_and_change_nothing(lab, step, cann
     daemon = oakestra_daemon(lab)
     # The store already holds an exposure (a gateway switched from standalone mode, say).
     store = Store(daemon.state / "exposures.json")
-    store.commit(put=[{"exposed_port": 9000, "protocol": "tcp", "service_ip": L.SERVICE_V4,
-                       "service_port": 80, "family": "ipv4"}])
+    store.commit(put=[Exposure.from_dict({"exposed_port": 9000, "protocol": "tcp",
+                                          "service_ip": L.SERVICE_V4, "service_port": 80})])
     store.close()
     before = kernel_state(lab), store_state(daemon)
     cluster = orchestrator(lab)

@@ -35,7 +35,7 @@ def stored_docs(path: Path) -> set[tuple]:
     """The store's exposures, read under a shared lock (the daemon must be down)."""
     with Store(path, shared=True) as store:
         assert store.check() == [], store.check()
-        return docs_set(store.exposures())
+        return docs_set([e.to_dict() for e in store.exposures()])
 
 
 def kill(gw: Gateway, sig: int = signal.SIGKILL) -> int:

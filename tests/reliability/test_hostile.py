@@ -263,9 +263,9 @@ def test_no_string_of_a_request_reaches_nft(app, body, route):
         for doc in resp.get_json()["exposures"]:
             assert MARK not in doc["service_ip"] and MARK not in doc["protocol"]
     if len(gw.exposures()) > 200:
-        for doc in gw.exposures():
+        for e in gw.exposures():
             client.post("/api/service/exposure/delete", json={
-                "exposed_port": doc["exposed_port"], "protocol": doc["protocol"]})
+                "exposed_port": e.exposed_port, "protocol": e.protocol})
 
 
 # -- schemathesis against the real daemon -----------------------------------------------------

@@ -3,7 +3,9 @@ hypothesis state machine that checks random commits/compactions/reopens/crashes 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import ipaddress
 import json
 import os
 import statistics
@@ -21,17 +23,17 @@ from tinydb import TinyDB
 
 import gw.store.local
 from gw.core.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
+from gw.core.exposure import Exposure, key_of
 from gw.store.local import Store
 
 
-def doc(port=8080, protocol="tcp", family="ipv4", ip=None, service_port=80, **extra):
+def doc(port=8080, protocol="tcp", family="ipv4", ip=None, service_port=80, service_id=None):
     ip = ip or ("10.30.0.1" if family == "ipv4" else "fdff::1")
-    return {"exposed_port": port, "protocol": protocol, "service_ip": ip,
-            "service_port": service_port, "family": family, **extra}
+    return Exposure(port, protocol, ipaddress.ip_address(ip), service_port, service_id)
 
 
-def key(d):
-    return (d["family"], d["protocol"], d["exposed_port"])
+def key(e):
+    return e.key
 
 
 class SmallStore(Store):
@@ -121,23 +123,23 @@ def test_meta_merges_and_none_deletes(path):
         assert store.meta() == {"gateway_id": "g1", "internal_ipv6": "fdff::1"}
 
 
-def test_returned_documents_are_copies(path):
+def test_what_a_read_returns_cannot_change_the_store(path):
     with Store(path) as store:
-        given = doc(80)
-        store.commit(put=[given], meta={"m": [1]})
-        given["service_port"] = 1
-        store.get(("ipv4", "tcp", 80))["service_port"] = 2
-        store.exposures()[0]["service_port"] = 3
+        store.commit(put=[doc(80)], meta={"m": [1]})
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            store.get(("ipv4", "tcp", 80)).service_port = 2
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            store.exposures()[0].service_port = 3
         store.meta()["m"].append(2)
         assert store.get(("ipv4", "tcp", 80)) == doc(80) and store.meta() == {"m": [1]}
 
 
 @pytest.mark.parametrize("bad", [
     {"put": [doc(0)]}, {"put": [doc(70000)]}, {"put": [doc(True)]}, {"put": [doc("80")]},
-    {"put": [doc(protocol="sctp")]}, {"put": [doc(family="ip")]},
-    {"put": [{"exposed_port": 80, "protocol": "tcp"}]}, {"put": ["not a doc"]},
+    {"put": [doc(protocol="sctp")]}, {"delete": [("ip", "tcp", 80)]},
+    {"put": [doc(80).to_dict()]}, {"put": ["not a doc"]},
     {"put": [doc(80), doc(80, service_port=9)]}, {"delete": [("ipv4", "tcp")]},
-    {"put": [doc(80, service_id=object())]}, {"put": [doc(80, weight=float("nan"))]},
+    {"put": [doc(80, service_id=object())]}, {"meta": {"weight": float("nan")}},
     {"meta": {1: "x"}},
 ])
 def test_an_invalid_commit_changes_nothing(path, bad):
@@ -187,7 +189,8 @@ def test_snapshot_is_a_plain_tinydb_file(path):
     with Store(path) as store:
         store.commit(put=[doc(80), doc(53, "udp")], meta={"gateway_id": "g"})
     db = TinyDB(path, access_mode="r")
-    assert sorted(db.table("exposures").all(), key=key) == [doc(80), doc(53, "udp")]
+    assert sorted(db.table("exposures").all(), key=key_of) == [doc(80).to_dict(),
+                                                                doc(53, "udp").to_dict()]
     assert db.table("store").all() == [{"journal_seq": 1, "meta": {"gateway_id": "g"}}]
     db.close()
 
@@ -215,7 +218,7 @@ def test_the_journal_is_one_checksummed_line_per_commit(path):
     assert len(lines) == 2
     crc, seq, payload = lines[1].split(b" ", 2)
     assert int(crc, 16) == gw.store.local.zlib.crc32(seq + b" " + payload) and seq == b"2"
-    assert json.loads(payload) == {"put": [doc(2)]}
+    assert json.loads(payload) == {"put": [doc(2).to_dict()]}
 
 
 @pytest.mark.parametrize("tail", [
@@ -285,7 +288,7 @@ def test_a_record_going_back_in_seq_is_corruption(path):
     store.commit(put=[doc(6)])
     crash(store)
     with open(journal_of(path), "ab") as f:  # e.g. a journal of another generation
-        f.write(gw.store.local._encode_record(3, json.dumps({"put": [doc(7)]})))
+        f.write(gw.store.local._encode_record(3, json.dumps({"put": [doc(7).to_dict()]})))
     assert_corrupt_and_untouched(path, str(journal_of(path)), "seq 3 follows seq 6")
 
 
@@ -299,7 +302,7 @@ def test_an_unreadable_record_with_a_good_checksum_is_corruption(path):
     (b'{"exposures": {"1": {"exposed_', "not a valid JSON document"),
     (b"[1, 2]", "not a TinyDB database"),
     (b'{"exposures": {"1": {"port": 1}}}', "document 1"),
-    (json.dumps({"exposures": {"1": doc(80), "2": doc(80)}}).encode(), "a second document"),
+    (json.dumps({"exposures": {"1": doc(80).to_dict(), "2": doc(80).to_dict()}}).encode(), "a second document"),
     (json.dumps({"store": {"1": {"journal_seq": "x", "meta": {}}}}).encode(), "journal_seq"),
 ])
 def test_an_unreadable_snapshot_is_corruption(path, content, problem):
@@ -389,15 +392,15 @@ def test_compaction_while_commits_go_on(path):
             for i in range(400):
                 change = doc(1 + i % 50, service_port=1 + i)
                 store.commit(put=[change])
-                model[change["exposed_port"]] = change
+                model[change.exposed_port] = change
         finally:
             stop.set()
             compactor.join()
-        expected = sorted(model.values(), key=lambda d: d["exposed_port"])
-        assert sorted(store.exposures(), key=lambda d: d["exposed_port"]) == expected
+        expected = sorted(model.values(), key=lambda e: e.exposed_port)
+        assert sorted(store.exposures(), key=lambda e: e.exposed_port) == expected
         crash(store)
     with Store(path) as store:
-        assert sorted(store.exposures(), key=lambda d: d["exposed_port"]) == expected
+        assert sorted(store.exposures(), key=lambda e: e.exposed_port) == expected
         assert store.check() == []
 
 
@@ -613,8 +616,7 @@ def test_a_failed_compaction_loses_nothing(path, monkeypatch):
 keys = st.tuples(st.sampled_from(["ipv4", "ipv6"]), st.sampled_from(["tcp", "udp"]),
                  st.integers(1, 6))
 documents = st.builds(
-    lambda k, port, sid: doc(k[2], k[1], k[0], service_port=port,
-                             **({"service_id": sid} if sid else {})),
+    lambda k, port, sid: doc(k[2], k[1], k[0], service_port=port, service_id=sid or None),
     keys, st.integers(1, 65535), st.none() | st.text(max_size=5))
 metas = st.none() | st.dictionaries(st.sampled_from(["a", "b", "gateway_id"]),
                                     st.none() | st.integers() | st.text(max_size=3), max_size=2)
