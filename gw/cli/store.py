@@ -19,13 +19,13 @@ from .common import CONTEXT, Failure, config_option, echo_json, load
 def stored_exposures(settings: Settings) -> list[Exposure]:
     """The stored exposures: the store read under a shared lock; when the daemon holds it,
     from the daemon's API (its in-memory copy of the store)."""
-    from ..store.local import Store
+    from ..store.local import LocalStore
 
     path = Path(settings.store.path)
     if not store_exists(path):
         return []
     try:
-        with Store(path, shared=True) as store:
+        with LocalStore(path, shared=True) as store:
             return store.exposures()
     except StoreLocked:
         docs = settings_client(settings).call("GET", "/api/service/exposure")[1]["exposures"]
@@ -67,7 +67,7 @@ def store_check(config_path, as_json):
     \b
     Exit codes: 0 healthy (or no store yet); 1 damaged, locked or unreadable.
     """
-    from ..store.local import Store
+    from ..store.local import LocalStore
 
     settings = load(config_path)
     path = Path(settings.store.path)
@@ -78,7 +78,7 @@ def store_check(config_path, as_json):
         click.echo(f"{path}: no store yet (nothing was ever stored)")
         return
     try:
-        with Store(path, shared=True) as store:
+        with LocalStore(path, shared=True) as store:
             problems = store.check()
             count = len(store.exposures())
     except GatewayError as exc:

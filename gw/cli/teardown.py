@@ -23,11 +23,11 @@ def teardown(config_path, as_json):
       oakestra-gw teardown --config /etc/oakestra-gw/gateway.toml
     """
     from ..kernel import conntrack, firewall, netlink
-    from ..store.local import Store
+    from ..store.local import LocalStore
 
     settings = load(config_path)
     try:
-        with Store(settings.store.path, shared=True) as store:
+        with LocalStore(settings.store.path, shared=True) as store:
             meta = store.meta()
     except StoreLocked:
         raise Failure("the daemon holds the store: stop it first (systemctl stop oakestra-gw); "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..core.config import Settings
 from ..core.errors import ConfigError
+from ..store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,7 @@ def create_token(path: Path) -> str:
     finally:
         os.close(fd)
     try:
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
     except OSError:
         pass
     return token

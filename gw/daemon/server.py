@@ -68,7 +68,7 @@ class Daemon:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        from ..store.local import Store  # noqa: PLC0415 - imported here so `config check` stays light
+        from ..store.local import LocalStore  # noqa: PLC0415 - imported here so `config check` stays light
 
         self.config = load_config(self.config_path)
         setup_logging(self.config.log.level, self.config.log.format)
@@ -76,7 +76,7 @@ class Daemon:
             self.config.require_internal_ips()
         if os.environ.get("STATE_DIRECTORY"):  # under the unit (systemd sets it)
             check_state_directory(self.config, os.environ["STATE_DIRECTORY"])
-        self.store = Store(self.config.store.path)
+        self.store = LocalStore(self.config.store.path)
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
         if self.config.mqtt_mode:

@@ -15,7 +15,7 @@ from gw.core.config import parse_config
 from gw.core.errors import KernelRefused, StoreUnavailable
 from gw.service.gateway import Gateway
 from gw.daemon.openapi import document
-from gw.store.local import Store
+from gw.store.local import LocalStore
 
 TOKEN = "unit-test-token-0123456789"
 SETTINGS = parse_config({"api": {"host": "127.0.0.1"},
@@ -46,7 +46,7 @@ class FakeFirewall:
 
 @pytest.fixture
 def env(tmp_path):
-    store = Store(tmp_path / "exposures.json")
+    store = LocalStore(tmp_path / "exposures.json")
     firewall = FakeFirewall()
     gateway = Gateway(store, firewall)
     problems = {}
@@ -246,7 +246,7 @@ def test_max_body_is_64k():
 
 
 def test_gateway_id_in_an_add_must_be_ours(tmp_path):
-    store = Store(tmp_path / "exposures.json")
+    store = LocalStore(tmp_path / "exposures.json")
     try:
         app = create_app(Gateway(store, FakeFirewall()), SETTINGS, token=TOKEN,
                          gateway_id=lambda: "gw-1", listening=lambda: set())

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import pytest
 
 from gw.core.exposure import Exposure
-from gw.store.local import Store
+from gw.store.local import LocalStore
 from tests.api.harness import Gateway, require_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -43,7 +43,7 @@ def big(tmp_path_factory):
     gateway = Gateway(tmp_path_factory.mktemp("paging"), drift_watch=False)
     try:
         docs = seed_docs()
-        with Store(gateway.store_dir / "exposures.json") as store:
+        with LocalStore(gateway.store_dir / "exposures.json") as store:
             for i in range(0, len(docs), 5000):
                 store.commit(put=map(Exposure.from_dict, docs[i:i + 5000]))
         gateway.start(wait=False)

@@ -78,7 +78,7 @@ def test_config_check(tmp_path):
 
 
 def test_rules_show_renders_skeleton_and_stored_exposures(tmp_path):
-    from gw.store.local import Store
+    from gw.store.local import LocalStore
 
     config = write_config(tmp_path, 'reserved_ports = ["22/tcp"]\n')
     r = invoke("rules", "show", "--config", config)
@@ -86,7 +86,7 @@ def test_rules_show_renders_skeleton_and_stored_exposures(tmp_path):
     assert "table inet oakestra_gw {" in r.stdout and "add element" not in r.stdout
     assert f"redefine internal_ipv4 = {INTERNAL_V4}" in r.stdout
     assert not (tmp_path / "state").exists()  # nothing stored yet, nothing created
-    with Store(tmp_path / "state" / "exposures.json") as store:
+    with LocalStore(tmp_path / "state" / "exposures.json") as store:
         store.commit(put=map(Exposure.from_dict, [
             {"exposed_port": 8080, "protocol": "tcp", "service_ip": "10.30.0.1",
              "service_port": 80, "family": "ipv4"},
@@ -110,18 +110,18 @@ def test_rules_show_is_a_valid_nft_script(tmp_path):
 
 
 def test_store_check(tmp_path):
-    from gw.store.local import Store
+    from gw.store.local import LocalStore
 
     config = write_config(tmp_path)
     r = invoke("store", "check", "--config", config)
     assert r.exit_code == 0 and "no store yet" in r.output
     path = tmp_path / "state" / "exposures.json"
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[Exposure.from_dict({"exposed_port": 8080, "protocol": "tcp",
                                               "service_ip": "10.30.0.1", "service_port": 80})])
     r = invoke("store", "check", "--config", config)
     assert r.exit_code == 0 and "ok: 1 exposure(s)" in r.output, r.output
-    with Store(path):  # held for writing, as by the daemon
+    with LocalStore(path):  # held for writing, as by the daemon
         r = invoke("store", "check", "--config", config)
         assert r.exit_code == 1 and "in use" in r.stderr
     path.write_text(path.read_text()[:-10])

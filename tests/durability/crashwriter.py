@@ -59,11 +59,11 @@ def apply_changes(docs: dict, meta: dict, seed: int, start: int, stop: int) -> N
 
 
 def main() -> None:
-    from gw.store.local import Store
+    from gw.store.local import LocalStore
 
     path, seed = sys.argv[1], int(sys.argv[2])
-    Store.COMPACT_MIN_BYTES = COMPACT_MIN_BYTES
-    store = Store(path, fsync="--no-fsync" not in sys.argv)
+    LocalStore.COMPACT_MIN_BYTES = COMPACT_MIN_BYTES
+    store = LocalStore(path, fsync="--no-fsync" not in sys.argv)
     for i in itertools.count():
         store.commit(**change(seed, i))
         print(f"ack {i}", flush=True)

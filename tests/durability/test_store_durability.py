@@ -20,7 +20,7 @@ import pytest
 from crashwriter import apply_changes
 from gw.core.errors import StoreUnavailable
 from gw.core.exposure import Exposure
-from gw.store.local import Store
+from gw.store.local import LocalStore
 from tests.fs import Ext4, fill, mount_namespace, require_tools
 
 WRITER = Path(__file__).with_name("crashwriter.py")
@@ -53,7 +53,7 @@ def run_writer(path: Path, seed: int, seconds: float, *, power_loss=None, fsync=
 def state_of(path: Path) -> tuple[dict, dict]:
     # Read-only: a writer's close compacts, and the next round would start from a fresh
     # snapshot instead of the torn records this one left.
-    with Store(path, shared=True) as store:
+    with LocalStore(path, shared=True) as store:
         assert store.check() == []
         return {e.key: e for e in store.exposures()}, store.meta()
 
@@ -169,7 +169,7 @@ def test_a_full_disk_refuses_the_change_and_the_store_recovers(mount_ns, tmp_pat
     mount_ns.run("mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tmp_path / "small"))
     small = mount_ns.path(tmp_path / "small")
     path = small / "exposures.json"
-    store = Store(path)
+    store = LocalStore(path)
     store.commit(put=[exposure(1), exposure(2)], meta={"gateway_id": "g"})
     journal = path.with_name("exposures.json.journal")
     journal_bytes = journal.read_bytes()
@@ -184,22 +184,22 @@ def test_a_full_disk_refuses_the_change_and_the_store_recovers(mount_ns, tmp_pat
     assert journal.read_bytes() == journal_bytes  # the partial record was cut
     store.close()  # its compaction fails: logged, nothing lost
     filler.unlink()
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == [exposure(1), exposure(2)]
         store.commit(**big)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert len(store) == 91 and store.meta() == {"gateway_id": "g", "full": True}
 
 
 @pytest.mark.kernel
 def test_a_read_only_filesystem_refuses_the_change_and_the_store_recovers(mount_ns, tmp_path):
     rw, view = tmp_path / "rw", tmp_path / "view"
-    with Store(rw / "exposures.json") as store:
+    with LocalStore(rw / "exposures.json") as store:
         store.commit(put=[exposure(1)])
     view.mkdir()
     mount_ns.run("mount", "--bind", str(rw), str(view))
     mount_ns.run("mount", "-o", "remount,bind,ro", str(view))
-    store = Store(mount_ns.path(view) / "exposures.json")  # reading works
+    store = LocalStore(mount_ns.path(view) / "exposures.json")  # reading works
     assert store.exposures() == [exposure(1)]
     with pytest.raises(StoreUnavailable, match="EROFS"):
         store.commit(put=[exposure(2)])
@@ -207,5 +207,5 @@ def test_a_read_only_filesystem_refuses_the_change_and_the_store_recovers(mount_
     mount_ns.run("mount", "-o", "remount,bind,rw", str(view))
     store.commit(put=[exposure(2)])
     store.close()
-    with Store(rw / "exposures.json") as store:
+    with LocalStore(rw / "exposures.json") as store:
         assert store.exposures() == [exposure(1), exposure(2)]

@@ -14,7 +14,7 @@ from gw.core.exposure import Exposure
 from gw.kernel.firewall import Firewall
 from gw.service.gateway import Gateway
 from gw.kernel.nft import NftSession
-from gw.store.local import Store
+from gw.store.local import LocalStore
 
 SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
                                      "internal_ipv6": "fdff::ffff:1"}})
@@ -39,7 +39,7 @@ def test_monitor_lines_group_into_transactions():
 @pytest.fixture
 def watched(tmp_path):
     subprocess.run(["nft", "table inet oakestra_gw\ndelete table inet oakestra_gw"], check=True)
-    gw = Gateway(Store(tmp_path / "s.json"), Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS)))
+    gw = Gateway(LocalStore(tmp_path / "s.json"), Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS)))
     gw.load()
     repairs = []
     done = threading.Event()

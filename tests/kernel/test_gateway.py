@@ -12,7 +12,7 @@ from gw.core.exposure import DeleteRequest
 from gw.kernel.firewall import Firewall
 from gw.service.gateway import Gateway
 from gw.kernel.nft import NftSession, NoSuchObject
-from gw.store.local import Store
+from gw.store.local import LocalStore
 from tests import oracle
 from tests.gateway_machine import (MACHINE_SETTINGS, SETTINGS, GatewayMachine, RealKernel,
                                    by_key, ex, store_state)
@@ -27,7 +27,7 @@ def kernel_state() -> dict:
 
 
 def open_gateway(path) -> Gateway:
-    gw = Gateway(Store(path), Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS)))
+    gw = Gateway(LocalStore(path), Firewall(NftSession(), ruleset.skeleton_vars(SETTINGS)))
     gw.load()
     return gw
 
@@ -110,7 +110,7 @@ def test_store_failure_leaves_the_kernel_untouched(tmp_path):
         gw.add([ex(81, "10.30.0.2")])  # recovers once there is room again
         assert len(kernel_state()) == 2
         gw.store.close()
-        assert store_state(Store(mnt / "exposures.json", shared=True)) == kernel_state()
+        assert store_state(LocalStore(mnt / "exposures.json", shared=True)) == kernel_state()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 

@@ -10,7 +10,7 @@ import pytest
 
 from gw.core.exposure import Exposure
 from gw.lab import namespaces as L
-from gw.store.local import Store
+from gw.store.local import LocalStore
 from tests.oakestra.orchestrator import ClusterState, Orchestrator
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -48,7 +48,7 @@ def kernel_state(lab) -> dict:
 
 
 def store_state(daemon: L.Daemon) -> tuple:
-    store = Store(daemon.state / "exposures.json", shared=True)
+    store = LocalStore(daemon.state / "exposures.json", shared=True)
     try:
         return store.exposures(), store.meta()
     finally:
@@ -131,7 +131,7 @@ GARBAGE = [("register", "not-json", "answer to POST /api/gateway/register is not
 def test_errors_and_garbage_end_a_first_start_and_change_nothing(lab, step, canned, words):
     daemon = oakestra_daemon(lab)
     # The store already holds an exposure (a gateway switched from standalone mode, say).
-    store = Store(daemon.state / "exposures.json")
+    store = LocalStore(daemon.state / "exposures.json")
     store.commit(put=[Exposure.from_dict({"exposed_port": 9000, "protocol": "tcp",
                                           "service_ip": L.SERVICE_V4, "service_port": 80})])
     store.close()

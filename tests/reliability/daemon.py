@@ -11,7 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from gw.store.local import Store
+from gw.store.local import LocalStore
 from tests.api.harness import API_PORT, TOKEN, Gateway, docs_set  # noqa: F401 - re-exported
 
 HOST = "127.0.0.1"
@@ -33,7 +33,7 @@ def store_path(gw: Gateway) -> Path:
 
 def stored_docs(path: Path) -> set[tuple]:
     """The store's exposures, read under a shared lock (the daemon must be down)."""
-    with Store(path, shared=True) as store:
+    with LocalStore(path, shared=True) as store:
         assert store.check() == [], store.check()
         return docs_set([e.to_dict() for e in store.exposures()])
 

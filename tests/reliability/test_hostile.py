@@ -217,10 +217,10 @@ def app(tmp_path_factory):
     from gw.daemon.api import create_app
     from gw.kernel.firewall import Firewall
     from gw.service.gateway import Gateway
-    from gw.store.local import Store
+    from gw.store.local import LocalStore
 
     session = RecordingSession()
-    store = Store(tmp_path_factory.mktemp("store") / "exposures.json", fsync=False)
+    store = LocalStore(tmp_path_factory.mktemp("store") / "exposures.json", fsync=False)
     gw = Gateway(store, Firewall(session, ruleset.skeleton_vars(SETTINGS)))
     application = create_app(gw, SETTINGS, token=None, listening=lambda: ())
     yield application.test_client(), session, gw

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,10 +22,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tinydb import TinyDB
 
+import gw.store.files
+import gw.store.inplace
 import gw.store.local
+import gw.store.snapshot
 from gw.core.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
 from gw.core.exposure import Exposure, key_of
-from gw.store.local import Store
+from gw.store.local import LocalStore
+from gw.store.records import encode_record
 
 
 def doc(port=8080, protocol="tcp", family="ipv4", ip=None, service_port=80, service_id=None):
@@ -36,12 +41,12 @@ def key(e):
     return e.key
 
 
-class SmallStore(Store):
+class SmallStore(LocalStore):
     """Compacts after a few hundred bytes of journal, so that tests go through compactions."""
     COMPACT_MIN_BYTES = 300
 
 
-def crash(store: Store) -> None:
+def crash(store: LocalStore) -> None:
     """What a kill -9 leaves behind: the files as they are (no compaction at close), the lock
     released. Reaches into the store, as only a test may."""
     with store._compaction:  # let a background compaction finish, as it would have
@@ -69,7 +74,7 @@ def journal_of(path):
 # --- basics -----------------------------------------------------------------------------------
 
 def test_missing_store_opens_empty_and_creates_its_directory(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert path.parent.is_dir()
         assert store.exposures() == [] and len(store) == 0 and store.meta() == {}
         assert store.get(("ipv4", "tcp", 80)) is None and ("ipv4", "tcp", 80) not in store
@@ -79,52 +84,52 @@ def test_empty_files_open_empty(path):
     path.parent.mkdir()
     path.touch()
     journal_of(path).touch()
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert len(store) == 0
 
 
 def test_round_trip_sorted_and_reopened(path):
     docs = [doc(9000, family="ipv6"), doc(80, "udp"), doc(80), doc(443, service_id="web")]
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=docs)
         expected = sorted(docs, key=key)
         assert store.exposures() == expected
         assert store.get(("ipv4", "tcp", 443)) == doc(443, service_id="web")
         assert ("ipv6", "tcp", 9000) in store and ["ipv4", "udp", 80] in store
         assert len(store) == 4
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == expected
 
 
 def test_put_replaces_the_whole_document(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(80, service_id="old")])
         store.commit(put=[doc(80, ip="10.30.0.9")])
         assert store.exposures() == [doc(80, ip="10.30.0.9")]  # service_id is gone too
 
 
 def test_delete_then_put_in_one_commit_and_deleting_a_missing_key(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(80), doc(81)])
         store.commit(put=[doc(80, service_port=8)], delete=[("ipv4", "tcp", 80),
                                                             ("ipv4", "tcp", 81),
                                                             ("ipv6", "udp", 1)])
         assert store.exposures() == [doc(80, service_port=8)]
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == [doc(80, service_port=8)]
 
 
 def test_meta_merges_and_none_deletes(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(meta={"gateway_id": "g1", "internal_ipv4": "10.30.255.1"})
         store.commit(meta={"internal_ipv4": None, "internal_ipv6": "fdff::1"})
         assert store.meta() == {"gateway_id": "g1", "internal_ipv6": "fdff::1"}
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.meta() == {"gateway_id": "g1", "internal_ipv6": "fdff::1"}
 
 
 def test_what_a_read_returns_cannot_change_the_store(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(80)], meta={"m": [1]})
         with pytest.raises(dataclasses.FrozenInstanceError):
             store.get(("ipv4", "tcp", 80)).service_port = 2
@@ -143,7 +148,7 @@ def test_what_a_read_returns_cannot_change_the_store(path):
     {"meta": {1: "x"}},
 ])
 def test_an_invalid_commit_changes_nothing(path, bad):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(1)])
         before = files(path.parent)
         with pytest.raises(InvalidInput):
@@ -152,14 +157,14 @@ def test_an_invalid_commit_changes_nothing(path, bad):
 
 
 def test_get_uses_the_index_never_a_scan(path, monkeypatch):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(p) for p in range(1, 200)])
 
         def scan(*_):
             raise AssertionError("scanned the table")
 
-        monkeypatch.setattr(gw.store.local._InPlaceTable, "__iter__", scan)
-        monkeypatch.setattr(gw.store.local._InPlaceTable, "search", scan)
+        monkeypatch.setattr(gw.store.inplace.InPlaceTable, "__iter__", scan)
+        monkeypatch.setattr(gw.store.inplace.InPlaceTable, "search", scan)
         assert store.get(("ipv4", "tcp", 150)) == doc(150)
         assert ("ipv4", "tcp", 150) in store and ("ipv4", "tcp", 999) not in store
 
@@ -168,8 +173,8 @@ def test_commit_cost_does_not_grow_with_the_store(tmp_path):
     """TinyDB's own write path rewrites every document per change (~6 ms at 30k); ours appends
     one record. A ratio within one run, commits interleaved so both stores see the same noise:
     no wall-clock limit (absolute figures are in tests/bench)."""
-    with Store(tmp_path / "small.json", fsync=False) as small, \
-            Store(tmp_path / "big.json", fsync=False) as big:
+    with LocalStore(tmp_path / "small.json", fsync=False) as small, \
+            LocalStore(tmp_path / "big.json", fsync=False) as big:
         small.commit(put=[doc(p) for p in range(1, 11)])
         big.commit(put=[doc(p, protocol=proto, family=fam)
                         for fam in ("ipv4", "ipv6") for proto in ("tcp", "udp")
@@ -186,7 +191,7 @@ def test_commit_cost_does_not_grow_with_the_store(tmp_path):
 
 
 def test_snapshot_is_a_plain_tinydb_file(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(80), doc(53, "udp")], meta={"gateway_id": "g"})
     db = TinyDB(path, access_mode="r")
     assert sorted(db.table("exposures").all(), key=key_of) == [doc(80).to_dict(),
@@ -196,7 +201,7 @@ def test_snapshot_is_a_plain_tinydb_file(path):
 
 
 def test_commit_with_nothing_writes_nothing(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit()
         store.commit(put=[], delete=[], meta={})
         assert not journal_of(path).exists()
@@ -204,7 +209,7 @@ def test_commit_with_nothing_writes_nothing(path):
 
 # --- the journal, torn records and corruption -------------------------------------------------
 
-def committed_then_crashed(path, n=3, store_class=Store):
+def committed_then_crashed(path, n=3, store_class=LocalStore):
     store = store_class(path)
     for port in range(1, n + 1):
         store.commit(put=[doc(port)])
@@ -217,14 +222,14 @@ def test_the_journal_is_one_checksummed_line_per_commit(path):
     lines = journal_of(path).read_bytes().splitlines()
     assert len(lines) == 2
     crc, seq, payload = lines[1].split(b" ", 2)
-    assert int(crc, 16) == gw.store.local.zlib.crc32(seq + b" " + payload) and seq == b"2"
+    assert int(crc, 16) == zlib.crc32(seq + b" " + payload) and seq == b"2"
     assert json.loads(payload) == {"put": [doc(2).to_dict()]}
 
 
 @pytest.mark.parametrize("tail", [
     b"5f3a",                                     # the start of a record
     b"0000000a 4 {\"put\":[]}\n",                # a whole line with a bad checksum
-    gw.store.local._encode_record(4, '{"put":[]}')[:-1],  # all but the newline
+    encode_record(4, '{"put":[]}')[:-1],  # all but the newline
     b"\0" * 300,                                 # blocks that never got their data
 ])
 def test_a_torn_last_record_is_dropped_and_cut_at_the_next_write(path, tail):
@@ -233,7 +238,7 @@ def test_a_torn_last_record_is_dropped_and_cut_at_the_next_write(path, tail):
     good = journal.read_bytes()
     with open(journal, "ab") as f:
         f.write(tail)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == expected
         assert journal.read_bytes() == good + tail  # opening writes nothing
         store.commit(put=[doc(99)])
@@ -244,7 +249,7 @@ def test_a_torn_last_record_is_dropped_and_cut_at_the_next_write(path, tail):
         assert appended.split(b" ")[1] == b"4"
         assert store.check() == []
         crash(store)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == sorted(expected + [doc(99)], key=key)
 
 
@@ -257,7 +262,7 @@ def flip(file, offset):
 def assert_corrupt_and_untouched(path, *names):
     before = files(path.parent)
     with pytest.raises(StoreCorrupt) as exc:
-        Store(path)
+        LocalStore(path)
     for name in names:
         assert name in exc.value.message
     assert files(path.parent) == before
@@ -281,20 +286,20 @@ def test_a_missing_record_is_corruption(path):
 
 
 def test_a_record_going_back_in_seq_is_corruption(path):
-    store = Store(path)
+    store = LocalStore(path)
     for port in range(1, 6):
         store.commit(put=[doc(port)])
     store.compact()
     store.commit(put=[doc(6)])
     crash(store)
     with open(journal_of(path), "ab") as f:  # e.g. a journal of another generation
-        f.write(gw.store.local._encode_record(3, json.dumps({"put": [doc(7).to_dict()]})))
+        f.write(encode_record(3, json.dumps({"put": [doc(7).to_dict()]})))
     assert_corrupt_and_untouched(path, str(journal_of(path)), "seq 3 follows seq 6")
 
 
 def test_an_unreadable_record_with_a_good_checksum_is_corruption(path):
     committed_then_crashed(path, n=1)
-    journal_of(path).write_bytes(gw.store.local._encode_record(1, '{"put":[{"x":1}]}'))
+    journal_of(path).write_bytes(encode_record(1, '{"put":[{"x":1}]}'))
     assert_corrupt_and_untouched(path, str(journal_of(path)), "intact checksum")
 
 
@@ -306,7 +311,7 @@ def test_an_unreadable_record_with_a_good_checksum_is_corruption(path):
     (json.dumps({"store": {"1": {"journal_seq": "x", "meta": {}}}}).encode(), "journal_seq"),
 ])
 def test_an_unreadable_snapshot_is_corruption(path, content, problem):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(80)])
     path.write_bytes(content)
     assert_corrupt_and_untouched(path, str(path), problem)
@@ -340,7 +345,7 @@ def test_the_bak_snapshot_with_the_journals_recovers_everything(path):
     path.write_bytes(b"garbage")
     assert_corrupt_and_untouched(path, str(path))
     os.replace(path.with_name("exposures.json.bak"), path)  # the documented recovery
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == expected and store.meta() == meta
 
 
@@ -357,7 +362,7 @@ def test_background_compaction_keeps_everything(path):
         segments = [p for p in path.parent.iterdir() if ".journal." in p.name]
         assert len(segments) <= 2  # the ones since the .bak; older ones are deleted
         crash(store)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == expected
 
 
@@ -371,14 +376,14 @@ def test_compaction_at_open_when_the_journal_is_large(path):
 
 def test_close_compacts(path):
     committed_then_crashed(path, n=3)
-    Store(path).close()
+    LocalStore(path).close()
     assert json.loads(path.read_text())["store"]["1"]["journal_seq"] == 3
     assert journal_of(path).exists() is False
 
 
 def test_compaction_while_commits_go_on(path):
     """A compaction in another thread never loses or reorders a concurrent commit."""
-    with Store(path) as store:
+    with LocalStore(path) as store:
         stop = threading.Event()
 
         def compact_all_the_time():
@@ -399,7 +404,7 @@ def test_compaction_while_commits_go_on(path):
         expected = sorted(model.values(), key=lambda e: e.exposed_port)
         assert sorted(store.exposures(), key=lambda e: e.exposed_port) == expected
         crash(store)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert sorted(store.exposures(), key=lambda e: e.exposed_port) == expected
         assert store.check() == []
 
@@ -408,7 +413,7 @@ def test_compaction_while_commits_go_on(path):
 
 def test_check_finds_damage_after_open_and_changes_nothing(path):
     committed_then_crashed(path, n=3)
-    with Store(path, shared=True) as store:
+    with LocalStore(path, shared=True) as store:
         assert store.check() == []
         flip(journal_of(path), 20)
         before = files(path.parent)
@@ -431,8 +436,8 @@ def test_check_finds_an_unusable_bak(path):
 
 HOLDER = """
 import sys
-from gw.store.local import Store
-store = Store(sys.argv[1], shared=sys.argv[2] == "shared")
+from gw.store.local import LocalStore
+store = LocalStore(sys.argv[1], shared=sys.argv[2] == "shared")
 print("held", flush=True)
 sys.stdin.read()
 """
@@ -460,35 +465,35 @@ def other_process(path):
 def test_another_process_holding_the_store_locks_it(path, other_process, held, wanted):
     other_process(held)
     with pytest.raises(StoreLocked) as exc:
-        Store(path, shared=wanted)
+        LocalStore(path, shared=wanted)
     assert str(path.with_name("exposures.json.lock")) in exc.value.message
 
 
 def test_readers_share_and_the_lock_goes_with_the_process(path, other_process):
     child = other_process("shared")
-    with Store(path, shared=True) as reader:
+    with LocalStore(path, shared=True) as reader:
         assert len(reader) == 0
     child.communicate(timeout=30)
-    with Store(path) as writer:
+    with LocalStore(path) as writer:
         writer.commit(put=[doc(80)])
 
 
 def test_a_second_open_in_the_same_process_is_locked_out_too(path):
-    with Store(path):
+    with LocalStore(path):
         with pytest.raises(StoreLocked):
-            Store(path)
+            LocalStore(path)
         with pytest.raises(StoreLocked):
-            Store(path, shared=True)
-    with Store(path, shared=True), Store(path, shared=True):
+            LocalStore(path, shared=True)
+    with LocalStore(path, shared=True), LocalStore(path, shared=True):
         with pytest.raises(StoreLocked):
-            Store(path)
+            LocalStore(path)
 
 
 def test_a_shared_store_is_read_only(path):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(80)])
     before = files(path.parent)
-    with Store(path, shared=True) as reader:
+    with LocalStore(path, shared=True) as reader:
         assert reader.exposures() == [doc(80)]
         with pytest.raises(StoreUnavailable, match="read-only"):
             reader.commit(put=[doc(81)])
@@ -499,7 +504,7 @@ def test_a_shared_store_is_read_only(path):
 
 
 def test_commit_after_close_raises(path):
-    store = Store(path)
+    store = LocalStore(path)
     store.close()
     store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
@@ -509,7 +514,7 @@ def test_commit_after_close_raises(path):
 # --- failed writes -------------------------------------------------------------------------------
 
 class FailingOs:
-    """The os module as gw.store sees it, with one function failing once with `err`; a failing
+    """The os module as the store's modules see it, with one function failing once with `err`; a failing
     write writes half of its data first, as a write into a full disk does."""
 
     def __init__(self, real, name, err, partial):
@@ -531,7 +536,9 @@ class FailingOs:
 
 
 def fail(monkeypatch, name, err, *, partial=False):
-    monkeypatch.setattr(gw.store.local, "os", FailingOs(gw.store.local.os, name, err, partial))
+    failing = FailingOs(gw.store.local.os, name, err, partial)  # on top of an earlier one
+    for module in (gw.store.local, gw.store.files, gw.store.snapshot):
+        monkeypatch.setattr(module, "os", failing)
 
 
 @pytest.mark.parametrize("name, err, partial", [("write", errno.ENOSPC, True),
@@ -540,7 +547,7 @@ def fail(monkeypatch, name, err, *, partial=False):
 def test_a_failed_write_changes_nothing_and_the_next_commit_works(path, monkeypatch, name, err,
                                                                   partial):
     committed = committed_then_crashed(path, n=2)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         journal = journal_of(path)
         before = journal.read_bytes()
         with monkeypatch.context() as m:
@@ -552,13 +559,13 @@ def test_a_failed_write_changes_nothing_and_the_next_commit_works(path, monkeypa
         assert journal.read_bytes() == before  # the half-written record was cut
         store.commit(put=[doc(60)])
         crash(store)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == committed + [doc(60)] and store.meta() == {}
 
 
 def test_a_record_left_by_a_failed_cut_is_cut_before_the_next_append(path, monkeypatch):
     committed = committed_then_crashed(path, n=1)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(2)])  # the journal is open now
         with monkeypatch.context() as m:
             fail(m, "write", errno.EIO, partial=True)
@@ -568,7 +575,7 @@ def test_a_record_left_by_a_failed_cut_is_cut_before_the_next_append(path, monke
         assert journal_of(path).read_bytes().count(b"\n") == 2  # the half record is still there
         store.commit(put=[doc(3)])
         crash(store)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == committed + [doc(2), doc(3)]
 
 
@@ -578,7 +585,7 @@ def test_a_whole_record_that_could_not_be_synced_nor_cut_poisons_the_store(path,
     (each refusal names the cause) and tells its owner once, who restarts."""
     committed = committed_then_crashed(path, n=1)
     told = []
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.on_poisoned = told.append
         store.commit(put=[doc(2)])  # the journal is open now
         with monkeypatch.context() as m:
@@ -591,12 +598,12 @@ def test_a_whole_record_that_could_not_be_synced_nor_cut_poisons_the_store(path,
             store.commit(put=[doc(3)])
         assert store.exposures() == committed + [doc(2)]
         crash(store)
-    with Store(path) as store:  # what a restart loads: the 503'd record is back
+    with LocalStore(path) as store:  # what a restart loads: the 503'd record is back
         assert store.exposures() == committed + [doc(2), doc(50)] and store.poisoned is None
 
 
 def test_a_failed_compaction_loses_nothing(path, monkeypatch):
-    with Store(path) as store:
+    with LocalStore(path) as store:
         store.commit(put=[doc(1)])
         store.compact()
         store.commit(put=[doc(2)])
@@ -607,7 +614,7 @@ def test_a_failed_compaction_loses_nothing(path, monkeypatch):
         store.commit(put=[doc(3)])
         assert not path.with_name("exposures.json.tmp").exists()
         crash(store)
-    with Store(path) as store:
+    with LocalStore(path) as store:
         assert store.exposures() == [doc(1), doc(2), doc(3)] and store.check() == []
 
 
