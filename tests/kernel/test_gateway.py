@@ -176,7 +176,7 @@ def test_reconfigure_own_addresses_keeps_exposures_to_them_out_of_the_kernel(gat
     assert done.changed and not done.diff
     assert kernel_state() == {("ipv4", "tcp", 81): ("10.30.0.8", 80)}
     assert len(store_state(gateway.store)) == 2
-    assert [d["exposed_port"] for d in gateway.pointing_at_itself()] == [80]
+    assert [e.exposed_port for e in gateway.pointing_at_itself()] == [80]
     assert gateway.own_addresses == {"10.30.0.7"}
     done = gateway.reconfigure(own_addresses=["10.30.0.7"])  # the same: only a reconcile
     assert not done.changed and not done.diff
