@@ -148,6 +148,7 @@ class LocalStore:
                meta: dict | None = None) -> None:
         """One atomic change: on disk (fsync'd) when this returns, or not applied at all (on disk
         nor in memory) and StoreUnavailable is raised. Deletes apply before puts."""
+        put = list(put)
         change = change_of(put, delete, meta)
         if not change:
             return
@@ -155,13 +156,14 @@ class LocalStore:
             payload = json.dumps(change, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidInput(f"the change cannot be stored as JSON: {e}") from None
-        # Memory takes the change as replay will see it, so the two never differ.
+        # Memory takes the change as replay will see it (the documents back from JSON, the
+        # Exposures of the exact types those decode to), so the two never differ.
         change = json.loads(payload)
         with self._lock:
             self._check_writable()
             self._append(encode_record(self._state.seq + 1, payload))
             self._state.seq += 1
-            self._state.apply(change)
+            self._state.apply(change, put)
             self._maybe_compact()
 
     def _check_writable(self) -> None:

@@ -8,6 +8,7 @@ the JSON encoding of Exposures (`Exposure.to_dict`), as the journal and the snap
 from __future__ import annotations
 
 import copy
+import ipaddress
 import operator
 from collections.abc import Iterable, Mapping
 
@@ -53,12 +54,22 @@ def decoded(doc) -> Exposure:
     return exposure
 
 
+def _checked_exposure(e) -> Exposure:
+    """An Exposure of exactly the types its document decodes to, so that the one a commit
+    holds in memory is the one a replay of its record gives."""
+    if not (isinstance(e, Exposure)
+            and isinstance(e.service_ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+            and type(e.service_port) is int and 0 < e.service_port < 65536
+            and (e.service_id is None or type(e.service_id) is str)):
+        raise InvalidInput(f"put takes Exposures with an IP address, a port and a str or no "
+                           f"service_id, not {e!r}")
+    return e
+
+
 def change_of(put: Iterable[Exposure], delete: Iterable[Key], meta: Mapping | None) -> dict:
-    """The validated change as it goes into a journal record; {} when there is nothing to do."""
-    given = list(put)
-    if not all(isinstance(e, Exposure) for e in given):
-        raise InvalidInput("put takes Exposures")
-    docs = [e.to_dict() for e in given]
+    """The validated change as it goes into a journal record; {} when there is nothing to do.
+    `put` must be a list: State.apply takes it along with the change."""
+    docs = [_checked_exposure(e).to_dict() for e in put]
     keys = [key_of(doc) for doc in docs]
     if len(set(keys)) != len(keys):
         raise InvalidInput("the same exposure key twice in one commit")
@@ -107,16 +118,18 @@ class State:
         self.meta = meta
         self.seq = seq
 
-    def apply(self, change: Mapping) -> None:
-        """Replay of one change: at open from the journal, and of each commit."""
+    def apply(self, change: Mapping, exposures: Iterable[Exposure] | None = None) -> None:
+        """Replay of one change: at open from the journal, and of each commit. `exposures`:
+        the documents of its put already decoded (a commit has them)."""
         for key in change.get("delete", ()):
             key = tuple(key)
             doc_id = self.index.pop(key, None)
             if doc_id is not None:
                 self.table.remove(doc_ids=[doc_id])
                 del self.exposures[key]
-        for doc in change.get("put", ()):
-            exposure = Exposure.from_dict(doc)
+        docs = change.get("put", ())
+        for doc, exposure in zip(docs, exposures if exposures is not None
+                                 else map(Exposure.from_dict, docs)):
             key = exposure.key
             if key in self.index:
                 self.table.remove(doc_ids=[self.index[key]])

@@ -145,6 +145,7 @@ def test_what_a_read_returns_cannot_change_the_store(path):
     {"put": [doc(80).to_dict()]}, {"put": ["not a doc"]},
     {"put": [doc(80), doc(80, service_port=9)]}, {"delete": [("ipv4", "tcp")]},
     {"put": [doc(80, service_id=object())]}, {"meta": {"weight": float("nan")}},
+    {"put": [doc(80, service_port="80")]}, {"put": [Exposure(80, "tcp", "10.30.0.1", 80)]},
     {"meta": {1: "x"}},
 ])
 def test_an_invalid_commit_changes_nothing(path, bad):
