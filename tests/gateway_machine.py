@@ -25,7 +25,7 @@ from gw.kernel.fake import FakeNft
 from gw.kernel.firewall import Firewall
 from gw.kernel.nft import NoSuchObject
 from gw.service.gateway import Gateway
-from gw.store.local import Store
+from gw.store.local import LocalStore
 from tests import oracle
 
 SETTINGS = parse_config({"network": {"internal_ipv4": "10.30.255.1",
@@ -136,7 +136,7 @@ class GatewayMachine(RuleBasedStateMachine):
 
     def open(self) -> Gateway:
         self.commits: list[tuple[str, bool]] = []  # (kind, accepted), as the metrics see them
-        gw = Gateway(Store(self.path),
+        gw = Gateway(LocalStore(self.path),
                      Firewall(self.kernel.session(), ruleset.skeleton_vars(SETTINGS),
                               observe=lambda kind, seconds, ok: self.commits.append((kind, ok))))
         gw.load()
