@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from . import namespaces as L
+from gw import lab as L
 
 TOOLS = ("ip", "nft", "conntrack", "curl", "socat", "sysctl")
 
@@ -61,7 +61,7 @@ def _json_lines(doc) -> str:
     return json.dumps(doc) if not isinstance(doc, str) else doc.strip()
 
 
-def _api(daemon: L.Daemon, method: str, path: str, body=None, want: tuple = (200, 201)):
+def _api(daemon: L.GatewayDaemon, method: str, path: str, body=None, want: tuple = (200, 201)):
     _say(f"  {method} http://{daemon.api_host}:{daemon.api_port}{path}"
          + (f"  {_json_lines(body)}" if body is not None else ""))
     status, answer = daemon.request(method, path, body)
@@ -97,7 +97,7 @@ def main(keep: bool = False) -> int:
         return 2
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
     lab = L.Lab()
-    daemon: L.Daemon | None = None
+    daemon: L.GatewayDaemon | None = None
     started = time.monotonic()
     remove = True
     try:
@@ -134,7 +134,7 @@ def main(keep: bool = False) -> int:
                 signal.signal(s, handler)
 
 
-def _run(lab: L.Lab, started: float) -> L.Daemon:
+def _run(lab: L.Lab, started: float) -> L.GatewayDaemon:
     total = 8
     _step(1, total, "the lab: three network namespaces (nothing outside them is touched)")
     lab.build()
@@ -150,7 +150,7 @@ def _run(lab: L.Lab, started: float) -> L.Daemon:
     lab.start_services("client")  # a server on the Internet, for the egress step
 
     _step(2, total, "the gateway daemon: `oakestra-gw serve` in the gateway namespace")
-    daemon = lab.daemon = L.Daemon(lab, overrides={"egress": {"enabled": True}})
+    daemon = lab.daemon = L.lab_daemon(lab, overrides={"egress": {"enabled": True}})
     _say(f"  config {daemon.config_path}:")
     _say(_indent(daemon.config_path.read_text(), "    | "))
     daemon.start()
@@ -218,7 +218,7 @@ def _run(lab: L.Lab, started: float) -> L.Daemon:
     return daemon
 
 
-def _explain_keep(lab: L.Lab, daemon: L.Daemon) -> None:
+def _explain_keep(lab: L.Lab, daemon: L.GatewayDaemon) -> None:
     g, c = lab.ns["gateway"], lab.ns["client"]
     _say(f"""
 The lab is still up (--keep), the daemon running in {g}.
@@ -229,6 +229,6 @@ Explore it:
   ip netns exec {g} curl -H 'Authorization: Bearer {daemon.token}' \\
       http://{daemon.api_host}:{daemon.api_port}/api/service/exposure
   ip netns exec {g} bash        # a shell in the gateway namespace
-  daemon state and log: {daemon.state}
+  daemon state and log: {daemon.dir}
 Remove it (daemon, services, namespaces, files):
   {sys.executable} -m gw.lab remove {lab.tag}""")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.helpers import fails, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -37,7 +37,7 @@ def gw():
         # answer from the first address comes from it.
         lab.ip("client", "addr add 198.18.0.3/24 dev eth0",
                "addr add 2001:db8::3/64 dev eth0 nodad preferred_lft 0")
-        daemon = L.Daemon(lab, overrides={"egress": EGRESS}).start()
+        daemon = L.lab_daemon(lab, overrides={"egress": EGRESS}).start()
         status, answer = daemon.request("POST", "/api/service/exposure/add", {"exposures": [
             {"exposed_port": 8080, "service_ip": L.SERVICE_V4, "service_port": 80},
             {"exposed_port": 8080, "service_ip": L.SERVICE_V6, "service_port": 80}]})

@@ -1,12 +1,13 @@
-"""The lab itself (gw/lab/namespaces.py): what the end-to-end tests and the demo rely on."""
+"""The lab itself (gw/lab/topology.py): what the end-to-end tests and the demo rely on."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -48,7 +49,7 @@ def test_a_kept_lab_is_removed_by_its_tag():
         lab.start_services()
     assert lab.tag in L.list_labs()
     try:
-        rc = subprocess.run([L.sys.executable, "-m", "gw.lab", "remove", lab.tag],
+        rc = subprocess.run([sys.executable, "-m", "gw.lab", "remove", lab.tag],
                             capture_output=True, text=True, timeout=30)
         assert rc.returncode == 0, rc.stderr
         assert lab.tag not in L.list_labs()

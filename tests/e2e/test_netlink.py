@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from gw.kernel import netlink
 from gw.core.config import parse_config
 

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -28,7 +28,7 @@ def bridge_addresses(lab):
 def test_a_restart_keeps_established_connections_and_the_exposures(stop_signal):
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         status, _ = daemon.request("POST", "/api/service/exposure/add", {"exposures": [
             {"exposed_port": 7007, "service_ip": L.SERVICE_V4, "service_port": 7},
             {"exposed_port": 7007, "service_ip": L.SERVICE_V6, "service_port": 7}]})

@@ -1,6 +1,6 @@
 """End to end: the real daemon (`oakestra-gw serve`, a subprocess in the lab's gateway namespace)
 and real packets from a client namespace through the gateway and its 1450-byte tunnel to a
-worker namespace holding the service IPs (gw/lab/namespaces.py draws the lab).
+worker namespace holding the service IPs (gw/lab/topology.py draws the lab).
 
 Every "unreachable" check has a route that would otherwise reach the target and a positive
 control showing the same probe working where it should."""
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.helpers import fails, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -38,7 +38,7 @@ def gw():
             fam: {"tcp": L.http_get(lab, "client", svc, 80, "/whoami", timeout=3),
                   "udp": L.udp_exchange(lab, "client", svc, 53, b"direct")}
             for fam, (_pub, svc, _int) in FAMILIES.items()}
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         status, answer = daemon.request("POST", "/api/service/exposure/add", {"exposures": [
             exposure(8080, L.SERVICE_V4, 80), exposure(8080, L.SERVICE_V6, 80),
             exposure(5353, L.SERVICE_V4, 53, "udp"), exposure(5353, L.SERVICE_V6, 53, "udp"),

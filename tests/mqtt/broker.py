@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.helpers import wait_for
 
 BROKER_IP = L.SERVICE_V4   # in the worker namespace, reached by the gateway through the tunnel

@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests import oracle
 from tests.helpers import wait_for
 from tests.mqtt.broker import NODE_ID, Broker, needs_mosquitto
@@ -36,14 +36,14 @@ def lab():
         yield lab
 
 
-def mqtt_daemon(lab, *brokers: Broker, **oak) -> L.Daemon:
+def mqtt_daemon(lab, *brokers: Broker, **oak) -> L.GatewayDaemon:
     urls = [b.url for b in brokers]
-    return L.Daemon(lab, standalone=False, overrides={"oakestra": {
+    return L.lab_daemon(lab, standalone=False, overrides={"oakestra": {
         "mqtt_url": urls[0] if len(urls) == 1 else urls, "node_id": NODE_ID,
         "backoff_max": 1, **oak}})
 
 
-def deploy(lab, broker: Broker, daemon: L.Daemon) -> None:
+def deploy(lab, broker: Broker, daemon: L.GatewayDaemon) -> None:
     """The cluster deploys the gateway: the daemon answers `deployed`, then serves. The
     deploy is sent once the gateway's subscription exists (a first start: no session yet)."""
     wait_for(lambda: f"connected to {broker.url}" in daemon.log_tail(), 20,
@@ -54,10 +54,10 @@ def deploy(lab, broker: Broker, daemon: L.Daemon) -> None:
         assert answers.wait(1, timeout=30) == [DEPLOYED], daemon.log_tail()
     finally:
         answers.close()
-    daemon.wait_healthy(20)
+    daemon.wait_serving(20)
 
 
-def deployed_gateway(lab, broker: Broker, **oak) -> L.Daemon:
+def deployed_gateway(lab, broker: Broker, **oak) -> L.GatewayDaemon:
     daemon = mqtt_daemon(lab, broker, **oak).start(wait=False)
     deploy(lab, broker, daemon)
     return daemon
@@ -73,7 +73,7 @@ def send(broker: Broker, kind: str, doc) -> dict:
         results.close()
 
 
-def exposures(daemon: L.Daemon) -> list[dict]:
+def exposures(daemon: L.GatewayDaemon) -> list[dict]:
     status, body = daemon.request("GET", "/api/service/exposure")
     assert status == 200, body
     return body["exposures"]
@@ -86,7 +86,7 @@ def reaches(lab, host: str, port: int = 8080) -> bool:
         return False
 
 
-def metric(daemon: L.Daemon, name: str) -> dict[str, float]:
+def metric(daemon: L.GatewayDaemon, name: str) -> dict[str, float]:
     status, text = daemon.request("GET", "/metrics")
     assert status == 200
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
@@ -286,7 +286,7 @@ def test_username_and_password_against_a_password_file(lab, tmp_path):
     answers = broker.sub("deployed", user="cluster")
     broker.pub("deploy", DEPLOY, user="cluster")
     assert answers.wait(1, timeout=30) == [DEPLOYED], daemon.log_tail()
-    daemon.wait_healthy(20)
+    daemon.wait_serving(20)
     results = broker.sub("expose/result", user="cluster")
     broker.pub("expose", expose(L.SERVICE_V4), user="cluster")
     assert results.wait(1)[0]["outcome"] == "created"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests import oracle
 from tests.mqtt.broker import Broker, needs_mosquitto
 from tests.oakestra.test_daemon import store_state

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gw.core.exposure import Exposure
-from gw.lab import namespaces as L
+from gw import lab as L
 from gw.store.local import LocalStore
 from tests.oakestra.orchestrator import ClusterState, Orchestrator
 
@@ -31,14 +31,14 @@ def orchestrator(lab, state=None) -> Orchestrator:
                         port=PORT, enter=lambda: lab.inside("gateway"))
 
 
-def oakestra_daemon(lab, **oak) -> L.Daemon:
-    return L.Daemon(lab, standalone=False, token=False, overrides={"oakestra": {
+def oakestra_daemon(lab, **oak) -> L.GatewayDaemon:
+    return L.lab_daemon(lab, standalone=False, token=False, overrides={"oakestra": {
         "cluster_url": f"http://127.0.0.1:{PORT}", "give_up_after": 20, "backoff_max": 0.5,
         **oak}})
 
 
-def generated_token(daemon: L.Daemon) -> str:
-    return (daemon.state / "api-token").read_text().strip()
+def generated_token(daemon: L.GatewayDaemon) -> str:
+    return (daemon.dir / "api-token").read_text().strip()
 
 
 def kernel_state(lab) -> dict:
@@ -47,8 +47,8 @@ def kernel_state(lab) -> dict:
             "ruleset": lab.run("gateway", "nft", "list", "ruleset").stdout}
 
 
-def store_state(daemon: L.Daemon) -> tuple:
-    store = LocalStore(daemon.state / "exposures.json", shared=True)
+def store_state(daemon: L.GatewayDaemon) -> tuple:
+    store = LocalStore(daemon.dir / "exposures.json", shared=True)
     try:
         return store.exposures(), store.meta()
     finally:
@@ -102,7 +102,7 @@ def test_register_ip_ready_then_a_restart_keeps_the_id_while_the_cluster_is_down
     assert store_state_after_stop(daemon)[1]["gateway_id"] == "gw-1"
 
 
-def store_state_after_stop(daemon: L.Daemon) -> tuple:
+def store_state_after_stop(daemon: L.GatewayDaemon) -> tuple:
     assert daemon.stop() == 0, daemon.log_tail()
     return store_state(daemon)
 
@@ -115,7 +115,7 @@ def test_a_cluster_that_is_down_at_first_is_waited_for(lab):
     assert "register with http://127.0.0.1:18080: try 1 failed" in log, log
     assert "Connection refused" in log
     with orchestrator(lab).running() as cluster:
-        daemon.wait_healthy(15)
+        daemon.wait_serving(15)
         assert cluster.state.ready_event.wait(10), daemon.log_tail()
     assert daemon.stop() == 0
 
@@ -131,7 +131,7 @@ GARBAGE = [("register", "not-json", "answer to POST /api/gateway/register is not
 def test_errors_and_garbage_end_a_first_start_and_change_nothing(lab, step, canned, words):
     daemon = oakestra_daemon(lab)
     # The store already holds an exposure (a gateway switched from standalone mode, say).
-    store = LocalStore(daemon.state / "exposures.json")
+    store = LocalStore(daemon.dir / "exposures.json")
     store.commit(put=[Exposure.from_dict({"exposed_port": 9000, "protocol": "tcp",
                                           "service_ip": L.SERVICE_V4, "service_port": 80})])
     store.close()
@@ -202,7 +202,7 @@ def test_replicated_orchestrators_the_active_one_stops_and_the_next_takes_over(l
     active = orchestrator(lab, first).start()
     replica = Orchestrator(second, port=PORT + 1, enter=lambda: lab.inside("gateway")).start()
     urls = [active.url, replica.url]
-    daemon = L.Daemon(lab, standalone=False, token=False, overrides={"oakestra": {
+    daemon = L.lab_daemon(lab, standalone=False, token=False, overrides={"oakestra": {
         "cluster_url": urls, "give_up_after": 20, "backoff_max": 0.5,
         "probe_interval": 0.5}}).start()
     try:

@@ -46,7 +46,7 @@ def test_a_failed_first_start_keeps_its_registration_id(lab):
 
 
 def rotate(daemon, token: str) -> None:
-    path = daemon.state / "api-token"
+    path = daemon.dir / "api-token"
     path.write_text(token + "\n")
     path.chmod(0o600)
     applied = daemon.log_tail(400).count("reload: applied")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests import oracle
 from tests.helpers import wait_for
 from tests.oakestra.test_daemon import (generated_token, lab, oakestra_daemon,  # noqa: F401

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gw.lab.namespaces import enter as enter_netns  # noqa: F401 - the tests' name for it
+from gw.lab.netns import enter as enter_netns  # noqa: F401 - the tests' name for it
 
 
 #: OAKGW_SOAK=1 runs the long variants (the numbers of issue 8); without it, short CI ones.

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from gw.kernel.drift import transactions
 from tests.helpers import wait_for
 from tests.reliability.common import children, cmdline, metric, report, scaled
@@ -86,7 +86,7 @@ def unreachable(lab, port: int) -> bool:
 def gw():
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         status, answer = daemon.request("POST", "/api/service/exposure/add",
                                         {"exposures": EXPOSURES})
         assert status == 201, answer

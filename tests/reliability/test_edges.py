@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.api.harness import gw_command
 from tests.fs import fill, mount_namespace
 from tests.helpers import doc, ex, wait_for
@@ -188,13 +188,13 @@ def test_the_orchestrator_down_at_boot_does_not_delay_traffic(tmp_path):
         def cluster():
             return Orchestrator(state, port=port, enter=lambda: lab.inside("gateway"))
 
-        daemon = L.Daemon(lab, standalone=False, token=False, overrides={"oakestra": {
+        daemon = L.lab_daemon(lab, standalone=False, token=False, overrides={"oakestra": {
             "cluster_url": f"http://127.0.0.1:{port}", "give_up_after": 20,
             "backoff_max": 0.5}})
         with cluster().running():
             daemon.start()
             assert state.ready_event.wait(10), daemon.log_tail()
-            token = (daemon.state / "api-token").read_text().strip()
+            token = (daemon.dir / "api-token").read_text().strip()
             for body in (ex(8080, L.SERVICE_V4), ex(8080, L.SERVICE_V6)):
                 status, answer = daemon.request("POST", "/api/service/exposure/add", body,
                                                 token=token)
@@ -219,7 +219,7 @@ def test_the_orchestrator_down_at_boot_does_not_delay_traffic(tmp_path):
         elapsed = time.monotonic() - started
         assert status == 200 and json.loads(body)["peer"] == L.INTERNAL_V4
         assert L.http_get(lab, "client", L.GATEWAY_V6, 8080, "/whoami")[0] == 200
-        daemon.wait_healthy(10)
+        daemon.wait_serving(10)
         assert daemon.request("GET", "/api/service/exposure", token=token)[0] == 200
         wait_for(lambda: "re-register" in daemon.log_tail(100), timeout=5,
                  what="a re-registration attempt", log=daemon.log_tail)

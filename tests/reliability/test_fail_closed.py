@@ -18,7 +18,7 @@ import socket
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -70,7 +70,7 @@ def unsnatted_entries(lab) -> list[str]:
 def test_without_the_tunnel_dnated_flows_leave_nowhere_and_recover_when_it_returns():
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         status, answer = daemon.request("POST", "/api/service/exposure/add", {"exposures": [
             {"exposed_port": 8080, "service_ip": svc, "service_port": 80}
             for _pub, svc, _int in FAMILIES.values()] + [

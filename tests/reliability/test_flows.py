@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from gw.daemon.faults import CRASH_ENV, CRASH_EXIT
 from tests.helpers import wait_for
 
@@ -68,7 +68,7 @@ def test_a_delete_lost_to_a_crash_before_its_flush_is_flushed_at_the_next_start(
         lab.start_services()
         # Its second change of exposures (the delete) dies after the kernel commit, so its
         # flush is never queued.
-        daemon = L.Daemon(lab).start(env={CRASH_ENV: "after-kernel:2"})
+        daemon = L.lab_daemon(lab).start(env={CRASH_ENV: "after-kernel:2"})
         request(daemon, ADD, {"exposures": echo_exposures(7007) + echo_exposures(7008)}, 201)
         doomed, kept = connections(lab, 7007), connections(lab, 7008)
         try:
@@ -94,7 +94,7 @@ def test_a_delete_lost_to_a_crash_before_its_flush_is_flushed_at_the_next_start(
 def test_a_flow_through_an_element_added_while_the_daemon_was_stopped_is_cut_at_start():
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         request(daemon, ADD, {"exposed_port": 5353, "service_ip": L.SERVICE_V4,
                               "service_port": L.UDP_PORT, "protocol": "udp"}, 201)
         assert daemon.stop() == 0
@@ -118,7 +118,7 @@ def test_a_flow_through_a_foreign_element_is_cut_by_the_repair():
     with L.Lab() as lab:
         lab.start_services()
         # No drift watcher: the flow gets going before the repair, which SIGHUP starts.
-        daemon = L.Daemon(lab).start(env={"OAKESTRA_GW_DRIFT_WATCH": "0"})
+        daemon = L.lab_daemon(lab).start(env={"OAKESTRA_GW_DRIFT_WATCH": "0"})
         lab.run("gateway", "nft", "add element inet oakestra_gw expose_v6 "
                                   f"{{ udp . 5300 : {L.SERVICE_V6} . {L.UDP_PORT} }}")
         foreign = L.UdpFlow(lab, "client", L.GATEWAY_V6, 5300)
@@ -186,7 +186,7 @@ def test_a_delete_and_an_immediate_re_add_keep_the_flows_opened_after_it(tmp_pat
     downloads come while it runs. Three cycles, four new downloads each (IPv4 and IPv6)."""
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab).start(env=slow_conntrack(tmp_path / "bin"))
+        daemon = L.lab_daemon(lab).start(env=slow_conntrack(tmp_path / "bin"))
         http = [{"exposed_port": 8080, "service_ip": svc, "service_port": L.HTTP_PORT}
                 for svc in (L.SERVICE_V4, L.SERVICE_V6)]
         request(daemon, ADD, {"exposures": http}, 201)

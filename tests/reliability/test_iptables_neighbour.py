@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def test_an_exposure_wins_over_netmanagers_iptables_dnat_chain(order):
         lab.start_services()
         if order == "before":
             load_oakestra_chain(lab)
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         if order == "after":
             load_oakestra_chain(lab)
         listing = lab.run("gateway", "nft", "list", "chain", "ip", "nat", "OAKESTRA").stdout
@@ -77,7 +77,7 @@ def test_an_exposure_wins_over_netmanagers_iptables_dnat_chain(order):
 def test_another_tables_forward_drop_drops_what_we_accept():
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         status, answer = daemon.request("POST", "/api/service/exposure/add", {
             "exposed_port": EXPOSED, "service_ip": L.SERVICE_V4, "service_port": 80})
         assert status == 201, answer

@@ -20,7 +20,7 @@ import struct
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -58,7 +58,7 @@ def test_our_snat_wins_over_netmanagers_postrouting(netmanager):
 
         if netmanager == "before":
             load_netmanager()
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         if netmanager == "after":
             load_netmanager()
         status, answer = daemon.request("POST", "/api/service/exposure/add",
@@ -136,7 +136,7 @@ def test_invalid_packets_of_other_forwarded_flows_pass_and_ours_from_outside_do_
         wait_for(lambda: counted(lab, "client") == 2 and counted(lab, "worker") == 2,
                  timeout=5, what="the control packets forwarded")
 
-        daemon = L.Daemon(lab).start()
+        daemon = L.lab_daemon(lab).start()
         for _pub, svc, _int, client, _other in FAMILIES.values():
             # Some container's flow out to the Internet: not ours to judge.
             send_raw(lab, "worker", svc, client, invalid)

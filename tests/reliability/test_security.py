@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw.lab import namespaces as L
+from gw import lab as L
 from tests.api.harness import gw_command
 from tests.helpers import wait_for
 from tests.reliability.common import children, cmdline
@@ -46,7 +46,7 @@ def lab(request):
     family per socket: each is tried)."""
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.Daemon(lab, overrides={"api": {"host": request.param}}).start()
+        daemon = L.lab_daemon(lab, overrides={"api": {"host": request.param}}).start()
         status, _ = daemon.request("POST", "/api/service/exposure/add", {"exposures": [
             {"exposed_port": 8080, "service_ip": L.SERVICE_V4, "service_port": 80},
             {"exposed_port": 8080, "service_ip": L.SERVICE_V6, "service_port": 80}]})
