@@ -1,6 +1,6 @@
-"""Where the daemon's gateway is put together: the firewall on a libnftables session, the
-flusher, the store, and (for the crash tests only, see `faults`) the wrappers that inject
-faults around store and firewall."""
+"""Where the daemon's store and gateway are put together: the store on local disk, the
+firewall on a libnftables session, the flusher, and (for the crash tests only, see `faults`)
+what injects faults into them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,12 @@ from ..kernel.firewall import Firewall
 from ..service.gateway import Gateway
 from . import faults
 from .metrics import Metrics
+
+
+def store(path, environ: Mapping[str, str] = os.environ):
+    from ..store.local import LocalStore  # noqa: PLC0415 - so that `config check` stays light
+
+    return LocalStore(path, calls=faults.file_calls(environ))
 
 
 def gateway(store, variables: dict[str, str], metrics: Metrics, own_addresses: Iterable[str],

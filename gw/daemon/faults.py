@@ -1,5 +1,6 @@
-"""TEST ONLY: faults for the crash and edge tests (tests/reliability), injected by wrapping the
-firewall and the store where the daemon builds them (`wrap`), never by patching the daemon.
+"""TEST ONLY: faults for the crash and edge tests (tests/reliability), injected where the daemon
+builds its objects (gw/daemon/build.py): wrappers of the firewall and the store (`wrap`), and
+the store's file calls (`file_calls`); never by patching the daemon or the store.
 
 OAKESTRA_GW_TEST_CRASH="before-kernel:N" makes the process die at once (os._exit, no cleanup:
 like a crash) in its N-th change of exposures, after the store commit and before the kernel
@@ -20,6 +21,7 @@ import os
 from typing import Mapping
 
 from ..core.errors import ConfigError, KernelRefused, StoreUnavailable
+from ..store.files import FileCalls
 
 log = logging.getLogger(__name__)
 
@@ -98,45 +100,52 @@ def parse(environ: Mapping[str, str]) -> tuple[str | None, int, int]:
             raise ConfigError(f"{CRASH_ENV}={spec!r}: expected one of {', '.join(POINTS)}, "
                               "then :N")
         nth = int(count)
-        log.warning("%s=%s: this process will crash on purpose (test only)", CRASH_ENV, spec)
     if environ.get(REFUSE_ENV):
         spec = environ[REFUSE_ENV]
         if not spec.isdigit():
             raise ConfigError(f"{REFUSE_ENV}={spec!r}: expected a number")
         refuse = int(spec)
-        log.warning("%s=%s: table loads after the first will fail on purpose (test only)",
-                    REFUSE_ENV, spec)
     return point, nth, refuse
 
 
-def _fail_sync_then_cut(store, nth: int) -> None:
+class SyncThenCutFails(FileCalls):
     """The nth journal fdatasync fails with EIO, then the truncate after it with EROFS: the
-    record was written and stays in the journal. The store has no seam for its file calls
-    yet, so this one still replaces two of its methods (on this test path only)."""
-    sync, truncate, calls = store._sync, store._truncate, [0]
+    record was written and stays in the journal (the store poisons itself)."""
 
-    def failing_sync(fd):
-        calls[0] += 1
-        if calls[0] != nth:
-            return sync(fd)
-        store._truncate = failing_truncate
+    def __init__(self, nth: int):
+        self.nth, self.syncs, self.cut_fails = nth, 0, False
+
+    def sync(self, fd: int) -> None:
+        self.syncs += 1
+        if self.syncs != self.nth:
+            return super().sync(fd)
+        self.cut_fails = True
         raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (test only)")
 
-    def failing_truncate(fd, length):
-        store._truncate = truncate
-        raise OSError(errno.EROFS, f"{os.strerror(errno.EROFS)} (test only)")
+    def truncate(self, fd: int, length: int) -> None:
+        if self.cut_fails:
+            self.cut_fails = False
+            raise OSError(errno.EROFS, f"{os.strerror(errno.EROFS)} (test only)")
+        super().truncate(fd, length)
 
-    store._sync = failing_sync
+
+def file_calls(environ: Mapping[str, str]) -> FileCalls | None:
+    """The store's file calls the environment asks for; None: the real ones."""
+    point, nth, _ = parse(environ)
+    return SyncThenCutFails(nth) if point == "sync-then-cut-fails" else None
 
 
 def wrap(store, firewall, environ: Mapping[str, str]):
     """(store, firewall) for the gateway: the ones given, or wrappers with the faults the
     environment asks for."""
     point, nth, refuse = parse(environ)
-    if point == "sync-then-cut-fails":
-        _fail_sync_then_cut(store, nth)
-        point = None
-    if point is None and not refuse:
+    if point is not None:
+        log.warning("%s=%s: this process will crash on purpose (test only)", CRASH_ENV,
+                    environ[CRASH_ENV])
+    if refuse:
+        log.warning("%s=%s: table loads after the first will fail on purpose (test only)",
+                    REFUSE_ENV, refuse)
+    if point in (None, "sync-then-cut-fails") and not refuse:  # the latter: see file_calls
         return store, firewall
     faulty = FaultyStore(store)
     return faulty, FaultyFirewall(firewall, faulty, point, nth, refuse)

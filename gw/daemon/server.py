@@ -68,15 +68,13 @@ class Daemon:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        from ..store.local import LocalStore  # noqa: PLC0415 - imported here so `config check` stays light
-
         self.config = load_config(self.config_path)
         setup_logging(self.config.log.level, self.config.log.format)
         if self.config.standalone:
             self.config.require_internal_ips()
         if os.environ.get("STATE_DIRECTORY"):  # under the unit (systemd sets it)
             check_state_directory(self.config, os.environ["STATE_DIRECTORY"])
-        self.store = LocalStore(self.config.store.path)
+        self.store = build.store(self.config.store.path)
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
         if self.config.mqtt_mode:

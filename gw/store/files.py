@@ -12,6 +12,17 @@ from pathlib import Path
 from gw.core.errors import StoreCorrupt, StoreLocked, StoreUnavailable
 
 
+class FileCalls:
+    """The two calls a journal record's durability rests on. A test hands the store failing
+    ones (gw/daemon/faults.py) to reach the states a dying disk leaves."""
+
+    def sync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def truncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+
 def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 

@@ -55,7 +55,7 @@ from pathlib import Path
 from gw.core.errors import InvalidInput, StoreCorrupt, StoreUnavailable
 from gw.core.exposure import Exposure, Key
 
-from .files import fsync_dir, segments, sibling, take_lock, why, write_all
+from .files import FileCalls, fsync_dir, segments, sibling, take_lock, why, write_all
 from .load import Loaded, backup_problems, load
 from .records import encode_record
 from .snapshot import write_snapshot
@@ -86,10 +86,12 @@ class LocalStore:
     #: at open reads at most about one snapshot's worth of journal.
     COMPACT_MIN_BYTES = 1 << 20
 
-    def __init__(self, path: str | os.PathLike, *, shared: bool = False, fsync: bool = True):
+    def __init__(self, path: str | os.PathLike, *, shared: bool = False, fsync: bool = True,
+                 calls: FileCalls | None = None):
         self.path = Path(path)
         self.shared = shared
         self._fsync = fsync
+        self._calls = calls or FileCalls()
         self._journal_path = sibling(self.path, ".journal")
         self._lock = threading.Lock()        # memory and the current journal
         self._compaction = threading.Lock()  # one compaction at a time, held until it is done
@@ -210,7 +212,7 @@ class LocalStore:
                 self.on_poisoned(self.poisoned)
 
     def _truncate(self, fd: int, length: int) -> None:
-        os.ftruncate(fd, length)
+        self._calls.truncate(fd, length)
 
     def _open_journal(self) -> int:
         fd = os.open(self._journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
@@ -225,7 +227,7 @@ class LocalStore:
 
     def _sync(self, fd: int) -> None:
         if self._fsync:
-            os.fdatasync(fd)
+            self._calls.sync(fd)
 
     def _sync_dir(self) -> None:
         if self._fsync:
