@@ -69,5 +69,5 @@ def test_a_deploy_with_other_addresses_readdresses_the_gateway_live(lab):
     assert daemon.log_tail(400).count("serving the API on") == 1
     assert daemon.stop() == 0, daemon.log_tail()
     stored, meta = store_state(daemon)
-    assert any(d["service_id"] == "soon.itself" for d in stored), stored
+    assert any(e.service_id == "soon.itself" for e in stored), stored
     assert (meta["internal_ipv4"], meta["internal_ipv6"]) == (NEW_V4, NEW_V6)

@@ -77,6 +77,6 @@ def test_new_addresses_from_the_cluster_are_applied_live_and_announced(lab):
         assert daemon.proc.poll() is None and daemon.proc.pid == pid
         assert daemon.stop() == 0, daemon.log_tail()
     stored, meta = store_state(daemon)
-    assert any(d["service_id"] == "soon.itself" for d in stored), stored
+    assert any(e.service_id == "soon.itself" for e in stored), stored
     assert (meta["gateway_id"], meta["internal_ipv4"], meta["internal_ipv6"]) == \
         ("gw-2", NEW_V4, NEW_V6)

@@ -12,11 +12,11 @@ from typing import Any
 
 from ... import __version__
 from ...core.errors import GatewayError
+from ...core.config import GATEWAY_ID_RE
 from ...core.exposure import address_flaw
 
 log = logging.getLogger(__name__)
 
-GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 REQUEST_TIMEOUT = (3.05, 10.0)  # connect, read
 RETRY_STATUS = {408, 425, 429}
 
