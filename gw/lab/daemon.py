@@ -91,9 +91,9 @@ class GatewayDaemon:
     # -- the process ---------------------------------------------------------------------------
 
     def start(self, *, wait: bool = True, timeout: float = 20, env: dict | None = None,
-              args: list[str] | None = None) -> "GatewayDaemon":
-        """Start the daemon (`args` replace `serve --config ...`); with `wait`, return once
-        /api/health answers 200."""
+              args: list[str] | None = None, wrap: list[str] | None = None) -> "GatewayDaemon":
+        """Start the daemon (`args` replace `serve --config ...`; `wrap` goes before the
+        command, e.g. a profiler); with `wait`, return once /api/health answers 200."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         environ = {k: v for k, v in os.environ.items() if k not in _MANAGER_ENV}
@@ -103,7 +103,7 @@ class GatewayDaemon:
         with open(self.log_path, "ab") as log:
             # A session of its own: Ctrl-C reaches only the caller, which stops it in order.
             self.proc = self.ns.popen(
-                *gateway_command(), *(args or ["serve", "--config", str(self.config_path)]),
+                *(wrap or []), *gateway_command(), *(args or ["serve", "--config", str(self.config_path)]),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ,
                 cwd=self.cwd, start_new_session=True)
         if wait:

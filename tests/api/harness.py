@@ -1,5 +1,5 @@
-"""A real gateway daemon (`oakestra-gw serve`) in a throwaway network namespace, and an HTTP
-client whose sockets live in that namespace.
+"""A real gateway daemon (`oakestra-gw serve`) in a throwaway network namespace, built on the
+lab's harness (gw/lab: `Netns`, `veth`, `GatewayDaemon`, `NetnsHttp`).
 
 The namespace has what readiness needs: a `goProxyTun` veth (MTU 1450) into a second
 "worker" namespace, routes for the service ranges through it, and forwarding on (namespaced
@@ -9,171 +9,66 @@ sysctls of the throwaway namespace only). Everything started here is stopped and
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from gw.lab.http import NetnsHttp as Http
+from gw.lab.daemon import API_PORT, GatewayDaemon
+from gw.lab.daemon import gateway_command as gw_command  # noqa: F401 - the tests' name for it
 from gw.lab.http import in_netns  # noqa: F401 - used by the CLI tests
+from gw.lab.netns import Netns, veth
 from tests import oracle
 from tests.helpers import wait_for
-from tests.netns import Netns, veth
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789abcdef"
-API_PORT = 11022
 INTERNAL_V4, INTERNAL_V6 = "10.30.255.1", "fdff::ffff:1"
 PUBLIC_V4, PUBLIC_CLIENT, SERVICE_V4 = "198.18.0.1", "198.18.0.2", "10.30.0.1"
 
 
-def gw_command() -> list[str]:
-    script = Path(sys.executable).parent / "oakestra-gw"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gw.cli"]
-
-
-# -- the daemon ----------------------------------------------------------------------------
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-class Gateway:
-    """One daemon in namespace `ns` (plus a worker namespace behind goProxyTun)."""
+class GatewayTestbed(GatewayDaemon):
+    """One daemon in namespace `ns` (plus a worker namespace behind goProxyTun), its config,
+    token and log in `workdir` and its store in `workdir`/state."""
 
     def __init__(self, workdir: Path, *, token: str | None = TOKEN, config: dict | None = None,
                  data_path: bool = True, drift_watch: bool = True):
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.store_dir = self.dir / "state"
-        self.config_path = self.dir / "gateway.toml"
-        self.log_path = self.dir / "daemon.log"
-        self.token = token
-        # Off for tests that tamper with the table on purpose and repair it with SIGHUP.
-        self.drift_watch = drift_watch
-        self.proc: subprocess.Popen | None = None
-        self.ns = Netns("oakapi")
         self.worker: Netns | None = None
         self.client: Netns | None = None
-        self._log_offset = 0
+        self.proc = None
+        self.ns = Netns.create("oakapi")
         try:
             if data_path:
-                self.worker = Netns("oakwrk")
+                self.worker = Netns.create("oakwrk")
                 veth(self.ns, "goProxyTun", self.worker, "w0", mtu=1450)
                 self.ns.run("ip", "route", "add", "10.30.0.0/16", "dev", "goProxyTun")
                 self.ns.run("ip", "-6", "route", "add", "fdff::/16", "dev", "goProxyTun")
                 self.ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1",
                             "net.ipv6.conf.all.forwarding=1")
-            self.config = {
+            tables = {
                 "api": {"host": "127.0.0.1", "port": API_PORT},
-                "store": {"path": str(self.store_dir / "exposures.json")},
+                "store": {"path": str(workdir / "state" / "exposures.json")},
                 "network": {"internal_ipv4": INTERNAL_V4, "internal_ipv6": INTERNAL_V6},
             }
-            if token:
-                token_file = self.dir / "token"
-                token_file.write_text(token + "\n")
-                token_file.chmod(0o600)
-                self.config["api"]["token_file"] = str(token_file)
             for section, values in (config or {}).items():
-                self.config.setdefault(section, {}).update(values)
-            self.write_config()
+                tables.setdefault(section, {}).update(values)
+            super().__init__(self.ns, workdir, tables, token=token, drift_watch=drift_watch,
+                             cwd=ROOT)
+            self.store_dir = self.dir / "state"
         except BaseException:
             self.close()
             raise
 
-    # -- config and process --------------------------------------------------------------
-
-    def write_config(self, text: str | None = None) -> None:
-        if text is None:
-            lines = []
-            for section, values in self.config.items():
-                lines.append(f"[{section}]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-            text = "\n".join(lines) + "\n"
-        self.config_path.write_text(text)
-
-    def start(self, *, wait: bool = True, env: dict | None = None,
-              args: list[str] | None = None) -> "Gateway":
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        log = open(self.log_path, "ab")
-        self._log_offset = self.log_path.stat().st_size
-        environ = {k: v for k, v in os.environ.items()
-                   if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        environ.update(PYTHONUNBUFFERED="1", OAKESTRA_GW_DRIFT_WATCH="1" if self.drift_watch
-                       else "0", **(env or {}))
-        self.proc = self.ns.popen(*gw_command(), *(args or ["serve", "--config",
-                                                            str(self.config_path)]),
-                                  stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=ROOT)
-        log.close()
-        if wait:
-            self.wait_serving()
-        return self
-
-    def wait_serving(self, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.http().get("/api/health").status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"daemon did not serve within {timeout} s:\n{self.log()}")
-
-    def send(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon ignored signal {sig}:\n{self.log()}")
-
-    def log(self, since_start: bool = False) -> str:
-        try:
-            data = self.log_path.read_bytes()
-        except FileNotFoundError:
-            return ""
-        return data[self._log_offset if since_start else 0:].decode(errors="replace")
-
-    def wait_log(self, text: str, timeout: float = 10) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log(since_start=True)
-            if text in log:
-                return log
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log()}")
-
     def close(self) -> None:
         try:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+            self.kill()
         finally:
-            self.ns.delete()
-            for ns in (self.worker, self.client):
+            for ns in (self.ns, self.worker, self.client):
                 if ns is not None:
                     ns.delete()
 
@@ -184,7 +79,7 @@ class Gateway:
         in the worker, SERVICE_V4 with a TCP echo on port 80: `exchange` then sends a real
         packet through an exposure of SERVICE_V4:80."""
         assert self.worker is not None, "needs the data path"
-        self.client = Netns("oakcli")
+        self.client = Netns.create("oakcli")
         veth(self.ns, "pub0", self.client, "c0")
         self.ns.run("ip", "addr", "add", f"{PUBLIC_V4}/24", "dev", "pub0")
         self.client.run("ip", "addr", "add", f"{PUBLIC_CLIENT}/24", "dev", "c0")
@@ -201,9 +96,6 @@ class Gateway:
         return proc.stdout.strip()
 
     # -- looking at it -------------------------------------------------------------------
-
-    def http(self, token: str | None | bool = True, **kw) -> Http:
-        return Http(self.ns.name, token=self.token if token is True else (token or None), **kw)
 
     def nft(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.ns.run("nft", *args, check=check)
@@ -238,10 +130,10 @@ def require_root():
 
 
 @contextmanager
-def running(path: Path, **options) -> Iterator["Gateway"]:
-    """A started daemon (see Gateway) that is closed afterwards, also after a failure."""
+def running(path: Path, **options) -> Iterator[GatewayTestbed]:
+    """A started daemon (see GatewayTestbed) that is closed afterwards, also after a failure."""
     require_root()
-    gateway = Gateway(path, **options)
+    gateway = GatewayTestbed(path, **options)
     try:
         gateway.start()
         yield gateway

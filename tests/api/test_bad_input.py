@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.api.harness import API_PORT, Gateway, TOKEN, require_root
+from tests.api.harness import API_PORT, GatewayTestbed, TOKEN, require_root
 
 pytestmark = pytest.mark.kernel
 
@@ -34,7 +34,7 @@ time.sleep(600)
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     require_root()
-    gateway = Gateway(tmp_path_factory.mktemp("gw"),
+    gateway = GatewayTestbed(tmp_path_factory.mktemp("gw"),
                       config={"network": {"reserved_ports": ["22/tcp", "50103/udp",
                                                              "9999/tcp", "9998/udp"]}})
     listeners = None

@@ -12,7 +12,7 @@ import pytest
 
 from gw.core.exposure import Exposure
 from gw.store.local import LocalStore
-from tests.api.harness import Gateway, require_root
+from tests.api.harness import GatewayTestbed, require_root
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -40,7 +40,7 @@ def key(doc) -> tuple:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     require_root()
-    gateway = Gateway(tmp_path_factory.mktemp("paging"), drift_watch=False)
+    gateway = GatewayTestbed(tmp_path_factory.mktemp("paging"), drift_watch=False)
     try:
         docs = seed_docs()
         with LocalStore(gateway.store_dir / "exposures.json") as store:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.api.harness import (API_PORT, INTERNAL_V4, Gateway, docs_set, gw_command,
+from tests.api.harness import (API_PORT, INTERNAL_V4, GatewayTestbed, docs_set, gw_command,
                                require_root)
 from tests.helpers import ex, wait_for
 
@@ -25,8 +25,8 @@ def make(tmp_path):
     require_root()
     made = []
 
-    def factory(name="gw", **kw) -> Gateway:
-        gateway = Gateway(tmp_path / name, **kw)
+    def factory(name="gw", **kw) -> GatewayTestbed:
+        gateway = GatewayTestbed(tmp_path / name, **kw)
         made.append(gateway)
         return gateway
 

@@ -22,15 +22,16 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from gw.lab.daemon import GatewayDaemon
+
 from .exposures import MEASURED_PORT, as_docs, exposures, measured_exposure
 from .stats import latency_summary, median, summary
 from .topology import (CLIENT_IP, EXTRA_SOURCES, INTERNAL_IPV4, INTERNAL_IPV6, PUBLIC_IP,
-                       SERVICE_IP, Lab, stop, wait_for)
+                       SERVICE_IP, BenchLab, wait_for)
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).with_name("out")   # git-ignored
@@ -43,27 +44,6 @@ FLUSH_PROMISE_S, DRIFT_PROMISE_S = 1.0, 2.0
 PROBE_PORTS = range(9000, 9990)        # exposures added and deleted by the latency benchmark
 BATCH = 10000                          # the API's limit of exposures per batch
 MAX_BODY = 60 * 1024                   # under the API's 64 KiB request limit
-
-CONFIG = """\
-[api]
-host = "127.0.0.1"
-port = {port}
-
-[store]
-path = "{store}"
-
-[network]
-tunnel_interface = "goProxyTun"
-bridge_interface = "oakgw0"
-internal_ipv4 = "{v4}"
-internal_ipv6 = "{v6}"
-"""
-
-
-def daemon_command() -> list[str]:
-    exe = Path(sys.executable).with_name("oakestra-gw")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "gw.cli"]
-
 
 # -- namespaces ------------------------------------------------------------------------------
 
@@ -94,7 +74,7 @@ def inside(ns):
 class Api:
     """A keep-alive HTTP client to the daemon, its socket in the gateway namespace."""
 
-    def __init__(self, lab: Lab, timeout: float = 60):
+    def __init__(self, lab: BenchLab, timeout: float = 60):
         self.lab = lab
         self.timeout = timeout
         self.conn = None
@@ -139,7 +119,7 @@ class Api:
             self.conn = None
 
 
-def get_status(lab: Lab, path: str, timeout: float = 1.0) -> int | None:
+def get_status(lab: BenchLab, path: str, timeout: float = 1.0) -> int | None:
     """One GET on a fresh connection; None when nothing answers (not listening yet)."""
     with inside(lab.gateway):
         conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=timeout)
@@ -161,25 +141,24 @@ def get_status(lab: Lab, path: str, timeout: float = 1.0) -> int | None:
 
 # -- the daemon ------------------------------------------------------------------------------
 
-class Daemon:
-    def __init__(self, lab: Lab):
-        self.lab = lab
-        self.state = Path(lab.tmp) / "state"
-        self.state.mkdir(exist_ok=True)
-        self.config = Path(lab.tmp) / "gateway.toml"
-        self.config.write_text(CONFIG.format(port=API_PORT, store=self.state / "exposures.json",
-                                             v4=INTERNAL_IPV4, v6=INTERNAL_IPV6))
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
+class BenchDaemon(GatewayDaemon):
+    """The daemon in the bench lab's gateway namespace, its state in the lab's directory, timed
+    from process start to /api/ready."""
 
-    def start(self, timeout: float = 60, wrap: list[str] | None = None) -> dict:
+    def __init__(self, lab: BenchLab):
+        self.lab = lab
+        super().__init__(lab.gateway, lab.tmp, {
+            "api": {"host": "127.0.0.1", "port": API_PORT},
+            "store": {"path": str(lab.tmp / "state" / "exposures.json")},
+            "network": {"tunnel_interface": "goProxyTun", "bridge_interface": "oakgw0",
+                        "internal_ipv4": INTERNAL_IPV4, "internal_ipv6": INTERNAL_IPV6}},
+            cwd=REPO)
+
+    def start_timed(self, timeout: float = 60, wrap: list[str] | None = None) -> dict:
         """Start and wait for /api/ready 200. Returns seconds to health and to ready, measured
         from just before the process is created."""
-        self.starts += 1
-        log = open(self.lab.tmp / f"daemon-{self.starts}.log", "wb")
-        cmd = [*(wrap or []), *daemon_command(), "serve", "--config", str(self.config)]
         t0 = time.perf_counter()
-        self.proc = self.lab.spawn(self.lab.gateway, *cmd, stdout=log, stderr=log, cwd=REPO)
+        self.start(wait=False, wrap=wrap)
         t_health = None
         deadline = t0 + timeout
         while True:  # bounded by the deadline
@@ -195,17 +174,6 @@ class Daemon:
             if now > deadline:
                 raise TimeoutError(f"/api/ready not 200 after {timeout} s: {self.log_tail()}")
             time.sleep(0.005)
-
-    def log_tail(self, n: int = 1500) -> str:
-        text = ""
-        for f in sorted(self.lab.tmp.glob("daemon-*.log")):
-            text = f.read_text(errors="replace")
-        return text[-n:]
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, timeout=20)
-            self.proc = None
 
     @property
     def pid(self) -> int:
@@ -223,17 +191,17 @@ class Daemon:
 
 # -- the phases ------------------------------------------------------------------------------
 
-def drop_table(lab: Lab) -> None:
+def drop_table(lab: BenchLab) -> None:
     lab.nft("-f", "-", input="table inet oakestra_gw\ndelete table inet oakestra_gw\n")
 
 
-def cold_start(lab: Lab, daemon: Daemon, reps: int, log) -> dict:
+def cold_start(lab: BenchLab, daemon: BenchDaemon, reps: int, log) -> dict:
     """Stop, remove our table, start, time to ready. Returns summaries."""
     health, ready = [], []
     for i in range(reps):
         daemon.stop()
         drop_table(lab)
-        t = daemon.start()
+        t = daemon.start_timed()
         health.append(t["health_s"])
         ready.append(t["ready_s"])
         log(f"    cold start {i + 1}/{reps}: health {t['health_s']:.3f} s, "
@@ -241,7 +209,7 @@ def cold_start(lab: Lab, daemon: Daemon, reps: int, log) -> dict:
     return {"health_s": summary(health), "ready_s": summary(ready)}
 
 
-def fill_conntrack(lab: Lab, api: Api, flows: int, log) -> dict:
+def fill_conntrack(lab: BenchLab, api: Api, flows: int, log) -> dict:
     status, body, _ = api.post("/api/service/exposure/add", {"exposures": [
         {"exposed_port": p, "protocol": "udp", "service_ip": SERVICE_IP, "service_port": p - 5300}
         for p in UDP_PORTS]})
@@ -279,7 +247,7 @@ def batches_of(docs: list[dict]) -> list[list[dict]]:
     return out
 
 
-def populate(lab: Lab, api: Api, target: int, have: int, log) -> list[dict]:
+def populate(lab: BenchLab, api: Api, target: int, have: int, log) -> list[dict]:
     """Add filler exposures through the API, in the largest batches the API's request size
     limit lets through, until `target` are stored."""
     batches = []
@@ -299,7 +267,7 @@ def populate(lab: Lab, api: Api, target: int, have: int, log) -> list[dict]:
     return batches
 
 
-def in_kernel(lab: Lab, port: int) -> bool:
+def in_kernel(lab: BenchLab, port: int) -> bool:
     return lab.gateway.run("nft", "get", "element", "inet", "oakestra_gw", "expose_v4",
                            f"{{ tcp . {port} }}", check=False).returncode == 0
 
@@ -376,7 +344,7 @@ def server_side(before: str, after: str) -> dict:
     return out
 
 
-def latency(lab: Lab, api: Api, pairs: int, warmup: int, log,
+def latency(lab: BenchLab, api: Api, pairs: int, warmup: int, log,
             max_seconds: float = 300) -> dict:
     """`pairs` add+delete of fresh ports, back to back (at most `max_seconds`). Checks a
     sample of acknowledged changes against the kernel (outside the timing)."""
@@ -440,7 +408,7 @@ def latency(lab: Lab, api: Api, pairs: int, warmup: int, log,
     return result
 
 
-def connects(lab: Lab, timeout: float = 0.05) -> bool:
+def connects(lab: BenchLab, timeout: float = 0.05) -> bool:
     """A new TCP connection from the client through the measured exposure completes."""
     with inside(lab.client):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -454,7 +422,7 @@ def connects(lab: Lab, timeout: float = 0.05) -> bool:
         sock.close()
 
 
-def wait_flowing(lab: Lab, deadline: float) -> float | None:
+def wait_flowing(lab: BenchLab, deadline: float) -> float | None:
     """perf_counter() of the first successful connect before `deadline`, else None."""
     while time.perf_counter() < deadline:
         if connects(lab):
@@ -463,14 +431,14 @@ def wait_flowing(lab: Lab, deadline: float) -> float | None:
     return None
 
 
-def flows_to(lab: Lab, port: int) -> int:
+def flows_to(lab: BenchLab, port: int) -> int:
     """The gateway's conntrack entries of UDP flows to `port` (the conntrack tool's count)."""
     out = lab.gateway.run("conntrack", "-L", "-p", "udp", "--orig-port-dst", str(port),
                           check=False).stdout
     return len(out.splitlines())
 
 
-def conntrack_flush(lab: Lab, api: Api, reps: int, flows_each: int, log) -> dict:
+def conntrack_flush(lab: BenchLab, api: Api, reps: int, flows_each: int, log) -> dict:
     """The promise: a deleted exposure's conntrack entries are gone within 1 s of the answer
     (the flusher runs at idle priority). Per run: an exposure with `flows_each` UDP flows, among
     everything else in the table, deleted; the time from the API's answer until the conntrack
@@ -507,7 +475,7 @@ def conntrack_flush(lab: Lab, api: Api, reps: int, flows_each: int, log) -> dict
     return result
 
 
-def drift(lab: Lab, daemon: Daemon, reps: int, watch_s: float, log) -> dict:
+def drift(lab: BenchLab, daemon: BenchDaemon, reps: int, watch_s: float, log) -> dict:
     """`nft flush ruleset` in the gateway namespace, then time until traffic flows again. If
     nothing repairs it within `watch_s` (no drift watcher), send SIGHUP (reload and
     reconcile) and time from there too."""
@@ -549,13 +517,13 @@ def run(levels=(0, 10000, 50000), pairs: int = 500, warmup: int = 20, flows: int
         log=print) -> dict:
     levels = sorted(levels)
     result: dict = {"levels": levels, "latency": {}, "batches": [], "rss": {}}
-    with Lab(bridge=False) as lab:  # the daemon sets up its bridge itself
+    with BenchLab(bridge=False) as lab:  # the daemon sets up its bridge itself
         lab.start_nginx()
-        daemon = Daemon(lab)
+        daemon = BenchDaemon(lab)
         api = Api(lab)
         try:
             log("  cold start, empty store")
-            daemon.start()
+            daemon.start_timed()
             result["cold_start_0"] = cold_start(lab, daemon, max(1, cold_reps // 2), log)
             time.sleep(0.5)
             result["rss"]["0"] = daemon.rss()
@@ -599,10 +567,8 @@ def run(levels=(0, 10000, 50000), pairs: int = 500, warmup: int = 20, flows: int
     return result
 
 
-def keep_logs(lab: Lab) -> None:
-    """The daemon's logs, for a look after the run: tests/bench/out/daemon-*.log."""
+def keep_logs(lab: BenchLab) -> None:
+    """The daemon's log, for a look after the run: tests/bench/out/daemon.log."""
     OUT.mkdir(exist_ok=True)
-    for old in OUT.glob("daemon-*.log"):
-        old.unlink()
-    for f in lab.tmp.glob("daemon-*.log"):
-        shutil.copy(f, OUT / f.name)
+    if (lab.tmp / "daemon.log").exists():
+        shutil.copy(lab.tmp / "daemon.log", OUT / "daemon.log")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .exposures import MEASURED_PORT, baseline_ruleset, exposures, remove_baseline
 from .stats import median, summary
-from .topology import BASELINE_IP, PUBLIC_IP, Lab
+from .topology import BASELINE_IP, PUBLIC_IP, BenchLab
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = {"ours": PUBLIC_IP, "baseline": BASELINE_IP}
@@ -28,13 +28,13 @@ WRK_THREADS = 2
 WRK_CONNECTIONS = 32
 
 
-def load_ours(lab: Lab, n: int) -> float:
+def load_ours(lab: BenchLab, n: int) -> float:
     out = lab.gateway.run(sys.executable, "-m", "tests.bench.nsload", str(n), cwd=REPO,
                           timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])["load_s"]
 
 
-def load_baseline(lab: Lab, n: int) -> float:
+def load_baseline(lab: BenchLab, n: int) -> float:
     path = lab.tmp / f"baseline-{n}.nft"
     if not path.exists():
         path.write_text(baseline_ruleset(exposures(n)))
@@ -43,7 +43,7 @@ def load_baseline(lab: Lab, n: int) -> float:
     return time.perf_counter() - start
 
 
-def wrk(lab: Lab, ip: str, seconds: float, threads: int = WRK_THREADS,
+def wrk(lab: BenchLab, ip: str, seconds: float, threads: int = WRK_THREADS,
         connections: int = WRK_CONNECTIONS) -> dict:
     """One wrk run; connections per second = completed requests per second."""
     # wrk takes whole seconds only.
@@ -73,7 +73,7 @@ def run(sizes=(1, 1000, 10000, 50000), reps: int = 5, seconds: float = 3.0,
     sizes = sorted(sizes)
     runs: list[dict] = []
     loads: list[dict] = []
-    with Lab() as lab:
+    with BenchLab() as lab:
         lab.start_nginx()
         # Per-namespace: TIME_WAIT entries of finished runs must not pile up in the gateway.
         lab.gateway.run("sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")

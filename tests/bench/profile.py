@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import controlplane as cp
-from .topology import Lab
+from .topology import BenchLab
 
 OUT = Path(__file__).with_name("out")
 
@@ -96,11 +96,11 @@ def main(argv=None) -> int:
     OUT.mkdir(exist_ok=True)
     spy = pyspy()
     log = print
-    with Lab(bridge=False) as lab:
-        daemon = cp.Daemon(lab)
+    with BenchLab(bridge=False) as lab:
+        daemon = cp.BenchDaemon(lab)
         api = cp.Api(lab)
         try:
-            daemon.start()
+            daemon.start_timed()
             cp.fill_conntrack(lab, api, args.flows, log)
             with attached(spy, daemon.pid, OUT / f"populate-{args.stored}.txt", args.rate) as raw:
                 cp.populate(lab, api, args.stored, 0, log)
@@ -119,8 +119,9 @@ def main(argv=None) -> int:
             daemon.stop()
             cp.drop_table(lab)
             raw = OUT / f"coldstart-{args.stored}.txt"
-            t = daemon.start(wrap=[spy, "record", "--format", "raw", "--rate", str(args.rate),
-                                   "--nonblocking", "--output", str(raw), "--"])
+            t = daemon.start_timed(wrap=[spy, "record", "--format", "raw", "--rate",
+                                         str(args.rate), "--nonblocking", "--output", str(raw),
+                                         "--"])
             log(f"cold start under py-spy: ready after {t['ready_s']:.3f} s")
             spy_proc = daemon.proc
             # The daemon is py-spy's child; stop it (py-spy then writes its file).

@@ -14,15 +14,13 @@ per-namespace one of the gateway, client or worker namespace, never the host's.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 from tests.helpers import wait_for  # noqa: F401 - also used by controlplane
-from tests.netns import Netns, veth
+from gw.lab.netns import Netns, stop_process, veth
 
 PUBLIC_IP = "198.18.0.1"      # what clients of our table connect to
 BASELINE_IP = "198.18.0.11"   # what clients of the one-rule-per-port baseline connect to
@@ -55,7 +53,7 @@ http {{
 """
 
 
-class Lab:
+class BenchLab:
     """client -- gateway -- goProxyTun -- worker. Use as a context manager: everything it
     created (namespaces, processes inside them, temp files) goes on exit, also on failure."""
 
@@ -68,7 +66,7 @@ class Lab:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> "BenchLab":
         try:
             self._build()
         except BaseException:
@@ -80,7 +78,8 @@ class Lab:
         self.close()
 
     def _build(self) -> None:
-        self.client, self.gateway, self.worker = (Netns(p) for p in ("oakbc", "oakbg", "oakbw"))
+        self.client, self.gateway, self.worker = (Netns.create(p) for p in
+                                                  ("oakbc", "oakbg", "oakbw"))
         c, g, w = self.client, self.gateway, self.worker
         veth(c, "c0", g, "pub0")
         veth(g, TUNNEL_IF, w, "tun0", mtu=TUNNEL_MTU)
@@ -109,7 +108,7 @@ class Lab:
 
     def close(self) -> None:
         for proc in reversed(self._procs):
-            stop(proc)
+            stop_process(proc)
         self._procs.clear()
         for ns in (self.client, self.gateway, self.worker):
             if ns is not None:
@@ -150,21 +149,3 @@ class Lab:
 
     def conntrack_flush(self) -> None:
         self.gateway.run("conntrack", "-F", check=False)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 5) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout)
-

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gw.cli import main
 from gw.core.exposure import Exposure
-from tests.api.harness import (API_PORT, INTERNAL_V4, INTERNAL_V6, PUBLIC_V4, Gateway,
+from tests.api.harness import (API_PORT, INTERNAL_V4, INTERNAL_V6, PUBLIC_V4, GatewayTestbed,
                                docs_set, gw_command, in_netns, require_root, running)
 from tests.helpers import doc, wait_for
 
@@ -323,7 +323,7 @@ def test_rules_diff_names_an_edited_chain(gw, clean):
 @pytest.mark.kernel
 def test_teardown(tmp_path):
     require_root()
-    gw = Gateway(tmp_path / "gw")
+    gw = GatewayTestbed(tmp_path / "gw")
     flows = []
     try:
         gw.start()

@@ -9,7 +9,7 @@ import pytest
 
 from gw.core import ruleset
 from gw.core.config import parse_config
-from tests.netns import netns, veth
+from gw.lab.netns import netns, veth
 
 pytestmark = pytest.mark.kernel
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.api.harness import Gateway, gw_command, require_root
+from tests.api.harness import GatewayTestbed, gw_command, require_root
 from tests.helpers import ex, wait_for
 
 pytestmark = [pytest.mark.kernel]
@@ -24,7 +24,7 @@ NO_PROTOCOLS = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
 
 def test_daemon_and_rules_diff_without_a_protocols_database(tmp_path):
     require_root()
-    gw = Gateway(tmp_path / "gw", drift_watch=False)
+    gw = GatewayTestbed(tmp_path / "gw", drift_watch=False)
     try:
         with open(gw.log_path, "ab") as log:
             gw.proc = gw.ns.popen(*NO_PROTOCOLS, *gw_command(), "serve", "--config",

@@ -1,4 +1,4 @@
-"""The daemon under test: tests/api/harness.Gateway (the real `oakestra-gw serve` in a
+"""The daemon under test: tests/api/harness.GatewayTestbed (the real `oakestra-gw serve` in a
 throwaway network namespace, with a worker namespace behind a `goProxyTun` veth), plus what
 the reliability tests need on top: reading the store while the daemon is down, the storm's
 endpoints, a kill that leaves nothing behind."""
@@ -12,22 +12,22 @@ import subprocess
 from pathlib import Path
 
 from gw.store.local import LocalStore
-from tests.api.harness import API_PORT, TOKEN, Gateway, docs_set  # noqa: F401 - re-exported
+from tests.api.harness import API_PORT, TOKEN, GatewayTestbed, docs_set  # noqa: F401 - re-exported
 
 HOST = "127.0.0.1"
 
 
 @contextlib.contextmanager
 def gateway(workdir: Path, **kw):
-    """A harness Gateway that is closed (daemon killed, namespaces deleted) on exit."""
-    gw = Gateway(workdir, **kw)
+    """A harness GatewayTestbed that is closed (daemon killed, namespaces deleted) on exit."""
+    gw = GatewayTestbed(workdir, **kw)
     try:
         yield gw
     finally:
         gw.close()
 
 
-def store_path(gw: Gateway) -> Path:
+def store_path(gw: GatewayTestbed) -> Path:
     return Path(gw.config["store"]["path"])
 
 
@@ -38,7 +38,7 @@ def stored_docs(path: Path) -> set[tuple]:
         return docs_set([e.to_dict() for e in store.exposures()])
 
 
-def kill(gw: Gateway, sig: int = signal.SIGKILL) -> int:
+def kill(gw: GatewayTestbed, sig: int = signal.SIGKILL) -> int:
     """Signal the daemon and reap it; returns its exit status."""
     if gw.proc is None:
         return 0
@@ -51,7 +51,7 @@ def kill(gw: Gateway, sig: int = signal.SIGKILL) -> int:
         return gw.proc.wait(timeout=10)
 
 
-def reap_orphans(gw: Gateway) -> None:
+def reap_orphans(gw: GatewayTestbed) -> None:
     """A daemon killed -9 leaves its `nft monitor` child behind (systemd's KillMode=mixed
     would end it): end every `nft monitor` in the daemon's namespace. Only while no daemon
     runs there."""

@@ -22,7 +22,7 @@ import pytest
 
 from tests.api.harness import INTERNAL_V4
 from tests.helpers import wait_for
-from tests.netns import Netns, veth
+from gw.lab.netns import Netns, veth
 from tests.reliability.daemon import API_PORT, gateway
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -194,7 +194,7 @@ SYN_FLOOD = textwrap.dedent("""
 
 def test_only_allowed_sources_enter_the_connection_count_set(tmp_path):
     with gateway(tmp_path / "gw", config={"api": {"host": INTERNAL_V4}}) as gw:
-        client = Netns("oakpub")
+        client = Netns.create("oakpub")
         try:
             veth(gw.ns, "pub0", client, "eth0")
             gw.ns.run("ip", "addr", "add", "198.18.0.1/15", "dev", "pub0")

@@ -310,7 +310,7 @@ def test_commits_from_any_thread_of_the_process_are_its_own(tmp_path):
 
     from gw.kernel.drift import DriftWatcher
     from gw.kernel.nft import PROBE_TABLE
-    from tests.netns import netns
+    from gw.lab.netns import netns
     from tests.reliability.common import enter_netns
 
     with netns("oakrel") as ns:
