@@ -27,7 +27,8 @@ WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
 
 class Listener:
     """Every server it makes shares one socket map and one pool of worker threads, so that
-    `move` can add a listener to the running loop."""
+    `move` can add a listener to the running loop. A host name that resolves to several
+    addresses gets one server per address, as waitress's own `create_server` would."""
 
     def __init__(self, app, host: str, port: int, threads: int):
         from waitress.task import ThreadedTaskDispatcher  # noqa: PLC0415
@@ -36,51 +37,67 @@ class Listener:
         self._map: dict = {}
         self._dispatcher = ThreadedTaskDispatcher()
         self._dispatcher.set_thread_count(threads)
-        self.server = self._listen(host)
+        self._servers = self._listen(host)
 
-    def _listen(self, host: str):
-        import waitress  # noqa: PLC0415
+    def _listen(self, host: str) -> list:
+        from waitress.adjustments import Adjustments  # noqa: PLC0415
+        from waitress.server import TcpWSGIServer  # noqa: PLC0415
 
+        servers = []
         try:
-            # `_dispatcher` is waitress's documented way in to share the worker threads.
-            return waitress.create_server(self._app, map=self._map, _dispatcher=self._dispatcher,
-                                          host=host, port=self._port, threads=self._threads,
-                                          **WAITRESS)
-        except OSError as exc:
-            raise GatewayError(f"cannot listen on {host}:{self._port}: "
-                               f"{exc.strerror or exc}") from None
+            adj = Adjustments(host=host, port=self._port, threads=self._threads, **WAITRESS)
+            for sockinfo in adj.listen:
+                servers.append(TcpWSGIServer(self._app, self._map, dispatcher=self._dispatcher,
+                                             adj=adj, sockinfo=sockinfo))
+        except (OSError, ValueError) as exc:
+            for server in servers:
+                _stop_listening(server)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise GatewayError(f"cannot listen on {host}:{self._port}: {why}") from None
+        return servers
+
+    @property
+    def where(self) -> str:
+        return ", ".join(f"{s.effective_host}:{s.effective_port}" for s in self._servers)
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (raised as SystemExit into waitress's loop)."""
-        self.server.run()
+        """Serve until SIGTERM/SIGINT (raised as SystemExit into waitress's loop, which serves
+        every server in the shared map)."""
+        self._servers[0].run()
 
     def move(self, host: str) -> str | None:
         """Listen on `host` instead, inside waitress's loop (its socket map is not safe to
-        change from another thread): the new socket first, then the old one closed.
+        change from another thread): the new sockets first, then the old ones closed.
         Connections already open on the old address finish on it. None when done; else why
         not (the old listener stays)."""
         done, outcome = threading.Event(), {}
 
         def swap():
             try:
-                outcome["server"] = self._listen(host)
+                outcome["servers"] = self._listen(host)
             except GatewayError as exc:
                 outcome["error"] = exc
             done.set()
 
-        self.server.trigger.pull_trigger(swap)
+        self._servers[0].trigger.pull_trigger(swap)
         if not done.wait(10) or "error" in outcome:
             why = outcome["error"].message if "error" in outcome else "the API loop did not answer"
-            return (f"the API still listens on {self.server.effective_host}, not on the new "
-                    f"internal address {host} ({why}): restart needed")
-        old, self.server = self.server, outcome["server"]
-        # Its listening socket only: the old server's trigger still wakes the loop for
-        # requests in flight on connections it accepted.
-        old.del_channel()
-        old.socket.close()
+            return (f"the API still listens on {self.where}, not on the new internal address "
+                    f"{host} ({why}): restart needed")
+        old, self._servers = self._servers, outcome["servers"]
+        for server in old:
+            _stop_listening(server)
         log.info("re-address: the API listens on http://%s:%d now", host, self._port)
         return None
 
     def close(self) -> None:
         self._dispatcher.shutdown(timeout=5)
-        self.server.close()
+        for server in self._servers:
+            server.close()
+
+
+def _stop_listening(server) -> None:
+    """Its listening socket only: its trigger still wakes the loop for requests in flight on
+    connections it accepted."""
+    server.del_channel()
+    server.socket.close()
