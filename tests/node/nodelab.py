@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from gw.lab.netns import Netns, veth
+
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "ansible" / "roles" / "oakestra_gateway"
 CACHE = Path(os.environ.get("OAKGW_NODE_CACHE", "/var/cache/oakestra-gw-test"))
@@ -229,6 +231,8 @@ class NodeLab:
         # Unique per run: nspawn keeps per-machine state under /run/systemd/nspawn/.
         self.machine = f"oakgw-node-{tag}"
         self.ns_client, self.ns_node, self.ns_worker = (f"ogn{tag}{r}" for r in "cnw")
+        self.client_ns, self.node_ns, self.worker_ns = (
+            Netns(name) for name in (self.ns_client, self.ns_node, self.ns_worker))
         self.run_dir: Path | None = None
         self.merged: Path | None = None
         self.nspawn: subprocess.Popen | None = None
@@ -244,16 +248,10 @@ class NodeLab:
         return self
 
     def _netns(self) -> None:
-        for ns in (self.ns_client, self.ns_node, self.ns_worker):
-            _run("ip", "netns", "add", ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        c, n, w = self.ns_client, self.ns_node, self.ns_worker
-        _run("ip", "link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "eth0",
-             "netns", n)
-        _run("ip", "link", "add", "goProxyTun", "netns", n, "type", "veth", "peer", "name",
-             "tun0", "netns", w)
-        for ns, ifname in ((n, "goProxyTun"), (w, "tun0")):
-            _run("ip", "-n", ns, "link", "set", ifname, "mtu", str(TUNNEL_MTU))
+        c, n, w = (Netns.create(name=ns.name) for ns in
+                   (self.client_ns, self.node_ns, self.worker_ns))
+        veth(c, "eth0", n, "eth0")
+        veth(n, "goProxyTun", w, "tun0", mtu=TUNNEL_MTU)
         script = {
             c: f"""
                 ip addr add {CLIENT_V4}/24 dev eth0
@@ -281,15 +279,14 @@ class NodeLab:
             """,
         }
         for ns, text in script.items():
-            _run("ip", "netns", "exec", ns, "sh", "-ec", textwrap.dedent(text))
+            ns.sh(textwrap.dedent(text))
 
     def _servers(self) -> None:
         self.www = Path(tempfile.mkdtemp(prefix="oakgw-www."))
         (self.www / "hello.txt").write_text("hello from the worker\n")
-        self.servers.append(subprocess.Popen(
-            ["ip", "netns", "exec", self.ns_worker, "python3", "-m", "http.server",
-             str(HTTP_PORT), "--bind", "::", "--directory", str(self.www)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.servers.append(self.worker_ns.popen(
+            "python3", "-m", "http.server", str(HTTP_PORT), "--bind", "::", "--directory",
+            str(self.www), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         echo = textwrap.dedent(f"""
             import socket, threading
             s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -304,12 +301,11 @@ class NodeLab:
                 c, _ = s.accept()
                 threading.Thread(target=serve, args=(c,), daemon=True).start()
         """)
-        self.servers.append(subprocess.Popen(
-            ["ip", "netns", "exec", self.ns_worker, "python3", "-c", echo],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.servers.append(self.worker_ns.popen(
+            "python3", "-c", echo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            out = _run("ip", "netns", "exec", self.ns_worker, "ss", "-Htln").stdout
+            out = self.worker_ns.run("ss", "-Htln").stdout
             if f":{HTTP_PORT} " in out and f":{ECHO_PORT} " in out:
                 return
             time.sleep(0.1)
@@ -386,15 +382,14 @@ class NodeLab:
 
     def client(self, *cmd: str, check: bool = True, timeout: float = 60,
                **kw) -> subprocess.CompletedProcess:
-        res = _run("ip", "netns", "exec", self.ns_client, *cmd, check=False, timeout=timeout,
-                   **kw)
+        res = self.client_ns.run(*cmd, check=False, timeout=timeout, **kw)
         if check and res.returncode != 0:
             raise AssertionError(f"in the client: {' '.join(cmd)} -> {res.returncode}\n"
                                  f"{res.stdout}{res.stderr}")
         return res
 
     def client_popen(self, *cmd: str, **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns_client, *cmd], **kw)
+        return self.client_ns.popen(*cmd, **kw)
 
     def console(self) -> str:
         try:
@@ -460,15 +455,10 @@ class NodeLab:
         self.run_dir = None
 
     def _delete_netns(self) -> None:
-        for ns in (self.ns_client, self.ns_node, self.ns_worker):
-            if not Path(f"/run/netns/{ns}").exists():
-                continue
-            for pid in _run("ip", "netns", "pids", ns, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _run("ip", "netns", "del", ns)
+        left = [ns.name for ns in (self.client_ns, self.node_ns, self.worker_ns)
+                if not ns.delete()]
+        if left:
+            raise RuntimeError(f"namespaces not removed: {left}")
 
 
 def _children(pid: int) -> list[int]:
