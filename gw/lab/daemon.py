@@ -95,7 +95,7 @@ class GatewayDaemon:
         """Start the daemon (`args` replace `serve --config ...`; `wrap` goes before the
         command, e.g. a profiler); with `wait`, return once /api/health answers 200."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.mark_log()
         environ = {k: v for k, v in os.environ.items() if k not in _MANAGER_ENV}
         environ.update(PYTHONUNBUFFERED="1",
                        OAKESTRA_GW_DRIFT_WATCH="1" if self.drift_watch else "0")
@@ -181,6 +181,10 @@ class GatewayDaemon:
         except FileNotFoundError:
             return ""
         return data[self._log_offset if since_start else 0:].decode(errors="replace")
+
+    def mark_log(self) -> None:
+        """From here on, `log(since_start=True)` and `wait_log` see only what comes next."""
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log().splitlines()[-lines:]) or "(no log)"

@@ -128,7 +128,7 @@ def test_sighup_with_a_bad_config_keeps_the_running_one(make):
         assert api.get("/api/ready").status == 200
         assert api.add(ex(8081)).status in (200, 201)
         gw.write_config(good)
-        gw._log_offset = gw.log_path.stat().st_size
+        gw.mark_log()
     log = gw.log()
     assert "reload: api.port: api.port must be a port number" in log or \
         "reload: api.port must be a port number" in log
@@ -146,7 +146,7 @@ def test_sighup_rotates_the_token(make):
     assert gw.http(token=new).get("/api/service/exposure").status == 200
     # An unreadable token file on reload keeps the running token.
     (gw.dir / "token").write_text("short\n")
-    gw._log_offset = gw.log_path.stat().st_size
+    gw.mark_log()
     gw.send(signal.SIGHUP)
     gw.wait_log("keeping the running token")
     assert gw.http(token=new).get("/api/service/exposure").status == 200

@@ -295,7 +295,7 @@ def capabilities(pid: int) -> dict[str, int]:
 def start_with_bounding_set(gw, caps: str):
     """The daemon as the unit starts it: root, whose bounding set is `caps` (setpriv)."""
     log = open(gw.log_path, "ab")
-    gw._log_offset = gw.log_path.stat().st_size
+    gw.mark_log()
     try:
         gw.proc = gw.ns.popen("setpriv", f"--bounding-set=-all{caps}", "--inh-caps=-all",
                               *gw_command(), "serve", "--config", str(gw.config_path),
