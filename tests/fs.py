@@ -7,18 +7,15 @@ it, go away with the helper's close() (or unmount()), also after a failure."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
-EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+from gw.daemon.faults import shut_down_path
 
 
 def require_tools(*names: str) -> None:
@@ -103,11 +100,7 @@ class Ext4:
 
     def shutdown(self) -> None:
         """Power loss: what was not fsync'd (and committed to ext4's journal) is gone."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
-        finally:
-            os.close(fd)
+        shut_down_path(self.path)
 
     def unmount(self) -> None:
         if self.loop:

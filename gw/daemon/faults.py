@@ -7,7 +7,12 @@ like a crash) in its N-th change of exposures, after the store commit and before
 commit; "after-kernel:N" right after the kernel commit, before the answer;
 "refuse-then-store-fails:N" makes the N-th kernel commit refused and the store's next write
 (the revert) fail; "sync-then-cut-fails:N" makes the N-th journal fdatasync fail (EIO) and the
-truncate that takes the record back fail (EROFS).
+truncate that takes the record back fail (EROFS). Two points make a real ext4 fail instead
+(its state directory on one; tests/fs.py): "shutdown-before-sync:N" shuts the file system down
+(EXT4_IOC_SHUTDOWN, NOLOGFLUSH: power loss as ext4 sees it) right before the N-th journal
+fdatasync, after the record was written; "refuse-then-shutdown:N" shuts it down when the N-th
+kernel commit comes, then refuses that commit, so the revert's write fails. The errors are the
+kernel's (EIO), only the moment is chosen.
 OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first one (the
 start) fail as a kernel refusal would, so a failing repair can be tested.
 Read once at start; never set them in production.
@@ -16,8 +21,10 @@ Read once at start; never set them in production.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import struct
 from typing import Mapping
 
 from ..core.errors import ConfigError, KernelRefused, StoreUnavailable
@@ -28,7 +35,24 @@ log = logging.getLogger(__name__)
 CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
 CRASH_EXIT = 97
 REFUSE_ENV = "OAKESTRA_GW_TEST_REFUSE_LOADS"
-POINTS = ("before-kernel", "after-kernel", "refuse-then-store-fails", "sync-then-cut-fails")
+POINTS = ("before-kernel", "after-kernel", "refuse-then-store-fails", "sync-then-cut-fails",
+          "shutdown-before-sync", "refuse-then-shutdown")
+EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+def shut_down(fd: int) -> None:
+    """Shuts down the ext4 file system `fd` is on, as a power loss would: what was not made
+    durable is gone, and every further call on it fails (EIO) until it is mounted again."""
+    fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+
+
+def shut_down_path(path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        shut_down(fd)
+    finally:
+        os.close(fd)
 
 
 class _Wrapper:
@@ -74,6 +98,13 @@ class FaultyFirewall(_Wrapper):
             # A double failure: the kernel refuses, and the store's next write (the revert)
             # fails.
             self.store.fail_next_commit()
+            raise KernelRefused(f"{CRASH_ENV}: nftables refused the transaction (test only)")
+        if due and self.point == "refuse-then-shutdown":
+            # The same double failure from a real file system: it dies now, so the revert's
+            # journal write fails with ext4's own error.
+            log.critical("%s: shutting down the file system of %s", CRASH_ENV,
+                         self.store.path.parent)
+            shut_down_path(self.store.path.parent)
             raise KernelRefused(f"{CRASH_ENV}: nftables refused the transaction (test only)")
         if due and self.point == "before-kernel":
             log.critical("%s: exiting after the store commit, before the kernel commit", CRASH_ENV)
@@ -129,10 +160,27 @@ class SyncThenCutFails(FileCalls):
         super().truncate(fd, length)
 
 
+class ShutdownBeforeSync(FileCalls):
+    """Before the nth journal fdatasync, the file system is shut down; then the real fdatasync
+    runs (and fails), and so does the truncate after it: the record was written whole and
+    neither made durable nor taken back, as ext4 itself decides."""
+
+    def __init__(self, nth: int):
+        self.nth, self.syncs = nth, 0
+
+    def sync(self, fd: int) -> None:
+        self.syncs += 1
+        if self.syncs == self.nth:
+            log.critical("%s: shutting down the file system before fdatasync", CRASH_ENV)
+            shut_down(fd)
+        super().sync(fd)
+
+
 def file_calls(environ: Mapping[str, str]) -> FileCalls | None:
     """The store's file calls the environment asks for; None: the real ones."""
     point, nth, _ = parse(environ)
-    return SyncThenCutFails(nth) if point == "sync-then-cut-fails" else None
+    calls = {"sync-then-cut-fails": SyncThenCutFails, "shutdown-before-sync": ShutdownBeforeSync}
+    return calls[point](nth) if point in calls else None
 
 
 def wrap(store, firewall, environ: Mapping[str, str]):
@@ -145,7 +193,8 @@ def wrap(store, firewall, environ: Mapping[str, str]):
     if refuse:
         log.warning("%s=%s: table loads after the first will fail on purpose (test only)",
                     REFUSE_ENV, refuse)
-    if point in (None, "sync-then-cut-fails") and not refuse:  # the latter: see file_calls
+    if point in (None, "sync-then-cut-fails", "shutdown-before-sync") and not refuse:
+        # the latter two: see file_calls
         return store, firewall
     faulty = FaultyStore(store)
     return faulty, FaultyFirewall(firewall, faulty, point, nth, refuse)

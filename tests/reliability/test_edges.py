@@ -14,6 +14,7 @@ Every mount lives in a private mount namespace (tests/fs.MountNamespace)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -25,7 +26,7 @@ import pytest
 
 from gw import lab as L
 from tests.api.harness import gw_command
-from tests.fs import fill, mount_namespace
+from tests.fs import Ext4, fill, mount_namespace, require_tools
 from tests.helpers import doc, ex, wait_for
 from tests.reliability.common import metric, report
 from tests.reliability.daemon import docs_set, gateway, kill, reap_orphans, stored_docs
@@ -398,6 +399,97 @@ def test_a_refused_change_whose_revert_fails_never_reaches_the_kernel(tmp_path):
         assert docs_set(api.list()) == {doc(8001), doc(8003)}
         assert gw.stop() == 0
         assert stored_docs(Path(gw.config["store"]["path"])) == {doc(8001), doc(8003)}
+
+
+@contextlib.contextmanager
+def daemon_on_ext4(tmp_path: Path, crash: str):
+    """The daemon started with the fault point `crash`, its store on an ext4 file system
+    (tests/fs.Ext4, loop-mounted in a private mount namespace); yields (fs, daemon, store
+    path). The daemon is stopped, then the file system unmounted, at the end."""
+    require_tools("mkfs.ext4", "losetup")
+    with mount_namespace() as mns:
+        fs = Ext4(mns, tmp_path)
+        fs.mount()
+        try:
+            path = fs.path / "state" / "exposures.json"
+            with gateway(tmp_path / "gw", drift_watch=False,
+                         config={"store": {"path": str(path)}}) as gw:
+                gw.start(env={"OAKESTRA_GW_TEST_CRASH": crash})
+                yield fs, gw, path
+        finally:
+            fs.unmount()
+
+
+def test_a_dead_ext4_under_a_refused_change_keeps_it_out_of_the_running_kernel(tmp_path):
+    """Issue 12, 8(b) with a real file system: the state directory is on ext4, and when the
+    2nd kernel commit comes the file system is shut down (power loss as ext4 sees it), then
+    that commit is refused; the revert's journal write fails with ext4's own EIO. The add's
+    record was made durable before the refusal, so the documented window applies: the
+    running daemon never loads the refused exposure and takes no change while the undo is
+    pending; a start finds it in the store and loads it (docs/api.md)."""
+    with daemon_on_ext4(tmp_path, "refuse-then-shutdown:2") as (fs, gw, path):
+        api = gw.http()
+        assert api.add(ex(8001)).status == 201
+        r = api.add(ex(8002))
+        assert r.status == 503 and r.json["error"] == "kernel_refused", r
+        assert gw.kernel_docs() == {doc(8001)}
+        r = api.add(ex(8003))
+        assert r.status == 503 and r.json["error"] == "store_unavailable", r
+        assert "Input/output error" in r.json["message"], r
+        assert "test only" not in r.json["message"], "the error must be ext4's, not a hook's"
+        ready = api.get("/api/ready")
+        assert ready.status == 503 and "could not revert a refused change" in \
+            ready.json["reasons"]["store"], ready
+        assert gw.kernel_docs() == {doc(8001)}, "the refused add reached the kernel"
+        # A reconcile while the undo is pending (our table gone, SIGHUP) loads the store
+        # less the refused change.
+        gw.nft("delete", "table", "inet", "oakestra_gw")
+        gw.send(signal.SIGHUP)
+        wait_for(lambda: gw.kernel() is not None, what="the reconcile", log=gw.log)
+        assert gw.kernel_docs() == {doc(8001)}, "the reconcile loaded the refused add"
+        assert gw.proc.poll() is None  # not poisoned: it stays up, answering 503
+        gw.stop()
+        fs.remount()  # ext4 replays its own journal: what was durable before the shutdown
+        gw.start()
+        kernel = gw.kernel_docs()
+        assert kernel == docs_set(api.list()) and doc(8001) in kernel, kernel
+        # 8002's record was fdatasync'd before the refusal and its undo never reached the
+        # disk: the restart in the window docs/api.md names finds it and loads it.
+        assert kernel == {doc(8001), doc(8002)}, kernel
+        assert gw.stop() == 0
+        assert stored_docs(path) == kernel
+
+
+def test_a_change_whose_sync_and_cut_fail_on_a_dead_ext4_stops_the_daemon(tmp_path):
+    """Issue 12, 8(a) with a real file system: the state directory is on ext4, and right
+    before the 2nd journal fdatasync (the record is written) the file system is shut down;
+    the real fdatasync fails (EIO) and so does the truncate that would take the record back.
+    The store is poisoned: the add and every further change answer 503, the daemon exits 1
+    for systemd to restart it; after a remount (ext4's journal recovered) the start holds
+    the acknowledged add in the store and the kernel, and not the unacknowledged one (it was
+    never made durable: lost with the power)."""
+    with daemon_on_ext4(tmp_path, "shutdown-before-sync:2") as (fs, gw, path):
+        api = gw.http()
+        assert api.add(ex(8000)).status == 201
+        r = api.add(ex(8001))
+        assert r.status == 503 and r.json["error"] == "store_unavailable", r
+        assert "Input/output error" in r.json["message"], r
+        assert "test only" not in r.json["message"], "the error must be ext4's, not a hook's"
+        r = api.add(ex(8002))
+        assert r.status == 503, f"the daemon took a change with a store that disagrees: {r}"
+        assert "could not take back a record" in r.json["message"], r
+        assert "(EIO)" in r.json["message"], r
+        ready = api.get("/api/ready")
+        assert ready.status == 503 and "could not take back a record" in \
+            ready.json["reasons"]["store"], ready
+        assert gw.kernel_docs() == {doc(8000)}
+        assert gw.proc.wait(timeout=20) == 1, "the daemon must exit for systemd to restart it"
+        fs.remount()
+        gw.start()
+        kernel = gw.kernel_docs()
+        assert kernel == docs_set(api.list()) == {doc(8000)}, kernel
+        assert gw.stop() == 0
+        assert stored_docs(path) == kernel
 
 
 def test_a_stored_exposure_to_the_new_own_address_is_not_loaded(tmp_path):
