@@ -90,7 +90,10 @@ class Gateway:
     # -- reads ------------------------------------------------------------------------------
 
     def exposures(self) -> list[Exposure]:
-        return self.store.exposures()
+        """What was acknowledged, by key: the store, less a refused change it could not take
+        back yet."""
+        with self._lock:
+            return self._believed()
 
     def kernel_counters(self) -> dict[str, int]:
         """The table's named counters (egress), by name."""
@@ -245,15 +248,20 @@ class Gateway:
             log.critical("the kernel refused a change and the store could not take it back "
                          "(%s): no change is taken until it can", exc.message)
 
+    def _believed(self) -> list[Exposure]:
+        """The store, less a refused change it could not revert (the pending undo applied),
+        sorted by key as the store is."""
+        stored = self.store.exposures()
+        if self._unreverted is None:
+            return stored
+        put, delete = self._unreverted
+        gone = set(delete) | {e.key for e in put}
+        return sorted([e for e in stored if e.key not in gone] + put, key=lambda e: e.key)
+
     def _wanted(self) -> list[Exposure]:
-        """What the kernel must hold: the store, less a refused change it could not revert,
-        less exposures that point at the gateway itself."""
-        wanted = self.store.exposures()
-        if self._unreverted is not None:
-            put, delete = self._unreverted
-            gone = set(delete) | {e.key for e in put}
-            wanted = [e for e in wanted if e.key not in gone] + put
-        return [e for e in wanted if str(e.service_ip) not in self._own]
+        """What the kernel must hold: what was acknowledged, less exposures that point at the
+        gateway itself."""
+        return [e for e in self._believed() if str(e.service_ip) not in self._own]
 
     def pointing_at_itself(self) -> list[Exposure]:
         """Stored exposures whose service IP is one of the gateway's own internal addresses."""

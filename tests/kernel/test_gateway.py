@@ -157,6 +157,10 @@ def test_a_failed_revert_is_settled_before_the_next_change(gateway, monkeypatch)
     with pytest.raises(KernelRefused):
         gateway.add([ex(81, "10.30.0.2")])
     assert "store" in gateway.health
+    # The list (what the API answers) shows what was acknowledged, not the refused change
+    # the store still holds.
+    assert [e.exposed_port for e in gateway.exposures()] == [80]
+    assert len(store_state(gateway.store)) == 2
     gateway.reconcile()  # the repair restores the table, without the refused exposure
     assert len(kernel_state()) == 1
     with pytest.raises(StoreUnavailable):

@@ -441,6 +441,7 @@ def test_a_dead_ext4_under_a_refused_change_keeps_it_out_of_the_running_kernel(t
         assert ready.status == 503 and "could not revert a refused change" in \
             ready.json["reasons"]["store"], ready
         assert gw.kernel_docs() == {doc(8001)}, "the refused add reached the kernel"
+        assert docs_set(api.list()) == {doc(8001)}, "the list shows the refused add"
         # A reconcile while the undo is pending (our table gone, SIGHUP) loads the store
         # less the refused change.
         gw.nft("delete", "table", "inet", "oakestra_gw")
