@@ -11,6 +11,7 @@ import pytest
 from gw.core.exposure import Exposure
 from gw import lab as L
 from gw.store.local import LocalStore
+from tests.helpers import wait_for
 from tests.oakestra.orchestrator import ClusterState, Orchestrator
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -85,8 +86,8 @@ def test_register_ip_ready_then_a_restart_keeps_the_id_while_the_cluster_is_down
     daemon.start()  # waits for the API; one that waited for the cluster would give up and exit
     assert L.http_get(lab, "client", L.GATEWAY_V4, 8080, "/whoami")[0] == 200
     assert daemon.request("GET", "/api/service/exposure", token=token)[0] == 200
-    time.sleep(1)
-    assert "re-register gateway gw-1" in daemon.log_tail(50)
+    wait_for(lambda: "re-register gateway gw-1" in daemon.log_tail(50),
+             what="a try to re-register", log=daemon.log_tail)
     # The cluster comes back: the same id re-registers, then reports ready again.
     state.ready_event.clear()
     cluster = orchestrator(lab, state).start()
@@ -109,9 +110,10 @@ def store_state_after_stop(daemon: L.GatewayDaemon) -> tuple:
 
 def test_a_cluster_that_is_down_at_first_is_waited_for(lab):
     daemon = oakestra_daemon(lab).start(wait=False)
-    time.sleep(2)
-    assert daemon.proc.poll() is None
+    wait_for(lambda: "try 1 failed" in daemon.log_tail(), what="the first failed try",
+             log=daemon.log_tail)
     log = daemon.log_tail()
+    assert daemon.proc.poll() is None
     assert "register with http://127.0.0.1:18080: try 1 failed" in log, log
     assert "Connection refused" in log
     with orchestrator(lab).running() as cluster:
