@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 from .netns import inside
 
@@ -126,6 +127,74 @@ class NetnsHttp:
             return b"".join(chunks)
         finally:
             sock.close()
+
+
+class KeepAliveHttp:
+    """A keep-alive HTTP/1.1 client of the management API: one connection, reused. Its socket
+    is created inside network namespace `ns_name` (None: the calling thread's own). A failure
+    to get a whole answer raises OSError or http.client.HTTPException and drops the
+    connection: the request may or may not have been applied."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 11022, token: str | None = None,
+                 timeout: float = 10, ns_name: str | None = None):
+        self.host, self.port, self.token, self.timeout = host, port, token, timeout
+        self.ns_name = ns_name
+        self.conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            if self.ns_name is None:
+                conn.connect()
+            else:
+                conn.sock = in_netns(self.ns_name, socket.create_connection,
+                                     (self.host, self.port), self.timeout)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conn = conn
+        return self.conn
+
+    def timed(self, method: str, path: str, body=None) -> tuple[int, dict, float]:
+        """(status, JSON body, seconds from sending to the whole answer read); a body that is
+        not JSON comes back as {"raw": text}."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn = self._connection()
+        start = time.perf_counter()
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except BaseException:
+            self.close()
+            raise
+        seconds = time.perf_counter() - start
+        if resp.will_close:
+            self.close()
+        try:
+            doc = json.loads(raw) if raw else {}
+        except ValueError:
+            doc = {"raw": raw.decode(errors="replace")}
+        return resp.status, doc, seconds
+
+    def request(self, method: str, path: str, body=None) -> tuple[int, dict]:
+        status, doc, _ = self.timed(method, path, body)
+        return status, doc
+
+    def add(self, body) -> tuple[int, dict]:
+        return self.request("POST", "/api/service/exposure/add", body)
+
+    def delete(self, body) -> tuple[int, dict]:
+        return self.request("POST", "/api/service/exposure/delete", body)
+
+    def list(self) -> tuple[int, dict]:
+        return self.request("GET", "/api/service/exposure")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def _complete(data: bytes) -> bool:

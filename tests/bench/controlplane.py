@@ -13,8 +13,6 @@ The store lives on a disk filesystem (/var/tmp), so its fsyncs are real.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import http.client
 import json
 import math
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 from gw.lab.daemon import GatewayDaemon
+from gw.lab.http import KeepAliveHttp, NetnsHttp
 
 from .exposures import MEASURED_PORT, as_docs, exposures, measured_exposure
 from .stats import latency_summary, median, summary
@@ -36,7 +35,6 @@ from .topology import (CLIENT_IP, EXTRA_SOURCES, INTERNAL_IPV4, INTERNAL_IPV6, P
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).with_name("out")   # git-ignored
 API_PORT = 11022
-CLONE_NEWNET = 0x40000000
 UDP_PORTS = [5353, 5354, 5355, 5356]   # the exposures the conntrack filler sends through
 FLUSH_PORTS = range(5400, 5450)        # exposures deleted by the conntrack flush benchmark
 # The numbered promises of the design, compared with what was measured.
@@ -45,98 +43,20 @@ PROBE_PORTS = range(9000, 9990)        # exposures added and deleted by the late
 BATCH = 10000                          # the API's limit of exposures per batch
 MAX_BODY = 60 * 1024                   # under the API's 64 KiB request limit
 
-# -- namespaces ------------------------------------------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def inside(ns):
-    """Run this thread in `ns` for the block: sockets created here belong to it (and keep
-    working after the block). The thread's own namespace is restored on exit."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {ns.name} failed")
-        try:
-            yield
-        finally:
-            if _libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back failed")
-    finally:
-        os.close(own)
-        os.close(target)
-
-
 # -- the API client ------------------------------------------------------------------------
 
-class Api:
-    """A keep-alive HTTP client to the daemon, its socket in the gateway namespace."""
-
-    def __init__(self, lab: BenchLab, timeout: float = 60):
-        self.lab = lab
-        self.timeout = timeout
-        self.conn = None
-
-    def _connect(self):
-        if self.conn is None:
-            with inside(self.lab.gateway):
-                self.conn = http.client.HTTPConnection("127.0.0.1", API_PORT,
-                                                       timeout=self.timeout)
-                self.conn.connect()
-                self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self.conn
-
-    def request(self, method: str, path: str, body=None) -> tuple[int, dict, float]:
-        """(status, JSON body, seconds from sending to the whole answer read)."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn = self._connect()
-        start = time.perf_counter()
-        try:
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except (OSError, http.client.HTTPException):
-            self.close()
-            raise
-        elapsed = time.perf_counter() - start
-        if resp.will_close:
-            self.close()
-        try:
-            doc = json.loads(raw) if raw else {}
-        except ValueError:
-            doc = {"raw": raw.decode(errors="replace")}
-        return resp.status, doc, elapsed
-
-    def post(self, path: str, body) -> tuple[int, dict, float]:
-        return self.request("POST", path, body)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+def api_of(lab: BenchLab, timeout: float = 60) -> KeepAliveHttp:
+    """A keep-alive client of the daemon, its socket in the gateway namespace."""
+    return KeepAliveHttp("127.0.0.1", API_PORT, timeout=timeout, ns_name=lab.gateway.name)
 
 
 def get_status(lab: BenchLab, path: str, timeout: float = 1.0) -> int | None:
     """One GET on a fresh connection; None when nothing answers (not listening yet)."""
-    with inside(lab.gateway):
-        conn = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=timeout)
-        try:
-            conn.connect()
-        except OSError:
-            conn.close()
-            return None
     try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
+        client = NetnsHttp(lab.gateway.name, "127.0.0.1", API_PORT, timeout=timeout)
+        return client.get(path).status
     except (OSError, http.client.HTTPException):
         return None
-    finally:
-        conn.close()
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -209,8 +129,8 @@ def cold_start(lab: BenchLab, daemon: BenchDaemon, reps: int, log) -> dict:
     return {"health_s": summary(health), "ready_s": summary(ready)}
 
 
-def fill_conntrack(lab: BenchLab, api: Api, flows: int, log) -> dict:
-    status, body, _ = api.post("/api/service/exposure/add", {"exposures": [
+def fill_conntrack(lab: BenchLab, api: KeepAliveHttp, flows: int, log) -> dict:
+    status, body, _ = api.timed("POST", "/api/service/exposure/add", {"exposures": [
         {"exposed_port": p, "protocol": "udp", "service_ip": SERVICE_IP, "service_port": p - 5300}
         for p in UDP_PORTS]})
     if status not in (200, 201):
@@ -247,14 +167,14 @@ def batches_of(docs: list[dict]) -> list[list[dict]]:
     return out
 
 
-def populate(lab: BenchLab, api: Api, target: int, have: int, log) -> list[dict]:
+def populate(lab: BenchLab, api: KeepAliveHttp, target: int, have: int, log) -> list[dict]:
     """Add filler exposures through the API, in the largest batches the API's request size
     limit lets through, until `target` are stored."""
     batches = []
     start = time.perf_counter()
     fillers = exposures(target, measured=False)
     for chunk in batches_of(as_docs(fillers[have:target])):
-        status, body, seconds = api.post("/api/service/exposure/add", {"exposures": chunk})
+        status, body, seconds = api.timed("POST", "/api/service/exposure/add", {"exposures": chunk})
         if status != 201:
             raise RuntimeError(f"batch add: {status} {body}")
         batches.append({"size": len(chunk), "stored_before": have, "seconds": seconds})
@@ -272,10 +192,10 @@ def in_kernel(lab: BenchLab, port: int) -> bool:
                            f"{{ tcp . {port} }}", check=False).returncode == 0
 
 
-def metric(api: Api, name: str) -> float:
+def metric(api: KeepAliveHttp, name: str) -> float:
     """The sum of a Prometheus metric's samples on /metrics (0 when absent)."""
     try:
-        status, body, _ = api.request("GET", "/metrics")
+        status, body, _ = api.timed("GET", "/metrics")
     except (OSError, http.client.HTTPException):
         return math.nan
     text = body.get("raw", "") if isinstance(body, dict) else ""
@@ -288,9 +208,9 @@ def metric(api: Api, name: str) -> float:
     return total
 
 
-def scrape(api: Api) -> str:
+def scrape(api: KeepAliveHttp) -> str:
     try:
-        status, body, _ = api.request("GET", "/metrics")
+        status, body, _ = api.timed("GET", "/metrics")
     except (OSError, http.client.HTTPException):
         return ""
     return body.get("raw", "") if isinstance(body, dict) else ""
@@ -344,7 +264,7 @@ def server_side(before: str, after: str) -> dict:
     return out
 
 
-def latency(lab: BenchLab, api: Api, pairs: int, warmup: int, log,
+def latency(lab: BenchLab, api: KeepAliveHttp, pairs: int, warmup: int, log,
             max_seconds: float = 300) -> dict:
     """`pairs` add+delete of fresh ports, back to back (at most `max_seconds`). Checks a
     sample of acknowledged changes against the kernel (outside the timing)."""
@@ -362,14 +282,14 @@ def latency(lab: BenchLab, api: Api, pairs: int, warmup: int, log,
             scraped = scrape(api)
         port = ports[i % len(ports)]
         doc = {"exposed_port": port, "service_ip": "10.30.9.9", "service_port": 80}
-        status, body, t_add = api.post("/api/service/exposure/add", doc)
+        status, body, t_add = api.timed("POST", "/api/service/exposure/add", doc)
         if status != 201:
             raise RuntimeError(f"add {port}: {status} {body}")
         if i % 50 == 0:
             if not in_kernel(lab, port):
                 raise RuntimeError(f"add {port} acknowledged but not in the kernel")
             checked += 1
-        status, body, t_del = api.post("/api/service/exposure/delete",
+        status, body, t_del = api.timed("POST", "/api/service/exposure/delete",
                                        {"exposed_port": port, "family": "ipv4"})
         if status != 200:
             raise RuntimeError(f"delete {port}: {status} {body}")
@@ -379,7 +299,7 @@ def latency(lab: BenchLab, api: Api, pairs: int, warmup: int, log,
             checked += 1
         # The control: a request that does nothing (no store, no kernel) on the same
         # connection. Its tail is what this machine adds to any request at that moment.
-        status, _, t_health = api.request("GET", "/api/health")
+        status, _, t_health = api.timed("GET", "/api/health")
         if i >= warmup:
             adds.append(t_add)
             deletes.append(t_del)
@@ -410,8 +330,7 @@ def latency(lab: BenchLab, api: Api, pairs: int, warmup: int, log,
 
 def connects(lab: BenchLab, timeout: float = 0.05) -> bool:
     """A new TCP connection from the client through the measured exposure completes."""
-    with inside(lab.client):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = lab.client.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect((PUBLIC_IP, MEASURED_PORT))
@@ -438,14 +357,14 @@ def flows_to(lab: BenchLab, port: int) -> int:
     return len(out.splitlines())
 
 
-def conntrack_flush(lab: BenchLab, api: Api, reps: int, flows_each: int, log) -> dict:
+def conntrack_flush(lab: BenchLab, api: KeepAliveHttp, reps: int, flows_each: int, log) -> dict:
     """The promise: a deleted exposure's conntrack entries are gone within 1 s of the answer
     (the flusher runs at idle priority). Per run: an exposure with `flows_each` UDP flows, among
     everything else in the table, deleted; the time from the API's answer until the conntrack
     tool lists none of them (the resolution is one listing, measured as poll_s)."""
     runs, polls = [], []
     for port in FLUSH_PORTS[:reps]:
-        status, body, _ = api.post("/api/service/exposure/add", {
+        status, body, _ = api.timed("POST", "/api/service/exposure/add", {
             "exposed_port": port, "protocol": "udp", "service_ip": SERVICE_IP,
             "service_port": 53})  # the worker drops port 53 silently: the flows stay open
         if status != 201:
@@ -454,7 +373,7 @@ def conntrack_flush(lab: BenchLab, api: Api, reps: int, flows_each: int, log) ->
                        str(flows_each), CLIENT_IP, cwd=REPO, timeout=300)
         wait_for(lambda: flows_to(lab, port) >= flows_each * 0.98, 30,
                  f"{flows_each} flows to {port}")
-        status, body, _ = api.post("/api/service/exposure/delete",
+        status, body, _ = api.timed("POST", "/api/service/exposure/delete",
                                    {"exposed_port": port, "protocol": "udp"})
         answered = time.perf_counter()
         if status != 200:
@@ -520,14 +439,14 @@ def run(levels=(0, 10000, 50000), pairs: int = 500, warmup: int = 20, flows: int
     with BenchLab(bridge=False) as lab:  # the daemon sets up its bridge itself
         lab.start_nginx()
         daemon = BenchDaemon(lab)
-        api = Api(lab)
+        api = api_of(lab)
         try:
             log("  cold start, empty store")
             daemon.start_timed()
             result["cold_start_0"] = cold_start(lab, daemon, max(1, cold_reps // 2), log)
             time.sleep(0.5)
             result["rss"]["0"] = daemon.rss()
-            status, body, _ = api.post("/api/service/exposure/add",
+            status, body, _ = api.timed("POST", "/api/service/exposure/add",
                                        measured_exposure().to_dict())
             if status != 201:
                 raise RuntimeError(f"adding the measured exposure: {status} {body}")

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     log = print
     with BenchLab(bridge=False) as lab:
         daemon = cp.BenchDaemon(lab)
-        api = cp.Api(lab)
+        api = cp.api_of(lab)
         try:
             daemon.start_timed()
             cp.fill_conntrack(lab, api, args.flows, log)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gw.lab.netns import enter as enter_netns  # noqa: F401 - the tests' name for it
+from gw.lab.http import KeepAliveHttp
 
 
 #: OAKGW_SOAK=1 runs the long variants (the numbers of issue 8); without it, short CI ones.
@@ -40,47 +41,6 @@ def report(name: str, **figures) -> None:
 
 
 # -- network namespaces ---------------------------------------------------------------------
-
-class Client:
-    """A keep-alive HTTP/1.1 client of the management API. Use it from one thread that is in
-    the daemon's namespace (see `enter_netns`). Any failure to get a whole answer raises
-    OSError (or http.client.HTTPException): the request may or may not have been applied."""
-
-    def __init__(self, host: str, port: int, token: str | None, timeout: float = 10):
-        self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.conn: http.client.HTTPConnection | None = None
-
-    def request(self, method: str, path: str, body=None) -> tuple[int, dict]:
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            self.conn.request(method, path, None if body is None else json.dumps(body), headers)
-            resp = self.conn.getresponse()
-            raw = resp.read()
-        except BaseException:
-            self.close()
-            raise
-        if resp.getheader("Connection", "").lower() == "close":
-            self.close()
-        return resp.status, (json.loads(raw) if raw else {})
-
-    def add(self, body):
-        return self.request("POST", "/api/service/exposure/add", body)
-
-    def delete(self, body):
-        return self.request("POST", "/api/service/exposure/delete", body)
-
-    def list(self):
-        return self.request("GET", "/api/service/exposure")
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
 
 def metric(text: str, name: str, labels: str = "") -> float:
     """One sample of a Prometheus text page (0 when absent)."""
@@ -222,7 +182,7 @@ class Worker:
                 self.unexpected.append(f"list shows {sorted(seen)} for client {self.index}, "
                                        f"the model holds {sorted(self.model.values())}")
 
-    def run(self, client: Client, requests: int, stop: threading.Event | None = None) -> None:
+    def run(self, client: KeepAliveHttp, requests: int, stop: threading.Event | None = None) -> None:
         """Sends up to `requests` requests, one at a time. On a connection failure it records
         the request in flight and stops (the daemon died)."""
         for _ in range(requests):
@@ -261,7 +221,7 @@ def storm(ns_name: str, workers: list[Worker], requests: int, host: str, port: i
     for w in workers:
         def target(w=w):
             enter_netns(ns_name)
-            client = Client(host, port, token, timeout=timeout)
+            client = KeepAliveHttp(host, port, token, timeout=timeout)
             try:
                 w.run(client, requests, stop)
             finally:

@@ -407,11 +407,11 @@ def test_slow_and_half_open_clients_do_not_block_others(tmp_path):
 
         def normal():
             enter_netns(gw.ns.name)
-            from tests.reliability.common import Client
+            from gw.lab.http import KeepAliveHttp
             port = 20000
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
-                client = Client(HOST, API_PORT, TOKEN, timeout=10)  # a new connection each time
+                client = KeepAliveHttp(HOST, API_PORT, TOKEN, timeout=10)  # a new connection each time
                 t0 = time.monotonic()
                 status, _ = client.add({"exposed_port": port, "service_ip": "10.30.0.1",
                                         "service_port": 80})
