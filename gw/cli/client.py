@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 
 import click
 
+from ..core import hosts
 from ..core.settings import Settings
 from ..core.errors import ConfigError
 from ..kernel.netlink import bridge_address
@@ -65,13 +65,7 @@ def default_url(settings: Settings | None) -> str:
     host = settings.api.host or (str(settings.network.internal_ipv4)
                                  if settings.network.internal_ipv4 else None)
     host = host or bridge_address(settings.network.bridge_interface, 4) or "127.0.0.1"
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            host = f"[{host}]"
-    except ValueError:
-        pass
-    return f"http://{host}:{settings.api.port}"
+    return f"http://{hosts.in_url(hosts.reachable(host))}:{settings.api.port}"
 
 
 def api_options(f):

@@ -10,6 +10,8 @@ import socket
 import threading
 from typing import Callable
 
+from ..core import hosts
+
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +46,7 @@ def watchdog_interval(environ=os.environ) -> float | None:
 
 def api_answers(host: str, port: int, timeout: float) -> bool:
     """The API answers /api/health with 200 over its own socket."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    conn = http.client.HTTPConnection(hosts.reachable(host), port, timeout=timeout)
     try:
         conn.request("GET", "/api/health")
         return conn.getresponse().status == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from ..core import hosts
 from .topology import Lab
 
 
@@ -48,7 +49,7 @@ def http_get(lab: Lab, role: str, host: str, port: int, path: str = "/", *,
              timeout: float = 5, source: str | None = None) -> tuple[int, bytes]:
     """GET over a socket created in `role`'s namespace. Raises OSError when unreachable."""
     sock = connected(lab, role, host, port, timeout=timeout, source=source)
-    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hostport = f"{hosts.in_url(host)}:{port}"
     return _http(sock, f"GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n".encode())
 
 

@@ -1,0 +1,17 @@
+"""Host names and addresses as the API's URLs and clients need them. Pure."""
+
+from __future__ import annotations
+
+# A wildcard listener is reached over loopback, in the same family.
+_WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def reachable(host: str) -> str:
+    """The address a local client connects to for a listener on `host`."""
+    return _WILDCARD_TO_LOOPBACK.get(host, host)
+
+
+def in_url(host: str) -> str:
+    """`host` as the host part of a URL: an IPv6 address in brackets (names and IPv4 have no
+    colon)."""
+    return f"[{host}]" if ":" in host else host
