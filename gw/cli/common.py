@@ -41,7 +41,7 @@ def echo_json(doc) -> None:
 
 
 def config_failure(exc: ConfigError, path) -> Failure:
-    from ..daemon.reload import one_line
+    from ..core.errors import one_line
 
     return Failure(f"config error: {one_line(exc)}" + ("" if str(path) in exc.message
                                                         else f" ({path})"), code=2)

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from . import messages as M
 from ..kernel import netlink
 from ..core.config import Settings
-from ..core.errors import Conflict, ConfigError, GatewayError
+from ..core.errors import Conflict, ConfigError, GatewayError, one_line
 from ..kernel.sockets import Listening
 
 log = logging.getLogger(__name__)
@@ -295,9 +295,7 @@ class MqttFront:
             label = "ok"
         except GatewayError as exc:
             answer, label = M.failure(kind, exc, doc), M.result_label(exc)
-            log.warning("MQTT %s message refused (%s): %s", kind, exc.code,
-                        f"{exc.field}: {exc.message}" if exc.field and exc.field not in
-                        exc.message else exc.message)
+            log.warning("MQTT %s message refused (%s): %s", kind, exc.code, one_line(exc))
         except Exception as exc:  # noqa: BLE001
             log.exception("MQTT %s message failed", kind)
             answer, label = M.failure(kind, GatewayError(f"internal error: {exc}")), "failed"

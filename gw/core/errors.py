@@ -22,6 +22,14 @@ class GatewayError(Exception):
         return body
 
 
+def one_line(exc: GatewayError) -> str:
+    """The message, prefixed by the field it names unless the message names it already."""
+    field = getattr(exc, "field", None)
+    if field and field not in exc.message:
+        return f"{field}: {exc.message}"
+    return exc.message
+
+
 class InvalidInput(GatewayError):
     """The request (or a config value) is malformed or not allowed. Nothing was changed."""
 

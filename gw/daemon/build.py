@@ -14,10 +14,10 @@ from . import faults
 from .metrics import Metrics
 
 
-def store(path, environ: Mapping[str, str] = os.environ):
+def store(path, on_poisoned=None, environ: Mapping[str, str] = os.environ):
     from ..store.local import LocalStore  # noqa: PLC0415 - so that `config check` stays light
 
-    return LocalStore(path, calls=faults.file_calls(environ))
+    return LocalStore(path, calls=faults.file_calls(environ), on_poisoned=on_poisoned)
 
 
 def gateway(store, variables: dict[str, str], metrics: Metrics, own_addresses: Iterable[str],

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from ..core.config import EgressSettings, Settings, load_config
-from ..core.errors import ConfigError, GatewayError
+from ..core.errors import ConfigError, one_line
 from ..core.exposure import Exposure
 from . import auth
 
@@ -27,13 +27,6 @@ LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
 FIELD_KEYS = {"oakestra.cluster_urls": "oakestra.cluster_url",
               "oakestra.mqtt_urls": "oakestra.mqtt_url"}
 SETTINGS_SECTIONS = ("api", "store", "network", "oakestra", "log", "egress")
-
-
-def one_line(exc: GatewayError) -> str:
-    field = getattr(exc, "field", None)
-    if field and field not in exc.message:
-        return f"{field}: {exc.message}"
-    return exc.message
 
 
 def config_changes(before: Settings, after: Settings) -> list[str]:

@@ -22,9 +22,9 @@ import threading
 import time
 
 from ..cluster.oakestra import Membership
-from ..core import ruleset
+from ..core import hosts, ruleset
 from ..core.config import Settings, check_state_directory, load_config
-from ..core.errors import ConfigError, GatewayError
+from ..core.errors import ConfigError, GatewayError, one_line
 from ..core.exposure import Exposure
 from ..service.gateway import Gateway
 from . import api, auth, build, checks, reload
@@ -32,7 +32,6 @@ from .listener import Listener
 from .logs import setup_logging
 from .metrics import Metrics
 from .checks import own_ips
-from .reload import one_line
 from .systemd import api_answers, sd_notify, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("gw.daemon.server")
@@ -74,7 +73,7 @@ class Daemon:
             self.config.require_internal_ips()
         if os.environ.get("STATE_DIRECTORY"):  # under the unit (systemd sets it)
             check_state_directory(self.config, os.environ["STATE_DIRECTORY"])
-        self.store = build.store(self.config.store.path)
+        self.store = build.store(self.config.store.path, on_poisoned=self._store_poisoned)
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
         if self.config.mqtt_mode:
@@ -92,7 +91,6 @@ class Daemon:
             log.warning("the API listens on %s without a token: anyone admitted by "
                         "api.allowed_sources can change exposures; set api.token_file", host)
         self.gateway = build.gateway(self.store, variables, self.metrics, own_ips(self.settings))
-        self.store.on_poisoned = self._store_poisoned
         self.metrics.bind(self.gateway, egress_counters=self.gateway.kernel_counters,
                           cluster=self._cluster_status)
         # Watch before loading: a change by another process after this point is repaired.
@@ -119,7 +117,7 @@ class Daemon:
         self.listener = Listener(self.app, host, self.settings.api.port,
                                  self.settings.api.threads)
         log.info("serving the API on http://%s:%d (%s mode, %s)",
-                 f"[{host}]" if ":" in host else host, self.settings.api.port,
+                 hosts.in_url(host), self.settings.api.port,
                  "standalone" if self.settings.standalone else
                  "Oakestra MQTT" if self.settings.mqtt_mode else "Oakestra",
                  "token required" if self.token else "no token")
@@ -230,7 +228,8 @@ class Daemon:
         start may replay it while this process lacks it. The store already refuses changes;
         readiness says why, and the daemon exits non-zero so that systemd restarts it: the
         start replays the journal and loads the kernel from it, and the two agree again."""
-        self.gateway.health.set("store", cause)
+        if self.gateway is not None:  # else the start fails on the 503 and exits anyway
+            self.gateway.health.set("store", cause)
         self.exit_code = EXIT_FAILURE
         # Not at once: the answer (503) to the change that failed goes out first.
         timer = threading.Timer(POISONED_EXIT_AFTER, os.kill, (os.getpid(), signal.SIGTERM))

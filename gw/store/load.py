@@ -47,8 +47,7 @@ def load(path: Path, snapshot: Path | None = None) -> Loaded:
                                              f"{record.seq}")
                 raise corrupt(segment, f"record seq {record.seq} follows seq {state.seq} (the "
                                        f"snapshot holds up to {snap.seq}): records are missing")
-            state.apply(record.change)
-            state.seq = record.seq
+            state.apply(record.change, record.seq)
             loaded.replay_size += record.size
     loaded.journal_len = journal.good_len  # of the current journal, read last
     return loaded

@@ -87,7 +87,8 @@ class LocalStore:
     COMPACT_MIN_BYTES = 1 << 20
 
     def __init__(self, path: str | os.PathLike, *, shared: bool = False, fsync: bool = True,
-                 calls: FileCalls | None = None):
+                 calls: FileCalls | None = None,
+                 on_poisoned: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.shared = shared
         self._fsync = fsync
@@ -99,7 +100,7 @@ class LocalStore:
         self._closed = False
         # Why the store takes no more changes (see _cut_failed_append); told to on_poisoned.
         self.poisoned: str | None = None
-        self.on_poisoned: Callable[[str], None] | None = None
+        self.on_poisoned = on_poisoned
         self._lock_fd = take_lock(self.path, shared=shared)
         try:
             loaded = load(self.path)
@@ -164,8 +165,7 @@ class LocalStore:
         with self._lock:
             self._check_writable()
             self._append(encode_record(self._state.seq + 1, payload))
-            self._state.seq += 1
-            self._state.apply(change, put)
+            self._state.apply(change, self._state.seq + 1, put)
             self._maybe_compact()
 
     def _check_writable(self) -> None:

@@ -118,9 +118,11 @@ class State:
         self.meta = meta
         self.seq = seq
 
-    def apply(self, change: Mapping, exposures: Iterable[Exposure] | None = None) -> None:
-        """Replay of one change: at open from the journal, and of each commit. `exposures`:
-        the documents of its put already decoded (a commit has them)."""
+    def apply(self, change: Mapping, seq: int,
+              exposures: Iterable[Exposure] | None = None) -> None:
+        """Replay of change number `seq`: at open from the journal, and of each commit.
+        `exposures`: the documents of its put already decoded (a commit has them)."""
+        self.seq = seq
         for key in change.get("delete", ()):
             key = tuple(key)
             doc_id = self.index.pop(key, None)

@@ -19,7 +19,8 @@ from gw.core.exposure import Exposure
 from gw.kernel.firewall import Diff
 from gw.daemon.connections import ConnectionCounter, parse_event
 from gw.daemon.metrics import Metrics, read_conntrack_drops
-from gw.daemon.reload import apply_live, config_changes, one_line
+from gw.core.errors import one_line
+from gw.daemon.reload import apply_live, config_changes
 from gw.daemon.systemd import sd_notify, watchdog_interval
 from tests.helpers import wait_for
 
