@@ -115,8 +115,7 @@ def rules_diff(config_path, as_json):
         diff = firewall.check(NftSession(), desired, _with_internal_ips(settings),
                               _default_interfaces(settings))
     except Failure as exc:
-        exc.exit_code = 2
-        raise
+        raise Failure(exc.message, code=2) from None
     except (GatewayError, ImportError, OSError) as exc:
         raise Failure(reason(exc), code=2) from None
     if as_json:

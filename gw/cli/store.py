@@ -11,6 +11,7 @@ import click
 from ..core.settings import Settings
 from ..core.errors import GatewayError, StoreLocked
 from ..core.exposure import Exposure
+from ..store.files import store_exists
 from . import output
 from .client import settings_client
 from .common import CONTEXT, Failure, config_option, echo_json, load
@@ -30,14 +31,6 @@ def stored_exposures(settings: Settings) -> list[Exposure]:
     except StoreLocked:
         docs = settings_client(settings).call("GET", "/api/service/exposure")[1]["exposures"]
     return [output.exposure(d) for d in docs]
-
-
-def store_exists(path: Path) -> bool:
-    """Whether anything was ever stored: the snapshot or a journal (a daemon that never
-    compacted has only a journal)."""
-    return path.parent.is_dir() and any(p.name == path.name or
-                                        p.name.startswith(path.name + ".journal")
-                                        for p in path.parent.iterdir())
 
 
 @click.group("store", context_settings=CONTEXT)

@@ -64,7 +64,7 @@ def _kind(ipr, index: int) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
-def _addresses(ipr, index: int) -> list[tuple[ipaddress._BaseAddress, int, int]]:
+def _addresses(ipr, index: int) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int, int]]:
     """(address, prefixlen, flags) of every global-scope address on the link."""
     out = []
     for msg in ipr.get_addr(index=index):

@@ -27,6 +27,14 @@ def sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def store_exists(path: Path) -> bool:
+    """Whether anything was ever stored at `path`: the snapshot or a journal (a daemon that
+    never compacted has only a journal)."""
+    return path.parent.is_dir() and any(p.name == path.name or
+                                        p.name.startswith(path.name + ".journal")
+                                        for p in path.parent.iterdir())
+
+
 def segments(path: Path) -> list[tuple[int, Path]]:
     """The earlier journals of the store at `path`, oldest first."""
     prefix = path.name + ".journal."

@@ -109,7 +109,7 @@ class Membership:
                 return gid
             self.settings.with_internal_ips(str(v4), str(v6))
         except ConfigError as exc:
-            raise ClusterError(f"the store {self.store.path} holds an unusable registration "
+            raise ClusterError(f"the store {self.settings.store.path} holds an unusable registration "
                                f"({exc.message}); remove the store's meta or the store "
                                "to register again") from None
         return Joined(gid, str(v4), str(v6))
