@@ -210,16 +210,6 @@ def add_elements(exposures: Iterable[Exposure]) -> list[str]:
     return [script((op,)) for op in adds(exposures)]
 
 
-def delete_elements(exposures: Iterable[Exposure]) -> list[str]:
-    return [script((op,)) for op in deletes(exposures)]
-
-
-def change(add: Iterable[Exposure] = (), remove: Iterable[Exposure] = (),
-           present: Iterable[Key] | None = None) -> str:
-    """`change_tx` as nft text."""
-    return script(change_tx(add, remove, present))
-
-
 def cap_rules(variables: dict[str, str]) -> list[str]:
     """Chain egress_cap's rules: `ct count over` takes a number, not a variable."""
     cap = int(variables["egress_cap"])
@@ -232,11 +222,6 @@ def defines(variables: dict[str, str]) -> list[str]:
     # that defines them and includes the skeleton loads table and elements in one transaction.
     return [f"redefine {name} = {value}" for name, value in variables.items()]
 
-
-def load(variables: dict[str, str], exposures: Iterable[Exposure],
-         skeleton: Path | None = None) -> str:
-    """`load_tx` as nft text."""
-    return script(load_tx(variables, exposures, skeleton))
 
 
 def render(settings: Settings, exposures: Iterable[Exposure] = (),

@@ -201,7 +201,3 @@ class Firewall:
             return parse_counters(self.session.list_counters())
         except KernelRefused:
             return {}
-
-    def remove_table(self) -> bool:
-        """Delete our table (teardown). Returns whether it existed."""
-        return teardown(self.session)

@@ -9,7 +9,7 @@ from gw.core import ruleset
 from gw.core.config import parse_config
 from gw.core.errors import KernelRefused
 from gw.core.exposure import Exposure
-from gw.kernel.firewall import Firewall
+from gw.kernel.firewall import Firewall, teardown
 from gw.kernel.nft import NftSession, NoSuchObject
 from tests import oracle
 
@@ -91,8 +91,8 @@ def test_other_tables_are_never_touched(fw):
     before = nft("list", "table", "inet", "neighbour")
     fw.load(MIXED)
     fw.apply(remove=MIXED)
-    assert fw.remove_table() is True
-    assert fw.remove_table() is False
+    assert teardown(fw.session) is True
+    assert teardown(fw.session) is False
     assert nft("list", "table", "inet", "neighbour") == before
     nft("delete", "table", "inet", "neighbour")
 

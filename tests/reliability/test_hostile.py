@@ -76,8 +76,8 @@ def assert_valid(exposures: list[Exposure]) -> None:
                    if net.version == e.service_ip.version), e
         assert (e.exposed_port, e.protocol) not in POLICY.reserved
         assert (e.exposed_port, e.protocol) != (9090, "tcp")
-    assert_grammar(ruleset.change(add=exposures))
-    assert_grammar(ruleset.change(remove=exposures))
+    assert_grammar(ruleset.script(ruleset.change_tx(add=exposures)))
+    assert_grammar(ruleset.script(ruleset.change_tx(remove=exposures)))
 
 
 # -- strategies -------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_the_delete_parser_accepts_only_valid_requests(body):
     assert req.family in (None, "ipv4", "ipv6")
     fake = [Exposure(req.exposed_port, req.protocol, ipaddress.ip_address(
         "10.30.0.1" if fam == "ipv4" else "fdff::1"), 1) for fam, _, _ in req.keys()]
-    assert_grammar(ruleset.change(remove=fake))
+    assert_grammar(ruleset.script(ruleset.change_tx(remove=fake)))
 
 
 @FAST

@@ -25,19 +25,19 @@ def test_elements():
         "add element inet oakestra_gw expose_v4 { tcp . 8080 : 10.30.0.1 . 80, "
         "udp . 53 : 10.30.0.2 . 5353 }",
         "add element inet oakestra_gw expose_v6 { tcp . 8080 : fdff:2000::1 . 80 }"]
-    assert ruleset.delete_elements([U4]) == [
+    assert [ruleset.script(tuple(ruleset.deletes([U4])))] == [
         "delete element inet oakestra_gw expose_v4 { udp . 53 }"]
 
 
 def test_change_deletes_what_is_present_before_adding():
-    assert ruleset.change(add=[E4], remove=[U4]).splitlines() == [
+    assert ruleset.script(ruleset.change_tx(add=[E4], remove=[U4])).splitlines() == [
         "delete element inet oakestra_gw expose_v4 { udp . 53 }",
         "add element inet oakestra_gw expose_v4 { tcp . 8080 : 10.30.0.1 . 80 }"]
     # after drift: the kernel holds a stale 8080 and no 53
-    assert ruleset.change(add=[E4], remove=[U4], present={E4.key}).splitlines() == [
+    assert ruleset.script(ruleset.change_tx(add=[E4], remove=[U4], present={E4.key})).splitlines() == [
         "delete element inet oakestra_gw expose_v4 { tcp . 8080 }",
         "add element inet oakestra_gw expose_v4 { tcp . 8080 : 10.30.0.1 . 80 }"]
-    assert ruleset.change() == ""
+    assert ruleset.script(ruleset.change_tx()) == ""
 
 
 def test_variables_merge_overlapping_sources_and_keep_loopback():
@@ -98,7 +98,7 @@ def test_egress_off_or_without_a_public_interface_matches_nothing():
 
 
 def test_load_replaces_only_our_table_in_one_script():
-    text = ruleset.load(ruleset.skeleton_vars(SETTINGS), [E4, E6])
+    text = ruleset.script(ruleset.load_tx(ruleset.skeleton_vars(SETTINGS), [E4, E6]))
     lines = text.splitlines()
     assert lines[-2:] == ruleset.add_elements([E4, E6])
     assert "table inet oakestra_gw" in lines and "delete table inet oakestra_gw" in lines
