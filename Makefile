@@ -43,14 +43,16 @@ demo: setup
 # wrk and nginx come from Debian; nginx is installed without being started or enabled (the
 # benchmark runs its own instance inside a network namespace). BENCH_ARGS: e.g. --reps 9.
 # prometheus is there for its promtool (tests/api/test_prometheus.py checks a real scrape and
-# the shipped alerting rules); its server is never started or enabled either.
-BENCH_APT_PACKAGES := wrk nginx-light prometheus
+# the shipped alerting rules); its server is never started or enabled either. iperf3 measures
+# TCP throughput and UDP packets/s through the gateway (tests/bench/limit.py), in namespaces;
+# its packaged daemon is never started or enabled.
+BENCH_APT_PACKAGES := wrk nginx-light prometheus iperf3
 BENCH_ARGS ?=
 bench: setup bench-deps
 	tests/run-isolated $(PY) -m tests.bench $(BENCH_ARGS)
 
 bench-deps:
-	$(call apt_no_start,$(BENCH_APT_PACKAGES),nginx.service prometheus.service prometheus-node-exporter.service)
+	$(call apt_no_start,$(BENCH_APT_PACKAGES),nginx.service prometheus.service prometheus-node-exporter.service iperf3.service)
 
 # Installs Debian packages without starting or enabling their services: the tests run their own
 # instances inside network namespaces. $(1): the packages, $(2): the units to disable.

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import controlplane, dataplane, report
+from . import controlplane, dataplane, limit, report
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "performance.md"
@@ -24,7 +24,8 @@ IMG = REPO / "docs" / "img"
 RESULTS = IMG / "bench-results.json"
 ANALYSIS = Path(__file__).with_name("analysis.md")
 NICE = -10
-NEEDS = {"wrk": "wrk", "nginx": "nginx-light", "conntrack": "conntrack", "nft": "nftables"}
+NEEDS = {"wrk": "wrk", "nginx": "nginx-light", "conntrack": "conntrack", "nft": "nftables",
+         "iperf3": "iperf3"}
 
 
 def log(text: str) -> None:
@@ -86,13 +87,17 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
-    p.add_argument("--only", choices=("dataplane", "controlplane"), action="append",
+    p.add_argument("--only", choices=("dataplane", "limit", "controlplane"), action="append",
                    help="run only this benchmark (repeatable); default: all")
     p.add_argument("--sizes", default="1,1000,10000,50000",
                    help="data plane: exposures per point (default %(default)s)")
     p.add_argument("--reps", type=int, default=9, help="data plane: rounds (default 9)")
     p.add_argument("--seconds", type=float, default=3.0,
                    help="data plane: seconds per measurement (default 3)")
+    p.add_argument("--limit-reps", type=int, default=7,
+                   help="against the limit: rounds (default %(default)s)")
+    p.add_argument("--limit-bytes", default="1G",
+                   help="against the limit: size of the TCP transfer (default %(default)s)")
     p.add_argument("--levels", default="0,10000,50000",
                    help="control plane: exposures stored (default %(default)s)")
     p.add_argument("--pairs", type=int, default=500,
@@ -121,19 +126,24 @@ def main(argv=None) -> int:
         # cores. Everything the benchmark starts (wrk, nginx, the daemon and its children, the
         # HTTP client) inherits this priority, so other work disturbs the figures less.
         os.nice(NICE)
-        only = set(args.only or ("dataplane", "controlplane"))
+        only = set(args.only or ("dataplane", "limit", "controlplane"))
         start = time.monotonic()
         results = {"machine": machine(),
                    "params": {"reps": args.reps, "seconds": args.seconds,
                               "wrk_threads": dataplane.WRK_THREADS,
                               "wrk_connections": dataplane.WRK_CONNECTIONS,
                               "pairs": args.pairs, "warmup": 20, "flows": args.flows,
-                              "watch_s": args.watch, "nice": NICE, "settle_s": 3.0}}
+                              "watch_s": args.watch, "nice": NICE, "settle_s": 3.0,
+                              "limit_reps": args.limit_reps, "limit_bytes": args.limit_bytes}}
         if "dataplane" in only:
             log("data plane: new TCP connections per second")
             results["dataplane"] = dataplane.run(
                 sizes=[int(x) for x in args.sizes.split(",")], reps=args.reps,
                 seconds=args.seconds, log=log)
+        if "limit" in only:
+            log("data plane against the limit: ours versus plain routing")
+            results["limit"] = limit.run(reps=args.limit_reps, seconds=args.seconds,
+                                         tcp_bytes=args.limit_bytes, log=log)
         if "controlplane" in only:
             log("control plane, cold start, drift, memory (the daemon)")
             results["controlplane"] = controlplane.run(

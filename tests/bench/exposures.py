@@ -14,6 +14,7 @@ from gw.core.exposure import Exposure
 from .topology import BASELINE_IP, INTERNAL_IPV4, SERVICE_IP, SERVICE_PORT
 
 MEASURED_PORT = 8080
+IPERF_PORT = 5201
 FILLER_PORTS = [p for p in range(10000, 65536) if p not in (11022, MEASURED_PORT)]
 BASELINE_TABLE = "ip oakgw_bench_linear"
 
@@ -33,6 +34,14 @@ def exposures(n: int, measured: bool = True) -> list[Exposure]:
 
 def measured_exposure() -> Exposure:
     return Exposure(MEASURED_PORT, "tcp", ipaddress.IPv4Address(SERVICE_IP), SERVICE_PORT)
+
+
+def limit_exposures() -> list[Exposure]:
+    """What tests/bench/limit.py measures: the wrk port and iperf3's port for TCP and UDP
+    (its control connection is TCP, its UDP test datagrams go to the same port number)."""
+    service = ipaddress.IPv4Address(SERVICE_IP)
+    return [measured_exposure(), Exposure(IPERF_PORT, "tcp", service, IPERF_PORT),
+            Exposure(IPERF_PORT, "udp", service, IPERF_PORT)]
 
 
 def as_docs(items: list[Exposure]) -> list[dict]:

@@ -9,7 +9,11 @@ TARGETS = {
     "dataplane_ratio_50k": 0.95,         # ours at 50,000 / ours at 1
     "p99_ms": {10000: 5.0, 50000: 10.0},  # add and delete
     "cold_start_s": 2.0,                  # 50,000 stored, empty kernel
+    "limit_ratio": 0.90,                  # ours / plain routing, each workload
 }
+LIMIT_WORKLOADS = {"conn": ("new TCP connections", "conn/s", 1),
+                   "tcp": ("one TCP transfer", "Gbit/s", 1e9),
+                   "udp": ("UDP packets received", "packets/s", 1)}
 
 HEADER = """\
 # Performance
@@ -24,13 +28,15 @@ alternately, and each size against the smallest, round by round.
 HOW_TO_RUN = """\
 ## How to run
 
-As root on Debian 12 (the target installs what it needs: `wrk` and `nginx-light` from
-Debian, `matplotlib` and `py-spy` from PyPI):
+As root on Debian 12 (the target installs what it needs: `wrk`, `nginx-light` and `iperf3`
+from Debian, `matplotlib` and `py-spy` from PyPI):
 
 ```
 make bench                     # everything, then rewrites this page and docs/img/bench-*.png
 .venv/bin/python -m tests.bench --help
 tests/run-isolated .venv/bin/python -m tests.bench --only dataplane --reps 7
+tests/run-isolated .venv/bin/python -m tests.bench.limit --variants routing,conntrack,nat,ours
+tests/run-isolated .venv/bin/python -m tests.bench.limitprofile --workload conn   # perf, by class
 tests/run-isolated .venv/bin/python -m tests.bench --report-only   # page from the last results
 .venv/bin/pytest -m bench      # the smoke run of every benchmark (seconds; part of `make test`)
 ```
@@ -162,6 +168,30 @@ def dataplane_section(dp: dict) -> tuple[str, list[tuple]]:
     return "\n".join(out) + "\n", rows
 
 
+def limit_section(lim: dict) -> str:
+    out = ["## Data plane against the limit: ours versus plain routing", "",
+           "![ours over plain routing, per workload](img/bench-limit.png)", "",
+           "| workload | ours (range) | plain routing (range) | ours / routing, per round: "
+           "median (range) | rounds |", "|---|---:|---:|---:|---:|"]
+    for w in lim["workloads"]:
+        name, unit, scale = LIMIT_WORKLOADS[w]
+        o, b = lim["points"][w]["ours"], lim["points"][w]["routing"]
+        r = lim["ratios"][w]["ours"]
+        value = (lambda x: fmt_rate(x)) if scale == 1 else (lambda x: fmt(x / scale))
+        cell = lambda p: f"{value(p['median'])} ({value(p['min'])}-{value(p['max'])}) {unit}"
+        out.append(f"| {name} | {cell(o)} | {cell(b)} | {fmt(r['median'], 3)} "
+                   f"({fmt(r['min'], 3)}-{fmt(r['max'], 3)}) | {r['n']} |")
+    out += ["", "Both variants use the same client, worker, veths and gateway namespace, "
+            "measured alternately in every round (the order flips from round to round). "
+            "*Ours*: our table (`Firewall.load()` of the real skeleton with the three measured "
+            "exposures), the client connects to the public address 198.18.0.1 and is DNATed "
+            "and SNATed. *Plain routing*: our table deleted, the client connects to the "
+            "service address 10.30.0.1 directly, the gateway only routes it (no table at all: "
+            "the namespace does not even track connections; the run checks that its conntrack "
+            f"table stays empty). Failed connections over the run: {lim['errors']}."]
+    return "\n".join(out) + "\n"
+
+
 def controlplane_section(cp: dict) -> str:
     levels = cp["levels"]
     out = ["## Control plane: add and delete latency", "",
@@ -251,6 +281,14 @@ def targets_section(results: dict) -> str:
         ok = r >= TARGETS["dataplane_ratio_50k"]
         out.append(f"| ours at {big:,} exposures >= {TARGETS['dataplane_ratio_50k']} x ours at "
                    f"{small:,} | {r:.3f} | {'yes' if ok else '**no**'} |")
+    lim = results.get("limit")
+    if lim:
+        for w in lim["workloads"]:
+            r = lim["ratios"][w]["ours"]["median"]
+            ok = r >= TARGETS["limit_ratio"]
+            out.append(f"| {LIMIT_WORKLOADS[w][0]}: ours >= {TARGETS['limit_ratio']} x plain "
+                       f"routing (median of per-round ratios) | {r:.3f} | "
+                       f"{'yes' if ok else '**no**'} |")
     if cp:
         for n, limit in TARGETS["p99_ms"].items():
             if str(n) not in cp["latency"] and n not in cp["latency"]:
@@ -269,6 +307,18 @@ def targets_section(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def limit_figures(lim: dict) -> list[str]:
+    """One line per workload and variant of tests/bench/limit.py."""
+    lines = []
+    for w in lim["workloads"]:
+        unit = lim["units"][w]
+        for v, r in lim["ratios"][w].items():
+            lines.append(f"limit {w:<4} {v:<9}: {lim['points'][w][v]['median']:,.0f} {unit}, "
+                         f"routing {lim['points'][w]['routing']['median']:,.0f}; {v}/routing "
+                         f"median {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}, n {r['n']})")
+    return lines
+
+
 def all_figures(results: dict) -> str:
     """Every figure of the run, one per line (also printed at the end of the run)."""
     lines = []
@@ -284,6 +334,8 @@ def all_figures(results: dict) -> str:
             lt = _k(dp["load_times"], n)
             lines.append(f"load          {n:>6}: ours {lt['ours_s'] * 1000:.0f} ms, "
                          f"baseline {lt['baseline_s'] * 1000:.0f} ms")
+    if results.get("limit"):
+        lines += limit_figures(results["limit"])
     if cp:
         for n in cp["levels"]:
             lat = _k(cp["latency"], n)
@@ -316,6 +368,15 @@ def all_figures(results: dict) -> str:
             lines.append(f"rss at {n}: {rss['rss_mib']:.1f} MiB (peak {rss['hwm_mib']:.1f})")
         lines.append(f"conntrack entries: {cp['conntrack']['entries']}")
     return "\n".join(lines)
+
+
+def _save(fig, path: Path, written: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
 
 
 def plots(results: dict, img: Path) -> list[str]:
@@ -357,11 +418,24 @@ def plots(results: dict, img: Path) -> list[str]:
         ax2.set_title("Relative to the smallest size")
         ax2.legend(loc="lower left", fontsize=8)
         ax.legend(loc="lower left", fontsize=8)
-        fig.tight_layout()
-        path = img / "bench-dataplane.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        _save(fig, img / "bench-dataplane.png", written)
+    lim = results.get("limit")
+    if lim:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        names = [LIMIT_WORKLOADS[w][0] for w in lim["workloads"]]
+        rat = [lim["ratios"][w]["ours"] for w in lim["workloads"]]
+        med = [r["median"] for r in rat]
+        ax.bar(names, med, yerr=[[m - r["min"] for m, r in zip(med, rat)],
+                                 [r["max"] - m for m, r in zip(med, rat)]],
+               capsize=6, color="tab:blue", alpha=0.8, label="ours / plain routing")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(TARGETS["limit_ratio"], color="red", lw=1, ls=":",
+                   label=f"target {TARGETS['limit_ratio']}")
+        ax.set_ylim(0, max(1.2, max(r["max"] for r in rat) * 1.05))
+        ax.set_ylabel("ours / plain routing, same round")
+        ax.set_title("Our table against plain routing (median, min-max of rounds)")
+        ax.legend(loc="lower right", fontsize=8)
+        _save(fig, img / "bench-limit.png", written)
     cp = results.get("controlplane")
     if cp:
         levels = cp["levels"]
@@ -384,11 +458,7 @@ def plots(results: dict, img: Path) -> list[str]:
         ax.set_title(f"POST add / delete, {cp['conntrack']['entries']:,} conntrack entries")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        path = img / "bench-latency.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        _save(fig, img / "bench-latency.png", written)
     return written
 
 
@@ -408,6 +478,8 @@ def write(results: dict, page: Path, img: Path, analysis: str = "") -> list[str]
     parts = [HEADER, targets_section(results)]
     if dp:
         parts.append(dataplane_section(dp)[0])
+    if results.get("limit"):
+        parts.append(limit_section(results["limit"]))
     if cp:
         parts.append(controlplane_section(cp))
     if analysis:

@@ -9,13 +9,13 @@ import struct
 
 import pytest
 
-from tests.bench import controlplane, dataplane, report, udpfill
+from tests.bench import controlplane, dataplane, limit, report, udpfill
 from tests.bench.exposures import BASELINE_TABLE, MEASURED_PORT, baseline_ruleset, exposures
 
 pytestmark = [pytest.mark.bench]
-TOOLS = [t for t in ("wrk", "nginx", "conntrack", "nft") if shutil.which(t) is None]
+TOOLS = [t for t in ("wrk", "nginx", "conntrack", "nft", "iperf3") if shutil.which(t) is None]
 needs_tools = pytest.mark.skipif(bool(TOOLS), reason=f"missing tools: {', '.join(TOOLS)} "
-                                                     "(apt-get install wrk nginx-light)")
+                                                     "(make bench-deps)")
 
 
 # -- pure parts ------------------------------------------------------------------------------
@@ -84,6 +84,31 @@ def test_dataplane_smoke():
 @needs_tools
 @pytest.mark.kernel
 @pytest.mark.slow
+def test_limit_smoke():
+    """Ours against plain routing, tiny: every workload measured for both variants in both
+    rounds; plain routing really bypassed conntrack (no table, so no entry), ours really went
+    through it; the ratios only loosely bounded (a noisy, shared machine)."""
+    res = limit.run(reps=2, seconds=1, tcp_bytes="200M", log=lambda *_: None)
+    assert res["workloads"] == ["conn", "tcp", "udp"]
+    for w in res["workloads"]:
+        runs = [r for r in res["runs"] if r["workload"] == w]
+        assert sorted((r["round"], r["variant"]) for r in runs) == \
+            [(0, "ours"), (0, "routing"), (1, "ours"), (1, "routing")]
+        assert all(r["value"] > 0 for r in runs), runs
+        assert all(r["conntrack_after"] == 0 for r in runs if r["variant"] == "routing"), runs
+        assert all(r["conntrack_after"] >= 1 for r in runs if r["variant"] == "ours"), runs
+        ratio = res["ratios"][w]["ours"]
+        assert ratio["n"] == 2 and 0.3 < ratio["median"] < 3, (w, ratio)
+    tcp = [r for r in res["runs"] if r["workload"] == "tcp"]
+    # What the receiver counted: the transfer, less what was in flight when it stopped counting.
+    assert all(r["bytes"] >= 0.9 * 200 * 2**20 for r in tcp), tcp
+    conn = [r for r in res["runs"] if r["workload"] == "conn"]
+    assert res["errors"] <= 0.01 * sum(r["requests"] or 0 for r in conn)
+
+
+@needs_tools
+@pytest.mark.kernel
+@pytest.mark.slow
 def test_controlplane_smoke():
     res = controlplane.run(levels=(0, 300), pairs=10, warmup=2, flows=3000, cold_reps=2,
                            drift_reps=1, watch_s=0.5, settle=0.2,
@@ -131,6 +156,16 @@ def test_report_from_results(tmp_path):
                          "drift": {"exposures": 10, "by": ["sighup"],
                                    "flush_to_flow_s": summary([1.0]),
                                    "sighup_to_flow_s": summary([0.2])}},
+        "limit": {"workloads": ["conn", "tcp", "udp"], "variants": ["ours", "routing"],
+                  "errors": 0, "units": {"conn": "conn/s", "tcp": "bit/s", "udp": "packets/s"},
+                  "points": {"conn": {"ours": summary([900.0, 950.0]),
+                                      "routing": summary([1000.0, 1000.0])},
+                             "tcp": {"ours": summary([9e9, 9e9]), "routing": summary([1e10, 1e10])},
+                             "udp": {"ours": summary([80.0, 85.0]),
+                                     "routing": summary([100.0, 100.0])}},
+                  "ratios": {"conn": {"ours": summary([0.9, 0.95])},
+                             "tcp": {"ours": summary([0.9, 0.9])},
+                             "udp": {"ours": summary([0.8, 0.85])}}},
     }
     page = tmp_path / "performance.md"
     written = report.write(results, page, tmp_path / "img")
@@ -139,10 +174,18 @@ def test_report_from_results(tmp_path):
     assert "cold start to ready" in text and "![" in text
     assert (tmp_path / "img" / "bench-dataplane.png").stat().st_size > 1000
     assert (tmp_path / "img" / "bench-latency.png").stat().st_size > 1000
-    assert len(written) == 3
+    assert (tmp_path / "img" / "bench-limit.png").stat().st_size > 1000
+    assert len(written) == 4
+    assert "| new TCP connections | 950 (900-950) conn/s | 1,000 (1,000-1,000) conn/s | " \
+           "0.950 (0.900-0.950) | 2 |" in text
+    assert "| one TCP transfer | 9.00 (9.00-9.00) Gbit/s |" in text
+    assert "| UDP packets received: ours >= 0.9 x plain routing (median of per-round ratios) " \
+           "| 0.850 | **no** |" in text
     figures = report.all_figures(results).splitlines()
     # One line per figure, each carrying the numbers it was given.
-    assert len(figures) == 2 * 3 + 2 * 2 + 4, figures
+    assert len(figures) == 2 * 3 + 3 + 2 * 2 + 4, figures
+    assert ("limit conn ours     : 950 conn/s, routing 1,000; ours/routing median 0.950 "
+            "(0.900-0.950, n 2)") in figures
     assert any(f.startswith("dataplane ours") and "95 conn/s" in f and "ratio to 1: 0.950"
                in f for f in figures), figures
     assert "load              10: ours 10 ms, baseline 20 ms" in figures
