@@ -28,11 +28,13 @@ def load(path: Path, snapshot: Path | None = None) -> Loaded:
     """The state the files of the store at `path` hold: its snapshot (or another one, e.g. the
     .bak) plus the journals."""
     snap = read_snapshot(snapshot or path)
-    state = State(snap.docs, snap.meta, snap.seq, snap.exposures)
+    state = State(snap.exposures, snap.meta, snap.seq, snap.shared)
+    del snap.exposures[:]  # the state holds them now
     loaded = Loaded(state, snap.seq, snap.size, 0, 0)
     current = sibling(path, ".journal")
     for segment in [p for _, p in segments(path)] + [current]:
-        journal = read_journal(segment, checked_change, torn_tail_ok=segment == current)
+        journal = read_journal(segment, lambda change: checked_change(change, state.shared),
+                               torn_tail_ok=segment == current)
         for record in journal.records:
             if record.seq <= snap.seq and state.seq == snap.seq:
                 continue  # the snapshot holds it

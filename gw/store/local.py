@@ -1,6 +1,7 @@
 """The durable exposure store on local disk, with TinyDB (docs/reliability.md, "Crash safety").
 
-TinyDB holds the documents in memory, with an index key -> doc_id so that lookups never scan.
+Memory holds each exposure once, as the immutable Exposure that reads hand out (state.py); the
+files are TinyDB's, read with TinyDB's JSON storage.
 Every commit appends one checksummed record to a journal and fsyncs it before it returns; a
 compaction writes a TinyDB snapshot by atomic replace and starts a new journal. So a commit costs
 the same whatever the number of exposures, and a change is on disk before it is acknowledged.
@@ -36,7 +37,7 @@ Recovery, when StoreCorrupt names
 
 The parts: state.py (memory and the replay of a change), records.py (journal records),
 snapshot.py (the TinyDB file), load.py (snapshot + journals at open and for check), files.py
-(durable directories, the lock), inplace.py (the TinyDB patch); this module adds the threads:
+(durable directories, the lock); this module adds the threads:
 commits, compaction in the background, and failed writes.
 """
 
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import threading
 from collections import Counter
@@ -59,15 +59,15 @@ from .files import FileCalls, fsync_dir, segments, sibling, take_lock, why, writ
 from .load import Loaded, backup_problems, load
 from .records import encode_record
 from .snapshot import write_snapshot
-from .state import change_of
+from .state import Change, change_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Job:
-    """What a compaction writes: the documents and meta as of journal seq `seq`."""
-    docs: list[dict]
+    """What a compaction writes: the exposures and meta as of journal seq `seq`."""
+    exposures: list[Exposure]
     meta: dict
     seq: int
     bak_seq: int  # the seq of the snapshot that becomes .bak
@@ -119,27 +119,26 @@ class LocalStore:
     def exposures(self) -> list[Exposure]:
         """All exposures, sorted by key."""
         with self._lock:
-            exposures = list(self._state.exposures.items())
-        exposures.sort(key=_first)
-        return [e for _, e in exposures]
+            return list(self._state.sorted())
 
     def get(self, key: Key) -> Exposure | None:
+        key = _as_key(key)
+        if key is None:
+            return None
         with self._lock:
-            return self._state.exposures.get(_as_key(key))
+            return self._state.get(key)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._state.exposures)
+            return len(self._state)
 
     def counts(self) -> Counter:
         """Exposures by (family, protocol), without copying or sorting them (metrics)."""
         with self._lock:
-            exposures = list(self._state.exposures.values())
-        return Counter((e.family, e.protocol) for e in exposures)
+            return self._state.counts()
 
     def __contains__(self, key) -> bool:
-        with self._lock:
-            return _as_key(key) in self._state.exposures
+        return self.get(key) is not None
 
     def meta(self) -> dict:
         with self._lock:
@@ -159,13 +158,16 @@ class LocalStore:
             payload = json.dumps(change, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise InvalidInput(f"the change cannot be stored as JSON: {e}") from None
-        # Memory takes the change as replay will see it (the documents back from JSON, the
-        # Exposures of the exact types those decode to), so the two never differ.
-        change = json.loads(payload)
+        # Memory takes the change as replay will see it (the Exposures of the exact types their
+        # documents decode to, meta back from JSON), so the two never differ.
+        decoded = json.loads(payload)
         with self._lock:
             self._check_writable()
             self._append(encode_record(self._state.seq + 1, payload))
-            self._state.apply(change, self._state.seq + 1, put)
+            shared = self._state.shared
+            self._state.apply(Change([tuple(key) for key in decoded.get("delete", ())],
+                                     [shared.exposure(e) for e in put],
+                                     decoded.get("meta", {})), self._state.seq + 1)
             self._maybe_compact()
 
     def _check_writable(self) -> None:
@@ -294,10 +296,10 @@ class LocalStore:
             self._journal_fd, self._journal_len = None, 0
             self._sync_dir()
         state = self._state
-        return _Job(state.documents(), state.copy_meta(), state.seq, self._snap_seq)
+        return _Job(state.sorted(), state.copy_meta(), state.seq, self._snap_seq)
 
     def _write_compaction(self, job: _Job) -> None:
-        size = write_snapshot(self.path, job.docs, {"journal_seq": job.seq, "meta": job.meta},
+        size = write_snapshot(self.path, job.exposures, {"journal_seq": job.seq, "meta": job.meta},
                                fsync=self._fsync)
         with self._lock:
             self._snap_seq, self._snap_size = job.seq, size
@@ -344,9 +346,6 @@ class LocalStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-_first = operator.itemgetter(0)
 
 
 def _as_key(key) -> Key | None:

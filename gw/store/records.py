@@ -40,7 +40,7 @@ def decode_record(line: bytes) -> tuple[int, object]:
 @dataclass
 class Record:
     seq: int
-    change: dict
+    change: object  # what the reader's check made of it
     size: int
 
 
@@ -50,7 +50,7 @@ class JournalFile:
     good_len: int  # bytes of intact records; a torn tail lies beyond
 
 
-def read_journal(path: Path, check: Callable[[object], dict], *,
+def read_journal(path: Path, check: Callable[[object], object], *,
                  torn_tail_ok: bool) -> JournalFile:
     """The records of one journal, each change passed through `check` (which raises ValueError
     or InvalidInput for one it cannot take)."""

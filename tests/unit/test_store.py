@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tinydb import TinyDB
 
 import gw.store.files
-import gw.store.inplace
+import gw.store.state
 import gw.store.local
 import gw.store.snapshot
 from gw.core.errors import InvalidInput, StoreCorrupt, StoreLocked, StoreUnavailable
@@ -162,12 +162,12 @@ def test_get_uses_the_index_never_a_scan(path, monkeypatch):
         store.commit(put=[doc(p) for p in range(1, 200)])
 
         def scan(*_):
-            raise AssertionError("scanned the table")
+            raise AssertionError("listed every exposure")
 
-        monkeypatch.setattr(gw.store.inplace.InPlaceTable, "__iter__", scan)
-        monkeypatch.setattr(gw.store.inplace.InPlaceTable, "search", scan)
-        assert store.get(("ipv4", "tcp", 150)) == doc(150)
-        assert ("ipv4", "tcp", 150) in store and ("ipv4", "tcp", 999) not in store
+        with monkeypatch.context() as patched:
+            patched.setattr(gw.store.state.State, "sorted", scan)
+            assert store.get(("ipv4", "tcp", 150)) == doc(150)
+            assert ("ipv4", "tcp", 150) in store and ("ipv4", "tcp", 999) not in store
 
 
 def test_commit_cost_does_not_grow_with_the_store(tmp_path):
@@ -199,6 +199,66 @@ def test_snapshot_is_a_plain_tinydb_file(path):
                                                                 doc(53, "udp").to_dict()]
     assert db.table("store").all() == [{"journal_seq": 1, "meta": {"gateway_id": "g"}}]
     db.close()
+
+
+def old_layout(exposures, seq, meta) -> bytes:
+    """A snapshot as the store wrote it before it wrote a chunk of documents a line: the whole
+    file on one line."""
+    docs = {str(i): e.to_dict() for i, e in enumerate(exposures, 1)}
+    return (json.dumps({"exposures": docs, "store": {"1": {"journal_seq": seq, "meta": meta}}})
+            + "\n").encode()
+
+
+def test_a_store_written_by_the_old_layout_opens_and_is_rewritten_readable(path):
+    exposures = [doc(p, proto, fam, service_id=f"s{p % 3}") for fam in ("ipv4", "ipv6")
+                 for proto in ("tcp", "udp") for p in range(1, 1201)]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(old_layout(exposures, 2, {"gateway_id": "g"}))
+    # The journal of the old code on top: seq 3 deletes one, puts one.
+    journal_of(path).write_bytes(encode_record(3, json.dumps(
+        {"delete": [["ipv4", "tcp", 1]], "put": [doc(9999).to_dict()]})))
+    expected = sorted([e for e in exposures if e.key != ("ipv4", "tcp", 1)] + [doc(9999)],
+                      key=key)
+    with LocalStore(path) as store:
+        assert store.exposures() == expected and store.meta() == {"gateway_id": "g"}
+        assert store.check() == []
+    # Closing compacted it into the new layout, which TinyDB and the store both read.
+    assert path.read_text().count("\n") > 3
+    db = TinyDB(path, access_mode="r")
+    assert sorted(db.table("exposures").all(), key=key_of) == [e.to_dict() for e in expected]
+    db.close()
+    with LocalStore(path, shared=True) as store:
+        assert store.exposures() == expected and store.meta() == {"gateway_id": "g"}
+
+
+def test_a_file_written_by_tinydb_itself_opens(path):
+    path.parent.mkdir(parents=True)
+    db = TinyDB(path)
+    db.table("exposures").insert_multiple([doc(80).to_dict(), doc(53, "udp").to_dict()])
+    db.table("store").insert({"journal_seq": 0, "meta": {"gateway_id": "g"}})
+    db.close()
+    with LocalStore(path) as store:
+        assert store.exposures() == [doc(80), doc(53, "udp")]
+        assert store.meta() == {"gateway_id": "g"}
+
+
+def test_damage_inside_a_chunk_line_is_corruption(path):
+    with LocalStore(path) as store:
+        store.commit(put=[doc(p) for p in range(1, 1200)])
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b'"exposed_port": 600', b'"exposed_port": "600"', 1)
+    path.write_bytes(b"\n".join(lines))
+    assert_corrupt_and_untouched(path, str(path), "document 600")
+
+
+def test_exposures_that_share_a_service_ip_or_id_share_one_object(path):
+    with LocalStore(path) as store:
+        store.commit(put=[doc(p, service_id="web") for p in range(1, 4)])
+        a, b = store.get(("ipv4", "tcp", 1)), store.get(("ipv4", "tcp", 2))
+        assert a.service_ip is b.service_ip and a.service_id is b.service_id
+    with LocalStore(path) as store:  # and after a reopen, from the snapshot
+        a, c = store.get(("ipv4", "tcp", 1)), store.get(("ipv4", "tcp", 3))
+        assert a.service_ip is c.service_ip and a.service_id is c.service_id
 
 
 def test_commit_with_nothing_writes_nothing(path):
