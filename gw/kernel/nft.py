@@ -11,6 +11,7 @@ the drift watcher learns from `probe()` and uses to skip our own commits.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -70,29 +71,45 @@ class Nft(Protocol):
 
 
 class NftSession:
+    """Element changes go through one long-lived libnftables context. A whole-table command (a
+    load, any listing: nft 1.0.6 fetches every map element into its cache even for a terse
+    listing or one counter) gets a context of its own, freed when it is done and its memory
+    handed back to the system, so that the cache of every element (some hundred bytes each)
+    does not stay in the daemon."""
+
     def __init__(self):
         import nftables  # Debian's python3-nftables; imported here so pure modules never need it
 
-        self._nft = nftables.Nftables()
-        self._nft.set_json_output(False)
-        self._nft.set_handle_output(False)
+        self._new_context = nftables.Nftables
+        self._nft = self._context()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
 
-    def _cmd(self, text: str, json_output: bool, terse: bool = False) -> tuple[int, str, str]:
+    def _context(self):
+        nft = self._new_context()
+        nft.set_json_output(False)
+        nft.set_handle_output(False)
+        return nft
+
+    def _cmd(self, text: str, json_output: bool, terse: bool = False,
+             whole: bool = True) -> tuple[int, str, str]:
         def call():
-            self._nft.set_json_output(json_output)
-            self._nft.set_terse_output(terse)
-            try:
+            if not whole:
                 return self._nft.cmd(text)
+            nft = self._context()
+            nft.set_json_output(json_output)
+            nft.set_terse_output(terse)
+            try:
+                return nft.cmd(text)
             finally:
-                self._nft.set_json_output(False)
-                self._nft.set_terse_output(False)
+                del nft  # nft_ctx_free: the cache goes
+                _give_back_memory()
 
         return self._thread.submit(call).result()
 
-    def run(self, text: str) -> str:
-        """Run nft commands as one transaction; returns nft's output."""
-        rc, out, err = self._cmd(text, False)
+    def run(self, text: str, whole: bool = True) -> str:
+        """Run nft commands as one transaction; returns nft's output. `whole`: in a context
+        of its own (see the class)."""
+        rc, out, err = self._cmd(text, False, whole=whole)
         if rc != 0:
             raise refusal(f"nftables refused the change: {_first_error(err)}")
         return out
@@ -106,7 +123,8 @@ class NftSession:
         return json.loads(out) if out.strip() else {"nftables": []}
 
     def apply(self, tx: ruleset.Transaction) -> None:
-        self.run(ruleset.script(tx))
+        whole = any(isinstance(op, (ruleset.ReplaceTable, ruleset.DeleteTable)) for op in tx)
+        self.run(ruleset.script(tx), whole=whole)
 
     def list_table(self, terse: bool = False) -> dict:
         return self.run_json(f"list table {ruleset.TABLE}", terse=terse)
@@ -131,10 +149,23 @@ class NftSession:
     def probe(self) -> None:
         """An empty transaction that names `PROBE_TABLE` (created and deleted at once, so the
         ruleset never shows it): the monitor then tells which id our commits carry."""
-        self.run(f"add table inet {PROBE_TABLE}\ndelete table inet {PROBE_TABLE}")
+        self.run(f"add table inet {PROBE_TABLE}\ndelete table inet {PROBE_TABLE}", whole=False)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
+
+
+def _give_back_memory() -> None:
+    """What a freed context used goes back to the system (glibc keeps freed heap otherwise)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL(None)
+except OSError:  # not a dynamically linked glibc process: nothing to hand back this way
+    _LIBC = None
 
 
 def _first_error(err: str) -> str:
