@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import limit
+from .stats import median
 from .topology import BenchLab
 
 IDLE = re.compile(r"safe_halt|default_idle|cpu_idle|poll_idle|intel_idle|acpi_idle")
@@ -33,12 +34,13 @@ def classify(comm: str, dso: str, sym: str) -> str:
     if IDLE.search(sym):
         return "idle"
     if dso == "[kernel.kallsyms]" or sym.startswith("[k]"):
-        name = sym.removeprefix("[k] ").strip()
-        if NETFILTER.match(name):
+        # Only the measured programs' and softirq's time is ours: other jobs on the machine
+        # run nft too.
+        if not (comm in PROGRAMS or comm.startswith("ksoftirqd") or comm == "swapper"):
+            return "kernel: other programs"
+        if NETFILTER.match(sym.removeprefix("[k] ").strip()):
             return "kernel: netfilter"
-        if comm in PROGRAMS or comm.startswith("ksoftirqd") or comm == "swapper":
-            return "kernel: network stack and syscalls"
-        return "kernel: other programs"
+        return "kernel: network stack and syscalls"
     if comm in PROGRAMS:
         return f"user: {comm}"
     return "user: other programs"
@@ -67,12 +69,11 @@ def report(data: Path) -> tuple[dict, dict]:
 
 
 def profile(lab: BenchLab, workload: str, variant: str, seconds: float, tcp_bytes: str,
-            tmp: Path) -> dict:
+            tmp: Path, skeletons: dict | None = None) -> dict:
     """One measurement under perf: CPU nanoseconds per unit of the workload (a connection,
     a packet, a bit) by class and by kernel symbol."""
     data = tmp / f"{workload}-{variant}.data"
-    limit.prepare(lab, variant)
-    result = {}
+    limit.prepare(lab, variant, skeletons)
     # perf samples both cores, whatever their namespace; it runs in the host's.
     perf = subprocess.Popen(["perf", "record", "-a", "-e", "cpu-clock", "-o", str(data), "--",
                              "sleep", str(seconds)], stdout=subprocess.DEVNULL,
@@ -87,6 +88,10 @@ def profile(lab: BenchLab, workload: str, variant: str, seconds: float, tcp_byte
             "symbols": {k: v / units for k, v in symbols.items()}}
 
 
+def _medians(dicts: list[dict]) -> dict:
+    return {k: median(d.get(k, 0.0) for d in dicts) for k in {k for d in dicts for k in d}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tests.bench.limitprofile")
     p.add_argument("--workload", choices=limit.WORKLOADS, default="conn")
@@ -94,8 +99,13 @@ def main(argv=None) -> None:
     p.add_argument("--bytes", default="1G")
     p.add_argument("--symbols", type=int, default=15)
     p.add_argument("--variants", default="ours,routing")
+    p.add_argument("--skeleton", action="append", default=[], metavar="NAME=FILE",
+                   help="one more variant: our table from another skeleton file")
+    p.add_argument("--repeat", type=int, default=1, help="profile each variant this often "
+                   "(in turn) and report the median of each figure")
     args = p.parse_args(argv)
-    variants = args.variants.split(",")
+    skeletons = dict(s.split("=", 1) for s in args.skeleton)
+    variants = args.variants.split(",") + list(skeletons)
     unit = limit.UNIT[args.workload].split("/")[0]
     with tempfile.TemporaryDirectory(prefix="oakgw-perf-", dir="/var/tmp") as tmp, \
             BenchLab() as lab:
@@ -103,8 +113,11 @@ def main(argv=None) -> None:
         limit.start_iperf(lab)
         limit.routing_back(lab)
         limit.tune(lab)
-        res = {v: profile(lab, args.workload, v, args.seconds, args.bytes, Path(tmp))
-               for v in variants}
+        runs = [{v: profile(lab, args.workload, v, args.seconds, args.bytes, Path(tmp),
+                            skeletons) for v in variants} for _ in range(args.repeat)]
+        res = {v: {"value": median(r[v]["value"] for r in runs),
+                   "classes": _medians([r[v]["classes"] for r in runs]),
+                   "symbols": _medians([r[v]["symbols"] for r in runs])} for v in variants}
         limit.remove_tables(lab)
     print(f"CPU ns per {unit} ({args.workload}), by class:")
     print(f"{'':40}" + "".join(f"{v:>12}" for v in variants))
