@@ -189,6 +189,9 @@ def limit_section(lim: dict) -> str:
             "service address 10.30.0.1 directly, the gateway only routes it (no table at all: "
             "the namespace does not even track connections; the run checks that its conntrack "
             f"table stays empty). Failed connections over the run: {lim['errors']}."]
+    if lim.get("separate_run"):
+        out += ["", f"These figures come from a run of this benchmark alone "
+                f"({lim['separate_run']}), not from the run the other sections describe."]
     return "\n".join(out) + "\n"
 
 
