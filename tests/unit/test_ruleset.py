@@ -110,7 +110,8 @@ def test_render_is_a_self_contained_script():
     text = ruleset.render(SETTINGS, [E4])
     assert text.startswith("#!/usr/sbin/nft -f\nredefine tunnel_if = \"goProxyTun\"")
     assert "chain prerouting" in text and "add element inet oakestra_gw expose_v4" in text
-    assert "include" not in text
+    # No include directive (a word in a comment is fine): the script stands alone.
+    assert not [line for line in text.splitlines() if line.lstrip().startswith("include ")]
 
 
 exposures = st.builds(
