@@ -10,7 +10,7 @@ APT_PACKAGES := nftables python3-nftables conntrack iproute2 python3-venv python
                 e2fsprogs util-linux procps curl iputils-ping socat iptables
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv test test-unit demo bench bench-deps mqtt-deps docs docs-deps clean
+.PHONY: setup deps venv test test-unit demo bench bench-deps mqtt-deps ha-deps docs docs-deps clean
 
 setup: deps venv
 
@@ -29,7 +29,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test,docs,bench]'
 	touch $@
 
-test: setup node-prepare bench-deps mqtt-deps docs-deps
+test: setup node-prepare bench-deps mqtt-deps ha-deps docs-deps
 	tests/run-isolated $(PY) -m pytest $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 
@@ -73,6 +73,13 @@ endef
 MQTT_APT_PACKAGES := mosquitto mosquitto-clients
 mqtt-deps:
 	$(call apt_no_start,$(MQTT_APT_PACKAGES),mosquitto.service)
+
+# High availability (tests/ha): the shared exposure table runs on Debian's etcd (etcd-server
+# for the members the tests start in namespaces, etcd-client for etcdctl); the packaged service
+# stays off.
+HA_APT_PACKAGES := etcd-server etcd-client
+ha-deps:
+	$(call apt_no_start,$(HA_APT_PACKAGES),etcd.service)
 
 # The screenshot test of the built docs (tests/docs) renders every page with Debian's headless
 # Chromium; installed the same way (it brings no service of its own).

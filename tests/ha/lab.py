@@ -1,0 +1,41 @@
+"""The HA tests' own small topology: namespaces joined on one etcd segment (a bridge in a hub
+namespace, 198.19.200.0/24), and an etcd member in each."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from gw.lab.etcd import EtcdCluster
+from gw.lab.netns import Netns, run
+
+SEGMENT = "198.19.200"
+
+
+@contextmanager
+def etcd_segment(namespaces: list[Netns]) -> Iterator[list[str]]:
+    """Each namespace gets `etcd0` on one bridge, at SEGMENT.1, .2, ...: yields the addresses."""
+    hub = Netns.create("oakh")
+    try:
+        hub.ip("link add br0 type bridge", "link set br0 up")
+        addresses = []
+        for i, ns in enumerate(namespaces, 1):
+            run(["ip", "link", "add", "etcd0", "netns", ns.name, "type", "veth", "peer", "name",
+                 f"p{i}", "netns", hub.name])
+            hub.ip(f"link set p{i} master br0", f"link set p{i} up")
+            ns.ip(f"addr add {SEGMENT}.{i}/24 dev etcd0", "link set etcd0 up")
+            addresses.append(f"{SEGMENT}.{i}")
+        for ns in namespaces:
+            ns.wait_links_up(["etcd0"])
+        yield addresses
+    finally:
+        hub.delete()
+
+
+@contextmanager
+def cluster_in(namespaces: list[Netns]) -> Iterator[EtcdCluster]:
+    """A member named m1, m2, ... in each namespace, on the etcd segment."""
+    with etcd_segment(namespaces) as addresses:
+        with EtcdCluster([(f"m{i}", ns, a) for i, (ns, a) in
+                          enumerate(zip(namespaces, addresses), 1)]) as cluster:
+            yield cluster
