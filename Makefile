@@ -75,11 +75,12 @@ mqtt-deps:
 	$(call apt_no_start,$(MQTT_APT_PACKAGES),mosquitto.service)
 
 # High availability (tests/ha): the shared exposure table runs on Debian's etcd (etcd-server
-# for the members the tests start in namespaces, etcd-client for etcdctl); the packaged service
-# stays off.
-HA_APT_PACKAGES := etcd-server etcd-client
+# for the members the tests start in namespaces, etcd-client for etcdctl); keepalived (VRRP
+# moves the floating addresses) and conntrackd (syncs the flows) run inside the HA lab's
+# namespaces, one of each per gateway. No packaged service is started or enabled.
+HA_APT_PACKAGES := etcd-server etcd-client keepalived conntrackd
 ha-deps:
-	$(call apt_no_start,$(HA_APT_PACKAGES),etcd.service)
+	$(call apt_no_start,$(HA_APT_PACKAGES),etcd.service keepalived.service conntrackd.service)
 
 # The screenshot test of the built docs (tests/docs) renders every page with Debian's headless
 # Chromium; installed the same way (it brings no service of its own).

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..core.settings import DEFAULT_CONFIG_PATH
-from . import config, expose, rules, status, store, teardown
+from . import config, expose, ha, rules, status, store, teardown
 from .common import CONTEXT, Failure
 
 
@@ -32,6 +32,7 @@ def main():
       oakestra-gw status
       oakestra-gw config check /etc/oakestra-gw/gateway.toml
       oakestra-gw rules show --config /etc/oakestra-gw/gateway.toml
+      oakestra-gw ha render keepalived --config /etc/oakestra-gw/gateway.toml
 
     Run `oakestra-gw COMMAND --help` for the details of each command.
     """
@@ -89,5 +90,5 @@ def demo(keep):
 
 
 for command in (expose.expose, status.status, rules.rules, config.config_group,
-                store.store_group, teardown.teardown):
+                store.store_group, teardown.teardown, ha.ha_group):
     main.add_command(command)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import config_fields as f
 from .errors import ConfigError
+from .ha import HA_KEYS, parse_ha
 from .exposure import DEFAULT_RESERVED, parse_reserved
 from .settings import (DEFAULT_STORE_PATH, GIVE_UP_AFTER_MAX, LOG_FORMATS, LOG_LEVELS,
                        ApiSettings, EgressSettings, LogSettings, NetworkSettings,
@@ -35,6 +37,7 @@ SECTIONS: dict[str, set[str]] = {
     "log": {"level", "format"},
     "egress": {"enabled", "sources", "deny_destinations", "deny_ports",
                "max_connections_per_source"},
+    "ha": HA_KEYS,
 }
 
 
@@ -61,8 +64,8 @@ def parse_config(raw: dict[str, Any]) -> Settings:
         for key in value:
             if key not in SECTIONS[section]:
                 raise ConfigError(f"unknown key {section}.{key}", field=f"{section}.{key}")
-    api, store, net, oak, logs, egress = (raw.get(s, {}) for s in (
-        "api", "store", "network", "oakestra", "log", "egress"))
+    api, store, net, oak, logs, egress, ha = (raw.get(s, {}) for s in (
+        "api", "store", "network", "oakestra", "log", "egress", "ha"))
     settings = Settings(
         api=ApiSettings(
             host=f.text(api, "host", "api", "") or None,
@@ -115,6 +118,9 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             max_connections_per_source=f.integer(egress, "max_connections_per_source", "egress",
                                             1024, 1, 1_000_000)),
     )
+    settings = replace(settings, ha=parse_ha(ha, settings.network.internal_ipv4,
+                                             settings.network.internal_ipv6,
+                                             settings.network.bridge_interface))
     _check_mqtt(settings.oakestra)
     if not settings.network.service_ranges:
         raise ConfigError("network.service_ranges must name at least one network",

@@ -9,6 +9,7 @@ from typing import Callable
 
 from .config_fields import internal_ip
 from .errors import ConfigError
+from .ha import HaSettings
 from .exposure import DEFAULT_RESERVED, DEFAULT_SERVICE_RANGES, IPNetwork, Policy, parse_reserved
 
 DEFAULT_CONFIG_PATH = "/etc/oakestra-gw/gateway.toml"
@@ -113,6 +114,7 @@ class Settings:
     oakestra: OakestraSettings = field(default_factory=OakestraSettings)
     log: LogSettings = field(default_factory=LogSettings)
     egress: EgressSettings = field(default_factory=EgressSettings)
+    ha: HaSettings = field(default_factory=HaSettings)
 
     @property
     def standalone(self) -> bool:

@@ -26,7 +26,7 @@ LIVE = {"api.allowed_sources", "api.token_file", "network.reserved_ports",
 # Settings held under another name than their key in gateway.toml (a key that takes a list).
 FIELD_KEYS = {"oakestra.cluster_urls": "oakestra.cluster_url",
               "oakestra.mqtt_urls": "oakestra.mqtt_url"}
-SETTINGS_SECTIONS = ("api", "store", "network", "oakestra", "log", "egress")
+SETTINGS_SECTIONS = ("api", "store", "network", "oakestra", "log", "egress", "ha")
 
 
 def config_changes(before: Settings, after: Settings) -> list[str]:

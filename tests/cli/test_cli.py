@@ -19,7 +19,7 @@ from tests.helpers import doc, wait_for
 COMMANDS = [[], ["serve"], ["expose"], ["expose", "add"], ["expose", "delete"],
             ["expose", "list"], ["status"], ["rules"], ["rules", "show"], ["rules", "diff"],
             ["config"], ["config", "check"], ["store"], ["store", "check"], ["teardown"],
-            ["demo"]]
+            ["demo"], ["ha"], ["ha", "render"]]
 
 
 def invoke(*args, **kw):

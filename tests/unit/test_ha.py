@@ -1,0 +1,147 @@
+"""The [ha] settings and the keepalived and conntrackd configurations they render: golden files
+for a pair with both families, and a clear error naming the key for each bad value. (The tools'
+own checks of the rendered files run in tests/ha/test_ha_configs.py.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gw.core import ha
+from gw.core.config import parse_config
+from gw.core.errors import ConfigError
+
+GOLDEN = Path(__file__).parent / "golden"
+NOTIFY = "/usr/bin/oakestra-gw ha notify --config /etc/oakestra-gw/gateway.toml"
+NETWORK = {"internal_ipv4": "10.30.255.254", "internal_ipv6": "fdff::fe"}
+PAIR = {"enabled": True, "router_id": "gw-a", "priority": 150, "advert_interval": 0.1,
+        "preempt_delay": 2, "public_interface": "pub0",
+        "public_addresses": ["198.18.0.10/24", "2001:db8::10/64"],
+        "sync_interface": "sync0", "sync_address": "192.168.100.1",
+        "sync_peer": "192.168.100.2", "state_dir": "/run/oakestra-gw/ha"}
+
+
+def settings(**changes):
+    return parse_config({"network": NETWORK, "ha": {**PAIR, **changes}}).ha
+
+
+def golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} differs (UPDATE_GOLDEN=1 rewrites it)"
+
+
+def test_keepalived_conf_is_the_golden_file():
+    golden("keepalived.conf", ha.render_keepalived(settings(), NOTIFY))
+
+
+def test_conntrackd_conf_is_the_golden_file():
+    golden("conntrackd.conf", ha.render_conntrackd(settings()))
+
+
+def test_one_instance_per_interface_and_family_all_in_the_sync_group():
+    text = ha.render_keepalived(settings(), NOTIFY)
+    names = [n for n, _, _ in settings().instances()]
+    assert names == ["public_v4", "public_v6", "internal_v4", "internal_v6"]
+    group = text.split("vrrp_sync_group oakestra_gw {")[1].split("}")[0]
+    assert group.split() == ["group", "{", *names]
+    # No instance mixes the families (keepalived refuses that in one list).
+    for block in text.split("vrrp_instance ")[1:]:
+        addrs = block.split("virtual_ipaddress {")[1].split("}")[0].split()[::3]
+        assert len({":" in a for a in addrs}) == 1, block
+
+
+def test_the_internal_addresses_default_to_the_snat_addresses_as_hosts():
+    assert [str(a) for a in settings().internal_addresses] == ["10.30.255.254/32", "fdff::fe/128"]
+    assert settings().internal_interface == "oakgw0"  # network.bridge_interface
+
+
+def test_conntrackd_syncs_udp_and_icmp_and_never_ignores_a_floating_address():
+    text = ha.render_conntrackd(settings())
+    accept = text.split("Protocol Accept {")[1].split("}")[0].split()
+    assert accept == ["TCP", "UDP", "ICMP", "IPv6-ICMP"]
+    ignored = text.split("Address Ignore {")[1].split("}")[0]
+    for ip in settings().floating:
+        assert str(ip) not in ignored
+    assert "DisableExternalCache on" in text
+    assert "DisableExternalCache off" in ha.render_conntrackd(
+        settings(conntrack_external_cache=True))
+
+
+def test_under_systemd_conntrackd_notifies_and_logs_to_the_journal():
+    text = ha.render_conntrackd(settings(), systemd=True)
+    assert "Systemd on" in text and "Syslog on" in text and "LogFile off" in text
+
+
+def test_ipv6_sync_link():
+    text = ha.render_conntrackd(settings(sync_address="fd00:5::1", sync_peer="fd00:5::2"))
+    assert "IPv6_address fd00:5::1" in text and "IPv6_Destination_Address fd00:5::2" in text
+
+
+def test_the_commands_use_the_state_dir_for_pid_files_and_socket():
+    s = settings(state_dir="/run/gw-b")
+    argv = ha.keepalived_command(s)
+    assert argv[argv.index("--pid") + 1] == "/run/gw-b/keepalived.pid"
+    assert argv[argv.index("--vrrp_pid") + 1] == "/run/gw-b/keepalived-vrrp.pid"
+    assert "Path /run/gw-b/conntrackd.ctl" in ha.render_conntrackd(s)
+    assert ha.conntrackd_command(s, "-c") == ["conntrackd", "-C", "/run/gw-b/conntrackd.conf", "-c"]
+
+
+def test_disabled_ha_needs_nothing():
+    assert parse_config({}).ha == ha.HaSettings()
+    assert not parse_config({"ha": {"public_interface": "pub0"}}).ha.enabled
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"public_interface": ""}, "ha.public_interface"),
+    ({"public_addresses": []}, "ha.public_addresses"),
+    ({"public_addresses": ["198.18.0.300/24"]}, "ha.public_addresses"),
+    ({"public_addresses": ["198.18.0.10/24", "198.18.0.10/24"]}, "ha.public_addresses"),
+    ({"sync_interface": ""}, "ha.sync_interface"),
+    ({"sync_interface": "pub0"}, "ha.sync_interface"),
+    ({"sync_address": "nope"}, "ha.sync_address"),
+    ({"sync_peer": "fd00::2"}, "ha.sync_peer"),
+    ({"sync_peer": "192.168.100.1"}, "ha.sync_peer"),
+    ({"sync_address": "198.18.0.10"}, "ha.sync_address"),
+    ({"internal_addresses": ["10.30.255.1/16"]}, "ha.internal_addresses"),
+    ({"internal_interface": "pub0"}, "ha.public_interface"),
+    ({"priority": 255}, "ha.priority"),
+    ({"virtual_router_id": 0}, "ha.virtual_router_id"),
+    ({"advert_interval": 0.001}, "ha.advert_interval"),
+    ({"advert_interval": True}, "ha.advert_interval"),
+    ({"router_id": "two words"}, "ha.router_id"),
+    ({"state_dir": "relative"}, "ha.state_dir"),
+    ({"bogus": 1}, "ha.bogus"),
+])
+def test_a_bad_value_names_its_key(changes, field):
+    with pytest.raises(ConfigError) as err:
+        settings(**changes)
+    assert err.value.field == field
+
+
+def test_enabled_needs_the_internal_addresses():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"ha": PAIR})
+    assert err.value.field == "network.internal_ipv4"
+
+
+def test_the_cli_prints_the_renderer_and_refuses_without_ha(tmp_path):
+    from click.testing import CliRunner
+
+    from gw.cli.root import main
+
+    on, off = tmp_path / "on.toml", tmp_path / "off.toml"
+    on.write_text('[network]\ninternal_ipv4 = "10.30.255.254"\ninternal_ipv6 = "fdff::fe"\n'
+                  '[ha]\n' + "".join(f"{k} = {v!r}\n".replace("True", "true")
+                                     for k, v in PAIR.items()).replace("'", '"'))
+    off.write_text("")
+    r = CliRunner().invoke(main, ["ha", "render", "conntrackd", "--config", str(on)])
+    assert r.exit_code == 0 and r.output == ha.render_conntrackd(settings())
+    r = CliRunner().invoke(main, ["ha", "render", "keepalived", "--config", str(on),
+                                  "--notify-command", NOTIFY])
+    assert r.exit_code == 0 and r.output == ha.render_keepalived(settings(), NOTIFY)
+    r = CliRunner().invoke(main, ["ha", "render", "keepalived", "--config", str(off)])
+    assert r.exit_code == 1 and "ha.enabled" in r.output
