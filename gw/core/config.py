@@ -28,7 +28,8 @@ MQTT_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 SECTIONS: dict[str, set[str]] = {
     "api": {"host", "port", "token_file", "allowed_sources", "threads", "per_exposure_metrics"},
-    "store": {"path"},
+    "store": {"path", "backend", "endpoints", "prefix", "ca_file", "cert_file", "key_file",
+              "timeout"},
     "network": {"public_interfaces", "tunnel_interface", "bridge_interface", "internal_ipv4",
                 "internal_ipv6", "service_ranges", "reserved_ports"},
     "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6", "give_up_after",
@@ -54,6 +55,38 @@ def load_config(path: str | Path) -> Settings:
     return parse_config(raw)
 
 
+STORE_BACKENDS = ("tinydb", "etcd")
+ETCD_PREFIX_RE = re.compile(r"/[A-Za-z0-9._/-]*[A-Za-z0-9._-]")
+
+
+def _store(store: dict) -> StoreSettings:
+    backend = f.choice(store, "backend", "store", "tinydb", STORE_BACKENDS)
+    endpoints = f.urls(store, "endpoints", f.HTTP_URL_RE, "an http(s) URL", section="store")
+    prefix = f.text(store, "prefix", "store", StoreSettings.prefix)
+    if not ETCD_PREFIX_RE.fullmatch(prefix) or "//" in prefix:
+        raise ConfigError(f"store.prefix must be an absolute key path such as /oakestra-gw "
+                          f"(letters, digits, . _ - and /, no trailing /), not {prefix!r}",
+                          field="store.prefix")
+    tls = {name: f.text(store, name, "store", "") for name in ("ca_file", "cert_file",
+                                                               "key_file")}
+    if bool(tls["cert_file"]) != bool(tls["key_file"]):
+        missing = "key_file" if tls["cert_file"] else "cert_file"
+        raise ConfigError(f"store.{missing} is needed with store.cert_file and store.key_file "
+                          "(a client certificate needs its key)", field=f"store.{missing}")
+    if backend == "etcd" and not endpoints:
+        raise ConfigError('store.endpoints must name at least one etcd client URL with '
+                          'backend = "etcd"', field="store.endpoints")
+    if backend != "etcd" and (endpoints or any(tls.values())):
+        field = "store.endpoints" if endpoints else next(
+            f"store.{k}" for k, v in tls.items() if v)
+        raise ConfigError(f'{field} is for backend = "etcd" (store.backend is {backend})',
+                          field=field)
+    return StoreSettings(path=f.text(store, "path", "store", DEFAULT_STORE_PATH) or
+                         DEFAULT_STORE_PATH, backend=backend, endpoints=endpoints,
+                         prefix=prefix, timeout=f.seconds(store, "timeout", "store", 2.0,
+                                                          0.1, 60), **tls)
+
+
 def parse_config(raw: dict[str, Any]) -> Settings:
     for section, value in raw.items():
         if section not in SECTIONS:
@@ -74,8 +107,7 @@ def parse_config(raw: dict[str, Any]) -> Settings:
             allowed_sources=f.networks(api, "allowed_sources", "api", ApiSettings.allowed_sources),
             threads=f.integer(api, "threads", "api", 8, 1, 256),
             per_exposure_metrics=f.boolean(api, "per_exposure_metrics", "api", False)),
-        store=StoreSettings(path=f.text(store, "path", "store", DEFAULT_STORE_PATH) or
-                            DEFAULT_STORE_PATH),
+        store=_store(store),
         network=NetworkSettings(
             public_interfaces=tuple(f.ifname(v, "network.public_interfaces")
                                     for v in f.items(net, "public_interfaces", "network", [])),

@@ -103,17 +103,20 @@ def ifname(value: Any, name: str) -> str:
     return value
 
 
-def urls(table, key, pattern: re.Pattern, what: str) -> tuple[str, ...]:
+def urls(table, key, pattern: re.Pattern, what: str,
+         section: str = "oakestra") -> tuple[str, ...]:
     """One URL or a list of them (the orchestrator and its replicas, in order)."""
-    value = typed(table, key, "oakestra", "", (str, list), f"{what} or a list of them")
+    value = typed(table, key, section, "", (str, list), f"{what} or a list of them")
     given = ([value] if value.strip() else []) if isinstance(value, str) else value
     found = []
     for item in given:
         if not isinstance(item, str) or not pattern.fullmatch(item.strip()):
-            raise ConfigError(f"oakestra.{key}: {item!r} is not {what}", field=f"oakestra.{key}")
+            raise ConfigError(f"{section}.{key}: {item!r} is not {what}",
+                              field=f"{section}.{key}")
         url = item.strip().rstrip("/")
         if url in found:
-            raise ConfigError(f"oakestra.{key}: {url} is listed twice", field=f"oakestra.{key}")
+            raise ConfigError(f"{section}.{key}: {url} is listed twice",
+                              field=f"{section}.{key}")
         found.append(url)
     return tuple(found)
 

@@ -26,6 +26,7 @@ SUMMARY = {
     "netlink": "links and routes cannot be read",
     "readiness_check": "the readiness check failed",
     "mqtt": "not connected to the cluster's MQTT broker",
+    "etcd": "the shared table on etcd cannot be reached or has no quorum: changes are refused",
 }
 CAUSES = tuple(SUMMARY)
 

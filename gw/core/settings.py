@@ -34,7 +34,14 @@ class ApiSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    path: str = DEFAULT_STORE_PATH
+    path: str = DEFAULT_STORE_PATH  # the tinydb store; with etcd: metadata and the local copy
+    backend: str = "tinydb"         # or "etcd": one table shared by several gateways
+    endpoints: tuple[str, ...] = ()  # etcd client URLs
+    prefix: str = "/oakestra-gw"
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    timeout: float = 2.0            # seconds for one etcd request
 
 
 @dataclass(frozen=True)

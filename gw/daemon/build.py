@@ -14,10 +14,24 @@ from . import faults
 from .metrics import Metrics
 
 
-def store(path, on_poisoned=None, environ: Mapping[str, str] = os.environ):
+def store(settings, on_poisoned=None, environ: Mapping[str, str] = os.environ):
+    """The store [store] names: TinyDB at `path`, or the table on etcd (its metadata and the
+    local copy of the table in TinyDB at `path`)."""
     from ..store.local import LocalStore  # noqa: PLC0415 - so that `config check` stays light
 
-    return LocalStore(path, calls=faults.file_calls(environ), on_poisoned=on_poisoned)
+    local = LocalStore(settings.path, calls=faults.file_calls(environ), on_poisoned=on_poisoned)
+    if settings.backend != "etcd":
+        return local
+    from ..store.etcd import EtcdStore  # noqa: PLC0415
+    from ..store.etcd_client import EtcdClient  # noqa: PLC0415
+
+    client = EtcdClient(settings.endpoints, timeout=settings.timeout, ca_file=settings.ca_file,
+                        cert_file=settings.cert_file, key_file=settings.key_file)
+    try:
+        return EtcdStore(client, settings.prefix, local).open()
+    except BaseException:
+        local.close()
+        raise
 
 
 def gateway(store, variables: dict[str, str], metrics: Metrics, own_addresses: Iterable[str],

@@ -54,6 +54,7 @@ class Daemon:
         self.listener: Listener | None = None
         self.token: str | None = None
         self.drift = None
+        self.follower = None                      # follows the shared table (etcd)
         self.mqtt = None                          # the MQTT front end (MQTT mode)
         self.membership: Membership | None = None  # the HTTP one (Oakestra and standalone)
         self._reload = threading.Event()
@@ -73,7 +74,7 @@ class Daemon:
             self.config.require_internal_ips()
         if os.environ.get("STATE_DIRECTORY"):  # under the unit (systemd sets it)
             check_state_directory(self.config, os.environ["STATE_DIRECTORY"])
-        self.store = build.store(self.config.store.path, on_poisoned=self._store_poisoned)
+        self.store = build.store(self.config.store, on_poisoned=self._store_poisoned)
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
         if self.config.mqtt_mode:
@@ -102,6 +103,10 @@ class Daemon:
             log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
                         "only SIGHUP repairs it")
         self.gateway.load()
+        if self.config.store.backend == "etcd":
+            from ..service.follow import Follower  # noqa: PLC0415
+
+            self.follower = Follower(self.gateway, self.store).start()
         self._check_own_address(self.gateway.pointing_at_itself())
         log.info("loaded table %s with %d exposure(s) from %s", ruleset.TABLE,
                  len(self.gateway.exposures()), self.settings.store.path)
@@ -257,6 +262,8 @@ class Daemon:
                 log.exception("closing the API server")
         if self.drift is not None:
             self.drift.stop()
+        if self.follower is not None:
+            self.follower.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
         if self.membership is not None:

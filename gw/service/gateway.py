@@ -17,10 +17,14 @@ from typing import Callable, Iterable
 from ..core.errors import Conflict, GatewayError, NotFound
 from ..core.exposure import DeleteRequest, Exposure, Key
 from ..kernel.firewall import Diff, Firewall
-from ..store.protocol import Store
+from ..store.protocol import Learnt, Outdated, Store
 from .health import Health
 
 log = logging.getLogger(__name__)
+
+# A shared store refuses a commit when another gateway changed a key first (Outdated); the
+# change is decided again on what is there now, a few times at most.
+DECIDE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,21 @@ class Gateway:
     def add(self, exposures: list[Exposure]) -> list[AddResult]:
         """Add all or none. Identical ones are no-ops; a new label on an existing target only
         updates the store; another target on a taken key is a Conflict."""
+        return self._decided(lambda: self._add(exposures))
+
+    def _decided(self, change: Callable[[], object]):
+        """`change` under the lock; should a shared store say another gateway came first, the
+        kernel takes what is there now and `change` decides again on it."""
+        with self._lock:
+            for attempt in range(DECIDE_ATTEMPTS):
+                try:
+                    return change()
+                except Outdated as exc:
+                    self.follow(exc.learnt)
+                    if attempt == DECIDE_ATTEMPTS - 1:
+                        raise
+
+    def _add(self, exposures: list[Exposure]) -> list[AddResult]:
         with self._lock:
             self._settle()
             results, new, relabel, old = [], [], [], []
@@ -148,6 +167,9 @@ class Gateway:
             return results
 
     def delete(self, request: DeleteRequest) -> list[Exposure]:
+        return self._decided(lambda: self._delete(request))
+
+    def _delete(self, request: DeleteRequest) -> list[Exposure]:
         with self._lock:
             self._settle()
             found = [e for k in request.keys() if (e := self.store.get(k)) is not None]
@@ -162,6 +184,9 @@ class Gateway:
         """Delete every exposure labelled `service_id` (only those of `exposed_port` when
         given), all or none. Nothing labelled so: nothing happens (a repeated delete is a
         no-op). Scans the store: for the cluster's per-service delete, not a hot path."""
+        return self._decided(lambda: self._delete_service(service_id, exposed_port))
+
+    def _delete_service(self, service_id: str, exposed_port: int | None) -> list[Exposure]:
         with self._lock:
             self._settle()
             found = [e for e in self.store.exposures() if e.service_id == service_id
@@ -181,6 +206,42 @@ class Gateway:
         if self.flusher is not None:
             # Queued under the lock: a re-add that follows finds it, to cancel or await.
             self.flusher.flush(found)
+
+    # -- a shared store: other gateways' changes -------------------------------------------
+
+    def follow(self, learnt: list[Learnt] | Callable[[], list[Learnt]]) -> None:
+        """The kernel takes what a shared store learnt of other gateways' changes (`learnt`,
+        or a callable that has the store take them, called under the lock): one element
+        transaction, then the flush of the flows of what went away. A refused transaction
+        loads the whole table from the store."""
+        with self._lock:
+            learnt = learnt() if callable(learnt) else learnt
+            gone = [old for old, new in learnt if old is not None
+                    and (new is None or new.target != old.target)]
+            came = [new for old, new in learnt if new is not None
+                    and (old is None or new.target != old.target)]
+            gone = [e for e in gone if str(e.service_ip) not in self._own]
+            came = [e for e in came if str(e.service_ip) not in self._own]
+            if not gone and not came:
+                return
+            if came and self.flusher is not None:
+                self.flusher.settle(came)
+            try:
+                self._kernel(lambda: self.firewall.apply(add=came, remove=gone), kind="follow")
+            except GatewayError as exc:
+                log.warning("the kernel refused another gateway's change (%s); loading the "
+                            "table", exc.message)
+                self.load()
+                return
+            if gone and self.flusher is not None:
+                self.flusher.flush(gone)
+
+    def resync(self, read: Callable[[], object]) -> Diff:
+        """`read` has a shared store read its whole table again (after a lost watch); then the
+        kernel follows it, in one transaction if it differs (`reconcile`)."""
+        with self._lock:
+            read()
+            return self.reconcile()
 
     # -- kernel sync ------------------------------------------------------------------------
 
@@ -242,6 +303,9 @@ class Gateway:
         put, delete = list(put), list(delete)
         try:
             self.store.commit(put=put, delete=delete)
+        except Outdated as exc:
+            # Another gateway wrote these keys since: its change stands, and ours is gone.
+            self.follow(exc.learnt)
         except GatewayError as exc:
             self._unreverted = (put, delete)
             self.health.set("store", f"could not revert a refused change: {exc.message}")

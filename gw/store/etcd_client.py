@@ -41,6 +41,10 @@ class WatchEnded(EtcdError):
     """The watch stream ended or was cancelled (no leader, a member going away)."""
 
 
+class WatchIdle(WatchEnded):
+    """Nothing came for the idle timeout: nothing was lost, the watch may resume where it was."""
+
+
 class Compacted(WatchEnded):
     """The watch's start revision is compacted: the watcher must read the whole prefix again."""
 
@@ -219,7 +223,7 @@ class EtcdClient:
     def watch(self, prefix: bytes, start_revision: int, *,
               idle_timeout: float = 30.0) -> Iterator[tuple[int, list[Event]]]:
         """(header revision, events) as they come, from `start_revision` on, over the prefix.
-        Ends by raising: WatchEnded (the stream ended, was cancelled or went quiet for
+        Ends by raising: WatchEnded (the stream ended or was cancelled), WatchIdle (quiet for
         `idle_timeout`), Compacted, or EtcdUnreachable."""
         body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
                                    "start_revision": str(start_revision),
@@ -240,6 +244,8 @@ class EtcdClient:
                         if line:
                             yield watch_message(line)
                 except requests.RequestException as e:
+                    if "timed out" in str(e):
+                        raise WatchIdle(f"the watch on {endpoint} was quiet") from None
                     raise WatchEnded(f"the watch on {endpoint} broke: {type(e).__name__}") \
                         from None
             raise WatchEnded(f"the watch on {endpoint} ended")

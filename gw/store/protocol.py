@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
+from gw.core.errors import StoreUnavailable
 from gw.core.exposure import Exposure, Key
 
 
@@ -39,3 +40,20 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release the store; later changes raise StoreUnavailable."""
+
+
+#: What a store learnt of a key: (what it held before, what it holds now), None for absent.
+Learnt = tuple[Exposure | None, Exposure | None]
+
+
+class Outdated(StoreUnavailable):
+    """A shared store refused a commit because another gateway changed a key it touches first.
+    The store has already taken what is there now (`learnt`, for the caller's kernel); the
+    caller decides again on the fresh state."""
+
+    code = "store_outdated"
+
+    def __init__(self, learnt: list[Learnt]):
+        super().__init__("another gateway changed these exposures first: "
+                         + ", ".join(str((new or old).key) for old, new in learnt))
+        self.learnt = learnt

@@ -1,0 +1,161 @@
+"""Two gateway daemons share one exposure table on a real three-member etcd cluster (a member
+in each gateway's namespace and one in a witness namespace): each follows the other's changes
+in its own kernel; etcd decides conflicting adds; a gateway cut off from the quorum keeps its
+table, refuses changes with 503 naming etcd, and converges when it rejoins."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import threading
+import time
+
+import pytest
+
+from gw.core.ruleset import parse_listing
+from gw.lab.netns import Netns, stop_process
+from gw.lab.topology import Lab, lab_daemon
+from gw.store import etcd_client as ec
+from gw.lab.http import in_netns
+from tests.helpers import wait_for
+
+from .lab import cluster_in
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+PREFIX = "/oakgw-test"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with Lab() as a, Lab() as b:
+        witness = Netns.create("oakw")
+        try:
+            spaces = [a.netns["gateway"], b.netns["gateway"], witness]
+            with cluster_in(spaces) as cluster:
+                daemons = []
+                for lab, own in ((a, "m1"), (b, "m2")):
+                    mine = cluster.members[own].client_url
+                    d = lab_daemon(lab, overrides={"store": {
+                        "backend": "etcd", "prefix": PREFIX,
+                        "endpoints": [mine] + [u for u in cluster.endpoints if u != mine]}})
+                    daemons.append(d.start())
+                try:
+                    yield cluster, daemons
+                finally:
+                    for d in daemons:
+                        d.stop()
+        finally:
+            witness.delete()
+
+
+def kernel(daemon) -> dict:
+    out = daemon.ns.run("nft", "-j", "list", "map", "inet", "oakestra_gw", "expose_v4").stdout
+    return dict(parse_listing(json.loads(out)).elements)
+
+
+def in_etcd(cluster) -> dict:
+    c = ec.EtcdClient([cluster.members["m3"].client_url])
+    head = f"{PREFIX}/exposures/".encode()
+    _, kvs = in_netns(cluster.members["m3"].ns.name, c.range, head, ec.prefix_end(head))
+    return {kv.key.decode().rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}
+
+
+def body(port, ip="10.30.0.1", service_port=80):
+    return {"exposed_port": port, "service_ip": ip, "service_port": service_port}
+
+
+def test_adds_on_a_reach_b_and_both_kernels_equal_etcd(pair, record_property):
+    cluster, (a, b) = pair
+    monitor = b.ns.popen("nft", "monitor", "elements", stdout=subprocess.PIPE, text=True)
+    seen: dict[int, float] = {}
+
+    def read():
+        for line in monitor.stdout:
+            m = re.search(r"add element .* \{ tcp \. (\d+) :", line)
+            if m:
+                seen.setdefault(int(m.group(1)), time.monotonic())
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.5)  # the monitor is listening
+    acked = {}
+    try:
+        http = a.http()
+        for port in range(20000, 21000):
+            r = http.add(body(port))
+            assert r.status == 201, r
+            acked[port] = time.monotonic()
+        wait_for(lambda: len(seen) >= 1000, timeout=60, what="B's kernel has all 1000")
+    finally:
+        stop_process(monitor)
+    lags = sorted((seen[p] - t) * 1000 for p, t in acked.items())
+    p50, p99 = lags[len(lags) // 2], lags[int(len(lags) * 0.99)]
+    record_property("lag_ms", {"p50": round(p50, 1), "p99": round(p99, 1),
+                               "max": round(lags[-1], 1), "mean": round(statistics.mean(lags), 1)})
+    print(f"replication lag A ack -> B kernel, ms: p50 {p50:.1f} p99 {p99:.1f} "
+          f"max {lags[-1]:.1f}")
+    stored = in_etcd(cluster)
+    wanted = {("ipv4", "tcp", int(p)): (v["service_ip"], v["service_port"])
+              for p, v in stored.items()}
+    assert len(wanted) == 1000
+    for d in (a, b):
+        assert {k: (str(t[0]), t[1]) for k, t in kernel(d).items()} == wanted
+
+
+def test_conflicting_adds_one_created_one_conflict(pair):
+    cluster, (a, b) = pair
+    outcomes = []
+    for i in range(100):
+        port = 30000 + i
+        got = {}
+        go = threading.Barrier(2)
+
+        def send(name, d, ip):
+            http = d.http()
+            go.wait()
+            got[name] = http.add(body(port, ip)).status
+        ts = [threading.Thread(target=send, args=("a", a, "10.30.0.1")),
+              threading.Thread(target=send, args=("b", b, "10.30.0.2"))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        outcomes.append(sorted(got.values()))
+        # An identical re-add stays 200, on either gateway.
+        winner = "10.30.0.1" if got["a"] == 201 else "10.30.0.2"
+        assert b.http().add(body(port, winner)).status == 200
+    assert all(o == [201, 409] for o in outcomes), outcomes
+    stored = in_etcd(cluster)
+    wait_for(lambda: all(len({k: v for k, v in kernel(d).items() if k[2] >= 30000}) == 100
+                         for d in (a, b)), timeout=30, what="both kernels hold the 100")
+    for d in (a, b):
+        held = {k[2]: str(t[0]) for k, t in kernel(d).items() if k[2] >= 30000}
+        assert held == {int(p): v["service_ip"] for p, v in stored.items() if int(p) >= 30000}
+
+
+def test_partitioned_gateway_refuses_changes_and_converges(pair):
+    cluster, (a, b) = pair
+    assert a.http().add(body(40000)).status == 201
+    wait_for(lambda: ("ipv4", "tcp", 40000) in kernel(b), what="B has 40000")
+    cluster.cut("m1")
+    try:
+        r = a.http().add(body(40001))
+        assert r.status == 503, r
+        assert "etcd" in r.json["message"], r
+        wait_for(lambda: "etcd" in json.dumps(a.http().get("/api/ready").json), timeout=30,
+                 what="A's /api/ready names etcd")
+        assert a.http().get("/api/ready").status == 503
+        metrics = a.http().get("/metrics").body.decode()
+        assert re.search(r'oakestra_gw_problems\{cause="etcd"\} 1', metrics), metrics[-2000:]
+        # A keeps its table in the kernel; B, on the quorum's side, takes changes.
+        assert ("ipv4", "tcp", 40000) in kernel(a)
+        assert b.http().add(body(40002)).status == 201
+        assert b.http().delete({"exposed_port": 40000, "protocol": "tcp"}).status == 200
+    finally:
+        cluster.heal("m1")
+    wait_for(lambda: ("ipv4", "tcp", 40002) in kernel(a)
+             and ("ipv4", "tcp", 40000) not in kernel(a), timeout=30, what="A converges")
+    wait_for(lambda: a.http().get("/api/ready").status == 200, timeout=30, what="A ready")
+    assert ("ipv4", "tcp", 40001) not in kernel(a)
