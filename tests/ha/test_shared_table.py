@@ -16,6 +16,7 @@ import pytest
 
 from gw.core.ruleset import parse_listing
 from gw.lab.netns import Netns, stop_process
+from gw.lab.probes import http_get
 from gw.lab.topology import Lab, lab_daemon
 from gw.store import etcd_client as ec
 from gw.lab.http import in_netns
@@ -41,6 +42,7 @@ def pair():
                     d = lab_daemon(lab, overrides={"store": {
                         "backend": "etcd", "prefix": PREFIX,
                         "endpoints": [mine] + [u for u in cluster.endpoints if u != mine]}})
+                    d.lab = lab
                     daemons.append(d.start())
                 try:
                     yield cluster, daemons
@@ -159,3 +161,68 @@ def test_partitioned_gateway_refuses_changes_and_converges(pair):
              and ("ipv4", "tcp", 40000) not in kernel(a), timeout=30, what="A converges")
     wait_for(lambda: a.http().get("/api/ready").status == 200, timeout=30, what="A ready")
     assert ("ipv4", "tcp", 40001) not in kernel(a)
+
+
+def test_a_batch_is_all_or_nothing(pair):
+    cluster, (a, b) = pair
+    assert a.http().add(body(50000)).status == 201
+    wait_for(lambda: ("ipv4", "tcp", 50000) in kernel(b), what="B has 50000")
+    r = b.http().add({"exposures": [body(50001), body(50000, "10.30.0.2"), body(50002)]})
+    assert r.status == 409, r
+    stored = in_etcd(cluster)
+    assert "50001" not in stored and "50002" not in stored
+    assert b.http().add({"exposures": [body(p) for p in (50001, 50002, 50003)]}).status == 201
+    stored = in_etcd(cluster)
+    assert {"50001", "50002", "50003"} <= set(stored)
+
+
+def test_lost_watch_and_compaction_read_again(pair):
+    """B's member is cut off while A changes the table and etcd compacts past B's revision:
+    on rejoin B cannot resume its watch from where it was and reads the table again."""
+    cluster, (a, b) = pair
+    cluster.cut("m2")
+    try:
+        wait_for(lambda: "etcd" in json.dumps(b.http().get("/api/ready").json), timeout=30,
+                 what="B notices")
+        assert a.http().add(body(51000)).status == 201
+        assert a.http().delete({"exposed_port": 50003, "protocol": "tcp"}).status == 200
+        c = ec.EtcdClient([cluster.members["m1"].client_url])
+        rev, _ = in_netns(cluster.members["m1"].ns.name, c.range, b"/")
+        in_netns(cluster.members["m1"].ns.name, c.compact, rev)
+        b.mark_log()
+    finally:
+        cluster.heal("m2")
+    wait_for(lambda: ("ipv4", "tcp", 51000) in kernel(b)
+             and ("ipv4", "tcp", 50003) not in kernel(b), timeout=30, what="B converges")
+    assert "read the shared table at revision" in b.log()
+    stored = in_etcd(cluster)
+    for d in (a, b):
+        assert {k[2] for k in kernel(d)} == {int(p) for p in stored}
+
+
+def test_cold_start_while_etcd_is_down_forwards_from_the_local_copy(pair):
+    cluster, (a, b) = pair
+    services = b.lab.start_services()
+    try:
+        assert http_get(b.lab, "client", "198.18.0.1", 20000)[0] == 200
+        before = kernel(b)
+        b.stop()
+        for name in cluster.members:
+            cluster.stop_member(name)
+        b.ns.run("nft", "delete", "table", "inet", "oakestra_gw")  # a reboot's empty kernel
+        b.start()
+        assert kernel(b) == before
+        assert http_get(b.lab, "client", "198.18.0.1", 20000)[0] == 200
+        ready = b.http().get("/api/ready")
+        assert ready.status == 503 and "etcd" in json.dumps(ready.json)
+        assert b.http().add(body(52000)).status == 503
+        for name in cluster.members:
+            cluster.start_member(name, wait=False)
+        for name in cluster.members:
+            cluster.wait_healthy(name)
+        wait_for(lambda: b.http().get("/api/ready").status == 200, timeout=30,
+                 what="B ready once etcd is back")
+        assert b.http().add(body(52000)).status == 201
+        wait_for(lambda: ("ipv4", "tcp", 52000) in kernel(a), what="A follows B again")
+    finally:
+        stop_process(services)
