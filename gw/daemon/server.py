@@ -98,7 +98,8 @@ class Daemon:
         if os.environ.get("OAKESTRA_GW_DRIFT_WATCH", "1") != "0":
             from ..kernel.drift import DriftWatcher  # noqa: PLC0415
 
-            self.drift = DriftWatcher(self._on_drift, self.gateway.probe).start()
+            self.drift = DriftWatcher(self._on_drift, self.gateway.probe,
+                                      generations=self.gateway.generations).start()
         else:
             log.warning("OAKESTRA_GW_DRIFT_WATCH=0: not watching for changes to our table; "
                         "only SIGHUP repairs it")

@@ -29,6 +29,8 @@ from ..core.ruleset import TABLE_NAME
 
 log = logging.getLogger(__name__)
 GENERATION_RE = re.compile(r"^# new generation (\d+) by process (\d+)")
+# What nft monitor prints when its socket overflowed (ENOBUFS): events were dropped.
+LOST_EVENTS = "lost some netlink events"
 
 
 @dataclass
@@ -69,19 +71,45 @@ def describe(changes: list[str]) -> str:
     return head + (f" (+{len(ours) - 3} more)" if len(ours) > 3 else "")
 
 
+def unaccounted(since: int, current: int, own: Iterable[int], seen: Iterable[int]) -> list[int]:
+    """Pure: after the monitor lost events, the generations from after `since` (the last one
+    it showed whole) up to `current` that nothing vouches for: neither our own commits nor
+    transactions the monitor showed whole. Any of them may have changed our table."""
+    known = set(own) | set(seen)
+    return [g for g in range(since + 1, current + 1) if g not in known]
+
+
 class DriftWatcher:
     """Runs `nft monitor` in one thread and the repairs in another, so that reading events
     never waits for a repair (a repair itself emits one event per element it loads). Reports that
     arrive while a repair is pending are coalesced into it."""
 
     COALESCE = 0.05  # seconds: one repair for a burst of foreign changes
+    # After lost events: how long to let the monitor catch up with the kernel's generation
+    # before judging (what it shows whole in that time needs no repair).
+    CATCH_UP = 1.0
+    RELISTEN = 10.0  # seconds: for the new monitor after a loss (else: repair)
     # A repair that fails (on_drift returns False or raises) is tried again, backing off.
     RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 
     def __init__(self, on_drift: Callable[[str], None], probe: Callable[[], None],
-                 argv: tuple[str, ...] = ("nft", "monitor")):
+                 argv: tuple[str, ...] = ("nft", "monitor"),
+                 generations: Callable[[], tuple[int, frozenset[int]]] | None = None):
         self._on_drift = on_drift
         self._probe = probe
+        # generations(): the kernel's current generation and our own whole-table commits'
+        # (Nft.generations). Without it, every loss of events is treated as drift.
+        self._generations = generations
+        self._gen_lock = threading.Lock()
+        self._last_gen: int | None = None  # of the last transaction the monitor showed
+        self._lost_since: int | None = None  # the last generation shown before a loss
+        self._losses = 0
+        self._dirty = False  # events were lost since the last generation line
+        self._seen: set[int] = set()  # generations shown whole since the loss
+        # An nft monitor that reported lost events shows no more events (nft 1.0.6): it is
+        # replaced by a new one, and the loss judged once that one listens.
+        self._renewing = False
+        self._relistening = threading.Event()
         self._own_pid: int | None = None
         self._learned = threading.Event()
         self._stop = threading.Event()
@@ -108,19 +136,88 @@ class DriftWatcher:
         # The monitor listens once it runs; give it a moment to subscribe.
         time.sleep(0.1)
         self.started.set()
-        if restarted:  # only now: a repair before the new monitor listens would be blind
+        with self._gen_lock:
+            renewed, self._renewing = self._renewing, False
+            self._dirty = False
+        if renewed:  # after lost events: now the loss can be judged (`_judge_loss`)
+            self._relistening.set()
+            self._pending.set()
+        elif restarted:  # only now: a repair before the new monitor listens would be blind
             self._report("the nftables monitor was restarted; events may have been lost")
 
     def _read(self, lines: Iterable[str]) -> None:
         for item in transactions(lines):
             if isinstance(item, str):
-                self._report(f"the monitor reported an error ({item}); events may be lost")
-            elif self._own_pid is None and any(PROBE_TABLE in c for c in item.changes):
+                if not self._lost(item):
+                    self._report(f"the monitor reported an error ({item}); events may be lost")
+                continue
+            self._shown(item.generation)
+            if self._own_pid is None and any(PROBE_TABLE in c for c in item.changes):
                 self._own_pid = item.pid  # our probe (start): the id our commits carry
                 self._learned.set()
             elif not self._is_own(item.pid) and touches_our_table(item.changes):
                 self._report(f"process {item.pid} changed our table: "
                              f"{describe(item.changes)}")
+
+    def _shown(self, generation: int) -> None:
+        with self._gen_lock:
+            if self._lost_since is not None and not self._dirty:
+                self._seen.add(generation)
+            self._dirty = False
+            self._last_gen = generation
+
+    def _lost(self, line: str) -> bool:
+        """The monitor lost events: judged by generation (`_judge_loss`) rather than taken as
+        drift at once, since our own loads overflow it. False: it cannot be judged so."""
+        if self._generations is None or LOST_EVENTS not in line:
+            return False
+        with self._gen_lock:
+            if self._last_gen is None:
+                return False
+            if self._lost_since is None:
+                self._lost_since = self._last_gen
+            self._dirty = True
+            self._losses += 1
+            self._renewing = True
+            self._relistening.clear()
+        log.info("drift watch: the monitor lost events (%s); starting a new one and checking "
+                 "whose commits they were", line.strip())
+        self._monitor.restart()
+        return True
+
+    def _judge_loss(self) -> str | None:
+        """After lost events: a reason to repair, or None when every generation the loss may
+        span is our own commit or was shown whole after all."""
+        with self._gen_lock:
+            since, losses = self._lost_since, self._losses
+        if since is None:
+            return None
+        if not self._relistening.wait(self.RELISTEN):
+            with self._gen_lock:
+                self._lost_since, self._seen = None, set()
+            return "the monitor lost events and its successor did not start listening"
+        try:
+            current, own = self._generations()
+        except Exception as exc:  # noqa: BLE001 - then it is unknown: repair
+            with self._gen_lock:
+                self._lost_since, self._seen = None, set()
+            return f"the monitor lost events and the ruleset generation is unreadable ({exc})"
+        deadline = time.monotonic() + self.CATCH_UP
+        while (self._last_gen or 0) < current and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._gen_lock:
+            if self._losses != losses:  # lost more meanwhile: judge again, from the same start
+                self._pending.set()
+                return None
+            seen, self._lost_since, self._seen = self._seen, None, set()
+        missing = unaccounted(since, current, own, seen)
+        if missing:
+            shown = ", ".join(str(g) for g in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            return (f"the monitor lost events, and generation(s) {shown} were not committed "
+                    "by this gateway")
+        log.info("drift watch: the lost events were our own commits' (generations %d to %d); "
+                 "nothing to repair", since + 1, current)
+        return None
 
     def _is_own(self, pid: int) -> bool:
         """The kernel names the committing *thread* (task_pid_nr), so a commit from one of our
@@ -143,7 +240,13 @@ class DriftWatcher:
                 self._reasons.append("retrying the repair that failed")
             time.sleep(self.COALESCE)
             self._pending.clear()
+            loss = self._judge_loss()
+            if loss is not None:
+                log.warning("drift: %s", loss)
+                self._reasons.append(loss)
             reasons, self._reasons = self._reasons, []
+            if not reasons:
+                continue  # only events of our own commits were lost
             try:
                 repaired = self._on_drift("; ".join(reasons[:3]) +
                                           (" ..." if len(reasons) > 3 else "")) is not False

@@ -30,6 +30,8 @@ class FakeTable:
 class FakeNft:
     def __init__(self):
         self.table: FakeTable | None = None
+        self.generation = 1  # as a fresh kernel's ruleset: each commit adds one
+        self._own: set[int] = set()
 
     # -- the Nft protocol -----------------------------------------------------------------
 
@@ -49,6 +51,12 @@ class FakeNft:
         if errors:
             raise refusal(f"nftables refused the change: {'; '.join(errors[:3])}")
         self.table = table
+        self.generation += 1
+        if any(isinstance(op, (ruleset.ReplaceTable, ruleset.DeleteTable)) for op in tx):
+            self._own.add(self.generation)
+
+    def generations(self) -> tuple[int, frozenset[int]]:
+        return self.generation, frozenset(self._own)
 
     def list_table(self, terse: bool = False) -> dict:
         table = self._need()
@@ -76,13 +84,15 @@ class FakeNft:
     def close(self) -> None:
         pass
 
-    # -- what a test does to the kernel behind the gateway's back -------------------------
+    # -- what a test does to the kernel behind the gateway's back (a commit not ours) -------
 
     def flush_map(self, family: str) -> None:
         self._need().maps[family].clear()
+        self.generation += 1
 
     def add_rule(self, chain: str, rule: str) -> None:
         self._need().chains[chain].append(rule)
+        self.generation += 1
 
     def _need(self) -> FakeTable:
         if self.table is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import subprocess
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -21,6 +22,9 @@ from ..core import ruleset
 from ..core.errors import KernelRefused
 
 PROBE_TABLE = "oakestra_gw_probe"
+# Whole-table commits remembered as ours: they are rare (start, repair, reload), and a loss of
+# monitor events spans a few at most.
+OWN_GENERATIONS = 64
 
 
 class AlreadyExists(KernelRefused):
@@ -67,6 +71,10 @@ class Nft(Protocol):
     def probe(self) -> None:
         """A commit that leaves the ruleset as it was (see `NftSession.probe`)."""
 
+    def generations(self) -> tuple[int, frozenset[int]]:
+        """The ruleset's current generation, and the recent generations that are our own
+        whole-table commits (see `NftSession.generations`)."""
+
     def close(self) -> None: ...
 
 
@@ -83,6 +91,8 @@ class NftSession:
         self._new_context = nftables.Nftables
         self._nft = self._context()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
+        self._netlink = None  # for the generation id; opened on the nft thread when needed
+        self._own: deque[int] = deque(maxlen=OWN_GENERATIONS)
 
     def _context(self):
         nft = self._new_context()
@@ -124,7 +134,19 @@ class NftSession:
 
     def apply(self, tx: ruleset.Transaction) -> None:
         whole = any(isinstance(op, (ruleset.ReplaceTable, ruleset.DeleteTable)) for op in tx)
-        self.run(ruleset.script(tx), whole=whole)
+        if not whole:
+            self.run(ruleset.script(tx), whole=False)
+            return
+        # A whole-table commit prints an event per element: more than `nft monitor` can take
+        # in one go, so the drift watcher may be told that events were lost. Which generation
+        # this commit got lets it tell a loss of our own events from a loss of someone
+        # else's; the generation is only known to be ours when nothing else committed between
+        # the two reads.
+        before = self._thread.submit(self._generation).result()
+        self.run(ruleset.script(tx))
+        after = self._thread.submit(self._generation).result()
+        if after == before + 1:
+            self._own.append(after)
 
     def list_table(self, terse: bool = False) -> dict:
         return self.run_json(f"list table {ruleset.TABLE}", terse=terse)
@@ -151,7 +173,28 @@ class NftSession:
         ruleset never shows it): the monitor then tells which id our commits carry."""
         self.run(f"add table inet {PROBE_TABLE}\ndelete table inet {PROBE_TABLE}", whole=False)
 
+    def generations(self) -> tuple[int, frozenset[int]]:
+        """The kernel's current ruleset generation and our recent whole-table commits' ones.
+        A loss of monitor events is harmless when every generation it spans is one of them."""
+        return self._thread.submit(lambda: (self._generation(), frozenset(self._own))).result()
+
+    def _generation(self) -> int:
+        """NFT_MSG_GETGEN over netlink: a few bytes, whatever the table holds (an nft listing
+        would fetch every element)."""
+        from pyroute2.netlink import NLM_F_REQUEST  # noqa: PLC0415 - only the daemon needs it
+        from pyroute2.netlink.nfnetlink.nftsocket import (  # noqa: PLC0415
+            NFT_MSG_GETGEN, NFTSocket, nft_gen_msg)
+
+        if self._netlink is None:
+            self._netlink = NFTSocket()
+        (answer,) = self._netlink.request_get(nft_gen_msg(), NFT_MSG_GETGEN,
+                                              msg_flags=NLM_F_REQUEST)
+        return answer.get_attr("NFTA_GEN_ID")
+
     def close(self) -> None:
+        if self._netlink is not None:
+            self._thread.submit(self._netlink.close).result()
+            self._netlink = None
         self._thread.shutdown(wait=True)
 
 

@@ -34,6 +34,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._thread = threading.Thread(target=self._run, name=label, daemon=True)
+        self._asked = False  # restart() ended the child: start the next one at once
 
     def start(self) -> "Supervisor":
         self._thread.start()
@@ -57,12 +58,23 @@ class Supervisor:
             if self._stop.is_set():
                 break
             restarted = True
+            if self._asked:
+                self._asked = False
+                log.info("%s: restarted %s as asked", self._label, " ".join(self.argv))
+                continue
             if time.monotonic() - began > self._steady:
                 delay = self._first
             log.warning("%s: %s exited (code %s); restarting in %.1f s", self._label,
                         " ".join(self.argv), code, delay)
             self._stop.wait(delay)
             delay = min(delay * 2, self._most)
+
+    def restart(self) -> None:
+        """End the child; the next one starts at once (on_spawn is told it is a restart)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            self._asked = True
+            proc.terminate()
 
     def stop(self, timeout: float = 2) -> None:
         self._stop.set()

@@ -107,6 +107,11 @@ class Gateway:
         """A commit of our own that touches nothing: the drift watcher learns our id by it."""
         self.firewall.session.probe()
 
+    def generations(self) -> tuple[int, frozenset[int]]:
+        """The ruleset's generation and our own whole-table commits': the drift watcher
+        judges lost events by them."""
+        return self.firewall.session.generations()
+
     def counts(self) -> Counter:
         """Exposures by (family, protocol), for metrics."""
         return self.store.counts()

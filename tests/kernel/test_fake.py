@@ -2,6 +2,7 @@
 refused alike (with the same named refusal) and leave the same elements."""
 
 import json
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
@@ -60,3 +61,24 @@ def test_the_fake_refuses_and_holds_what_the_kernel_does(session, start, history
         expected = outcome(session, tx)
         event(f"refused: {expected[0] and expected[0].__name__}")
         assert outcome(fake, tx) == expected, ruleset.script(tx)
+
+
+def test_generations_count_commits_and_know_our_whole_loads_alike(session):
+    """The same history on both: each commit is one generation, a refused one none; our own
+    whole-table loads are known as ours, element changes and another process's commit not."""
+    fake = FakeNft()
+    start = {}
+    for nft in (session, fake):
+        start[nft] = nft.generations()[0]
+        nft.apply(tuple(ruleset.load_tx(VARIABLES, [ex(1, "10.30.0.1")])))
+        nft.apply(tuple(ruleset.adds([ex(2, "10.30.0.1")])))
+        with pytest.raises(KernelRefused):
+            nft.apply(tuple(ruleset.adds([ex(2, "10.30.0.2")])))
+    # Another process: on the kernel's side nft's CLI, behind the fake's back its own hook.
+    subprocess.run(["nft", "flush", "map", "inet", ruleset.TABLE_NAME, "expose_v4"], check=True)
+    fake.flush_map("ipv4")
+    for nft in (session, fake):
+        current, own = nft.generations()
+        s = start[nft]
+        assert current == s + 3, nft
+        assert s + 1 in own and s + 2 not in own and s + 3 not in own, (nft, s, own)
