@@ -30,6 +30,7 @@ from ..core.errors import GatewayError, InvalidInput, StoreUnavailable
 from ..core.exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from ..kernel.sockets import Listening
+from ..service import trace
 
 log = logging.getLogger(__name__)
 audit = logging.getLogger("gw.audit")
@@ -112,6 +113,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     @app.before_request
     def _start():
         g.started = time.perf_counter()
+        trace.begin()
         if request.routing_exception is not None:
             return  # 404 and 405 come first (the routes are public: see the OpenAPI document)
         token_now = state.current_token()
@@ -125,9 +127,11 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                                "(Authorization: Bearer <token>)" if not header else
                                "the bearer token is not valid",
                                headers={"WWW-Authenticate": challenge})
+        trace.mark("auth")
 
     @app.after_request
     def _finish(response: Response):
+        trace.mark("view")
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
         route = request.url_rule.rule if request.url_rule is not None else None
         metrics.observe_request(route, request.method, response.status_code, seconds)
@@ -135,6 +139,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
             _audit(response)
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers["X-Content-Type-Options"] = "nosniff"
+        trace.end(f"{request.method} {request.path} {response.status_code}")
         return response
 
     def _audit(response: Response) -> None:
@@ -196,6 +201,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     @app.post("/api/service/exposure/add", endpoint="add")
     def add():
         exposures = parse_exposures(_json_body(), state.policy())
+        trace.mark("parse")
         g.audit_what = "add " + _describe(exposures)
         results = gateway.add(exposures)
         created = sum(r.outcome == "created" for r in results)
@@ -207,6 +213,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     @app.post("/api/service/exposure/delete", endpoint="delete")
     def delete():
         req = parse_delete(_json_body())
+        trace.mark("parse")
         g.audit_what = (f"delete {req.exposed_port}/{req.protocol} "
                         f"{req.family or 'ipv4+ipv6'}")
         deleted = gateway.delete(req)

@@ -133,12 +133,13 @@ class KeepAliveHttp:
     """A keep-alive HTTP/1.1 client of the management API: one connection, reused. Its socket
     is created inside network namespace `ns_name` (None: the calling thread's own). A failure
     to get a whole answer raises OSError or http.client.HTTPException and drops the
-    connection: the request may or may not have been applied."""
+    connection: the request may or may not have been applied. `fresh`: a new connection for
+    every request (as curl and most cluster clients do), its connect inside the timing."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 11022, token: str | None = None,
-                 timeout: float = 10, ns_name: str | None = None):
+                 timeout: float = 10, ns_name: str | None = None, fresh: bool = False):
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
-        self.ns_name = ns_name
+        self.ns_name, self.fresh = ns_name, fresh
         self.conn: http.client.HTTPConnection | None = None
 
     def _connection(self) -> http.client.HTTPConnection:
@@ -160,8 +161,12 @@ class KeepAliveHttp:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        conn = self._connection()
+        if self.fresh:
+            self.close()
         start = time.perf_counter()
+        conn = self._connection()
+        if not self.fresh:
+            start = time.perf_counter()
         try:
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
@@ -170,7 +175,7 @@ class KeepAliveHttp:
             self.close()
             raise
         seconds = time.perf_counter() - start
-        if resp.will_close:
+        if resp.will_close or self.fresh:
             self.close()
         try:
             doc = json.loads(raw) if raw else {}

@@ -18,6 +18,7 @@ from ..core.errors import Conflict, GatewayError, NotFound
 from ..core.exposure import DeleteRequest, Exposure, Key
 from ..kernel.firewall import Diff, Firewall
 from ..store.protocol import Learnt, Outdated, Store
+from . import trace
 from .health import Health
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class Gateway:
 
     def _add(self, exposures: list[Exposure]) -> list[AddResult]:
         with self._lock:
+            trace.mark("lock")
             self._settle()
             results, new, relabel, old = [], [], [], []
             for i, e in enumerate(exposures):
@@ -159,16 +161,19 @@ class Gateway:
             if not new and not relabel:
                 return results
             self.store.commit(put=new + relabel)
+            trace.mark("store")
             if new:
                 if self.flusher is not None:
                     # The flush of a delete of the same exposure moments ago, queued or
                     # running, must not cut the flows opened after this commit.
                     self.flusher.settle(new)
+                    trace.mark("settle")
                 try:
                     self._kernel(lambda: self.firewall.apply(add=new))
                 except Exception:
                     self._revert(put=old, delete=[e.key for e in new])
                     raise
+                trace.mark("kernel")
             return results
 
     def delete(self, request: DeleteRequest) -> list[Exposure]:
@@ -176,6 +181,7 @@ class Gateway:
 
     def _delete(self, request: DeleteRequest) -> list[Exposure]:
         with self._lock:
+            trace.mark("lock")
             self._settle()
             found = [e for k in request.keys() if (e := self.store.get(k)) is not None]
             if not found:
@@ -203,14 +209,17 @@ class Gateway:
     def _remove(self, found: list[Exposure]) -> None:
         """Under the lock: store, kernel, then the flush of their flows."""
         self.store.commit(delete=[e.key for e in found])
+        trace.mark("store")
         try:
             self._kernel(lambda: self.firewall.apply(remove=found))
         except Exception:
             self._revert(put=found, delete=[])
             raise
+        trace.mark("kernel")
         if self.flusher is not None:
             # Queued under the lock: a re-add that follows finds it, to cancel or await.
             self.flusher.flush(found)
+            trace.mark("flush queued")
 
     # -- a shared store: other gateways' changes -------------------------------------------
 

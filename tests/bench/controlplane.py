@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from gw.lab.daemon import GatewayDaemon
-from gw.lab.http import KeepAliveHttp, NetnsHttp
+from gw.lab.http import KeepAliveHttp, NetnsHttp, in_netns
 
 from .exposures import MEASURED_PORT, as_docs, exposures, measured_exposure
 from .stats import latency_summary, median, summary
@@ -264,22 +264,86 @@ def server_side(before: str, after: str) -> dict:
     return out
 
 
+def slow_traces(text: str) -> dict:
+    """The daemon's traces of slow requests (gw.service.trace) in a stretch of its log: how
+    many, and for each phase how many of them it dominated and its total ms across them."""
+    out: dict = {"n": 0, "dominant": {}, "total_ms": {}}
+    for line in text.splitlines():
+        _, found, rest = line.partition("slow request: ")
+        if not found or ": " not in rest:
+            continue
+        parts = [p.rsplit(" ", 1) for p in rest.split(": ", 1)[1].split(", ")]
+        ms = {name: float(v) for name, v in parts if v.replace(".", "", 1).isdigit()}
+        if not ms:
+            continue
+        out["n"] += 1
+        top = max(ms, key=ms.get)
+        out["dominant"][top] = out["dominant"].get(top, 0) + 1
+        for name, v in ms.items():
+            out["total_ms"][name] = round(out["total_ms"].get(name, 0.0) + v, 2)
+    return out
+
+
 def latency(lab: BenchLab, api: KeepAliveHttp, pairs: int, warmup: int, log,
-            max_seconds: float = 300) -> dict:
-    """`pairs` add+delete of fresh ports, back to back (at most `max_seconds`). Checks a
-    sample of acknowledged changes against the kernel (outside the timing)."""
+            max_seconds: float = 300, daemon: BenchDaemon | None = None) -> dict:
+    """`pairs` add+delete of fresh ports, each followed by a `GET /api/health` (the control),
+    back to back (at most `max_seconds`), each request on a new connection as curl and most
+    cluster clients send them; the client runs inside the gateway namespace. Checks a sample
+    of acknowledged changes against the kernel (outside the timing). With `daemon`, the
+    daemon's traces of its slow requests in that stretch are summed up by phase."""
+    repairs_before = metric(api, "oakestra_gw_drift_repairs_total")
+    log_start = daemon.log_path.stat().st_size if daemon is not None else 0
+    scraped = scrape(api)
+    fresh = KeepAliveHttp("127.0.0.1", API_PORT, timeout=60, fresh=True)
+    adds, deletes, health, checked = in_netns(lab.gateway.name, _pairs, lab, fresh, pairs,
+                                              warmup, max_seconds, log)
+    result = {"add": latency_summary(adds), "delete": latency_summary(deletes),
+              "health": latency_summary(health), "kernel_checks": checked,
+              "drift_repairs": metric(api, "oakestra_gw_drift_repairs_total") - repairs_before,
+              "server": server_side(scraped or "", scrape(api)),
+              "connection": "new per request"}
+    if daemon is not None:
+        with open(daemon.log_path, "rb") as f:
+            f.seek(log_start)
+            result["slow_traces"] = slow_traces(f.read().decode(errors="replace"))
+    for op, client in (("add", adds), ("delete", deletes), ("health", health)):
+        result[op]["over_5ms"] = sum(t > 0.005 for t in client)
+        result[op]["over_10ms"] = sum(t > 0.01 for t in client)
+    hp99 = result["health"]["p99_ms"]
+    result["ratio_add_p99"] = result["add"]["p99_ms"] / hp99 if hp99 else math.nan
+    result["ratio_delete_p99"] = result["delete"]["p99_ms"] / hp99 if hp99 else math.nan
+    srv = result["server"]
+    log(f"    > 5 ms: client saw add {result['add']['over_5ms']}, delete "
+        f"{result['delete']['over_5ms']}, health {result['health']['over_5ms']}; inside the "
+        f"handlers add {srv['api_add'].get('over_5ms', 0):g}, delete "
+        f"{srv['api_delete'].get('over_5ms', 0):g}; nft transactions "
+        f"{srv['nft_change'].get('over_5ms', 0):g} of {srv['nft_change']['n']:g} "
+        f"(mean {srv['nft_change']['mean_ms']:.2f} ms)")
+    if result.get("slow_traces", {}).get("n"):
+        log(f"    slow traces (>= 5 ms in the daemon): {result['slow_traces']}")
+    if result["drift_repairs"]:
+        log(f"    the daemon ran {result['drift_repairs']:g} drift repairs meanwhile")
+    for op in ("add", "delete", "health"):
+        r = result[op]
+        log(f"    {op:<6} p50 {r['p50_ms']:.2f}  p99 {r['p99_ms']:.2f}  max {r['max_ms']:.2f} ms"
+            + (" (the control)" if op == "health" else ""))
+    log(f"    p99 / health p99: add {result['ratio_add_p99']:.2f}, delete "
+        f"{result['ratio_delete_p99']:.2f}")
+    return result
+
+
+def _pairs(lab: BenchLab, api: KeepAliveHttp, pairs: int, warmup: int, max_seconds: float,
+           log) -> tuple[list, list, list, int]:
+    """The loop of `latency`, on a thread inside the gateway namespace (no namespace switch
+    per connection)."""
     adds, deletes, health = [], [], []
     checked = 0
     ports = list(PROBE_PORTS)
-    repairs_before = metric(api, "oakestra_gw_drift_repairs_total")
-    scraped = None
     deadline = time.monotonic() + max_seconds
     for i in range(warmup + pairs):
         if time.monotonic() > deadline:
             log(f"    stopped after {max_seconds:g} s: {len(adds)} of {pairs} pairs done")
             break
-        if i == warmup:
-            scraped = scrape(api)
         port = ports[i % len(ports)]
         doc = {"exposed_port": port, "service_ip": "10.30.9.9", "service_port": 80}
         status, body, t_add = api.timed("POST", "/api/service/exposure/add", doc)
@@ -297,35 +361,14 @@ def latency(lab: BenchLab, api: KeepAliveHttp, pairs: int, warmup: int, log,
             if in_kernel(lab, port):
                 raise RuntimeError(f"delete {port} acknowledged but still in the kernel")
             checked += 1
-        # The control: a request that does nothing (no store, no kernel) on the same
-        # connection. Its tail is what this machine adds to any request at that moment.
+        # The control: a request that does nothing (no store, no kernel) on the same path,
+        # a new connection too. Its tail is what this machine adds to any request then.
         status, _, t_health = api.timed("GET", "/api/health")
         if i >= warmup:
             adds.append(t_add)
             deletes.append(t_del)
             health.append(t_health)
-    result = {"add": latency_summary(adds), "delete": latency_summary(deletes),
-              "health": latency_summary(health), "kernel_checks": checked,
-              "drift_repairs": metric(api, "oakestra_gw_drift_repairs_total") - repairs_before,
-              "server": server_side(scraped or "", scrape(api))}
-    for op, client in (("add", adds), ("delete", deletes), ("health", health)):
-        result[op]["over_5ms"] = sum(t > 0.005 for t in client)
-        result[op]["over_10ms"] = sum(t > 0.01 for t in client)
-    srv = result["server"]
-    log(f"    > 5 ms: client saw add {result['add']['over_5ms']}, delete "
-        f"{result['delete']['over_5ms']}; inside the handlers add "
-        f"{srv['api_add'].get('over_5ms', 0):g}, delete {srv['api_delete'].get('over_5ms', 0):g};"
-        f" nft transactions {srv['nft_change'].get('over_5ms', 0):g} of "
-        f"{srv['nft_change']['n']:g} (mean {srv['nft_change']['mean_ms']:.2f} ms)")
-    if result["drift_repairs"]:
-        log(f"    the daemon ran {result['drift_repairs']:g} drift repairs meanwhile")
-    log(f"    add    p50 {result['add']['p50_ms']:.2f}  p99 {result['add']['p99_ms']:.2f}  "
-        f"max {result['add']['max_ms']:.2f} ms")
-    log(f"    delete p50 {result['delete']['p50_ms']:.2f}  p99 {result['delete']['p99_ms']:.2f}"
-        f"  max {result['delete']['max_ms']:.2f} ms")
-    log(f"    health p50 {result['health']['p50_ms']:.2f}  p99 {result['health']['p99_ms']:.2f}"
-        f"  max {result['health']['max_ms']:.2f} ms (the control)")
-    return result
+    return adds, deletes, health, checked
 
 
 def connects(lab: BenchLab, timeout: float = 0.05) -> bool:
@@ -461,7 +504,8 @@ def run(levels=(0, 10000, 50000), pairs: int = 500, warmup: int = 20, flows: int
                 log(f"  latency with {level} exposures stored "
                     f"(+{1 + len(UDP_PORTS)} measured/UDP), "
                     f"{lab.conntrack_count()} conntrack entries")
-                result["latency"][str(level)] = latency(lab, api, pairs, warmup, log)
+                result["latency"][str(level)] = latency(lab, api, pairs, warmup, log,
+                                                       daemon=daemon)
                 result["latency"][str(level)]["conntrack_entries"] = lab.conntrack_count()
             top = levels[-1]
             log(f"  conntrack flush after a delete, {top} exposures stored, "
