@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping
 
-from ..kernel.conntrack import Flusher
+from ..kernel.conntrack import Flusher, delete_entries
 from ..kernel.firewall import Firewall
 from ..service.gateway import Gateway
 from . import faults
@@ -40,5 +40,6 @@ def gateway(store, variables: dict[str, str], metrics: Metrics, own_addresses: I
 
     firewall = Firewall(NftSession(), variables, observe=metrics.observe_firewall)
     store, firewall = faults.wrap(store, firewall, environ)
-    return Gateway(store, firewall, Flusher(), on_change=metrics.on_change,
+    flusher = Flusher(faults.flush_delete(delete_entries, environ))
+    return Gateway(store, firewall, flusher, on_change=metrics.on_change,
                    own_addresses=own_addresses)

@@ -15,6 +15,8 @@ kernel commit comes, then refuses that commit, so the revert's write fails. The 
 kernel's (EIO), only the moment is chosen.
 OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first one (the
 start) fail as a kernel refusal would, so a failing repair can be tested.
+OAKESTRA_GW_TEST_SLOW_FLUSH=S: each flush of deleted exposures' flows starts S seconds late
+(what a flush looks like on a loaded node, made certain rather than likely).
 Read once at start; never set them in production.
 """
 
@@ -25,6 +27,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from typing import Mapping
 
 from ..core.errors import ConfigError, KernelRefused, StoreUnavailable
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 CRASH_ENV = "OAKESTRA_GW_TEST_CRASH"
 CRASH_EXIT = 97
 REFUSE_ENV = "OAKESTRA_GW_TEST_REFUSE_LOADS"
+SLOW_FLUSH_ENV = "OAKESTRA_GW_TEST_SLOW_FLUSH"
 POINTS = ("before-kernel", "after-kernel", "refuse-then-store-fails", "sync-then-cut-fails",
           "shutdown-before-sync", "refuse-then-shutdown")
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
@@ -198,3 +202,20 @@ def wrap(store, firewall, environ: Mapping[str, str]):
         return store, firewall
     faulty = FaultyStore(store)
     return faulty, FaultyFirewall(firewall, faulty, point, nth, refuse)
+
+
+def flush_delete(delete, environ: Mapping[str, str]):
+    """The flusher's delete of flows, late by the seconds the environment asks for."""
+    spec = environ.get(SLOW_FLUSH_ENV)
+    if not spec:
+        return delete
+    try:
+        delay = float(spec)
+    except ValueError:
+        raise ConfigError(f"{SLOW_FLUSH_ENV} must be seconds, not {spec!r}") from None
+    log.warning("TEST ONLY: every flush of flows starts %g s late (%s)", delay, SLOW_FLUSH_ENV)
+
+    def late(exposures):
+        time.sleep(delay)
+        return delete(exposures)
+    return late

@@ -1,15 +1,19 @@
 """Conntrack entries of removed exposures. Deleting an exposure stops new flows at once (the map
 element is gone) but established flows keep their NAT binding until their entries go; a
 background worker removes them so the API can answer before the flush (docs/oakestra.md,
-"Deleting an exposure").
+"Deleting an exposure"). It takes every flush queued meanwhile at once (a burst of deletes is
+one job) and works over netlink, no process started: per exposure one dump that the kernel
+filters itself (original destination port, reply source, DNAT status), then a delete of each
+entry found by its exact tuple.
 
 A flush can be lost (a crash between the kernel commit and the flush, a SIGTERM with flushes
 queued, an element someone else added while the daemon was down). So after every load of the
 table (start, repair) the same worker sweeps: one dump of the DNATed flows, and every flow our
 table NATed that no current exposure explains is deleted by its exact tuple.
 
-The `conntrack` tool filters in C against a kernel dump, which stays cheap on a large table
-where walking the entries from Python would not."""
+The sweep's dump is of every DNATed flow; the `conntrack` tool filters and prints it in C,
+which stays cheap on a large table where walking the entries from Python would not. It runs
+once per load, never per change."""
 
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ..core.exposure import Exposure
 
@@ -46,25 +52,76 @@ def _run_idle(argv: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def delete_command(e: Exposure) -> list[str]:
-    """Pure: the conntrack invocation that removes exactly the flows DNATed through `e`:
-    original destination port = the exposed port, reply source = the old service IP:port,
-    and DNATed. The host's own flows to the service are not DNATed, so they never match."""
-    return ["conntrack", "-D", "-f", e.family, "-p", e.protocol,
-            "--orig-port-dst", str(e.exposed_port),
-            "--reply-src", str(e.service_ip), "--reply-port-src", str(e.service_port),
-            "--dst-nat"]
+IPS_DST_NAT = 1 << 5  # nf_conntrack_common.h
+
+
+def through_filter(e: Exposure) -> dict:
+    """Pure: the attributes of a conntrack dump that the kernel filters down to the flows
+    DNATed to `e`'s ports: original destination port = the exposed port, reply source port =
+    the service port, status DNAT. The reply's source address is checked on what comes back
+    (`flows_through`): this kernel's filter never matches an IPv6 one. The host's own flows
+    to the service are not DNATed, so they never match."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import (  # noqa: PLC0415
+        FILTER_FLAG_CTA_PROTO_DST_PORT as DST_PORT, FILTER_FLAG_CTA_PROTO_NUM as NUM,
+        FILTER_FLAG_CTA_PROTO_SRC_PORT as SRC_PORT)
+    proto = socket.getprotobyname(e.protocol)
+    return {
+        "CTA_TUPLE_ORIG": {"attrs": [["CTA_TUPLE_PROTO", {"attrs": [
+            ["CTA_PROTO_NUM", proto], ["CTA_PROTO_DST_PORT", e.exposed_port]]}]]},
+        "CTA_TUPLE_REPLY": {"attrs": [["CTA_TUPLE_PROTO", {"attrs": [
+            ["CTA_PROTO_NUM", proto], ["CTA_PROTO_SRC_PORT", e.service_port]]}]]},
+        "CTA_FILTER": {"attrs": [["CTA_FILTER_ORIG_FLAGS", NUM | DST_PORT],
+                                 ["CTA_FILTER_REPLY_FLAGS", NUM | SRC_PORT]]},
+        "CTA_STATUS": IPS_DST_NAT, "CTA_STATUS_MASK": IPS_DST_NAT}
+
+
+def _flow_of(family: str, msg) -> Flow | None:
+    """The Flow of one entry of a netlink dump (None: not TCP or UDP, or not DNATed)."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # noqa: PLC0415
+    if not (msg.get_attr("CTA_STATUS") or 0) & IPS_DST_NAT:
+        return None
+    af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+    orig = NFCTAttrTuple.from_netlink(af, msg.get_attr("CTA_TUPLE_ORIG"))
+    reply = NFCTAttrTuple.from_netlink(af, msg.get_attr("CTA_TUPLE_REPLY"))
+    if orig.proto not in (socket.IPPROTO_TCP, socket.IPPROTO_UDP):
+        return None
+    return Flow(family, "tcp" if orig.proto == socket.IPPROTO_TCP else "udp", orig.saddr,
+                orig.daddr, orig.sport, orig.dport, reply.saddr, reply.sport, reply.daddr)
+
+
+def flows_through(exposures: Iterable[Exposure]) -> list[Flow]:
+    """The flows DNATed through these exposures: per exposure one dump the kernel filters
+    (see `through_filter`), so what reaches Python is only the flows of its ports, of which
+    those to its service IP are kept."""
+    from pyroute2 import NFCTSocket  # noqa: PLC0415 - only the daemon needs netlink here
+    from pyroute2.netlink.nfnetlink.nfctsocket import (  # noqa: PLC0415
+        IPCTNL_MSG_CT_GET, nfct_msg)
+    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST  # noqa: PLC0415
+
+    exposures = list(exposures)
+    flows: list[Flow] = []
+    for family in ("ipv4", "ipv6"):
+        group = [e for e in exposures if e.family == family]
+        if not group:
+            continue
+        af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+        with NFCTSocket(nfgen_family=af) as ct:
+            for e in group:
+                msg = nfct_msg()
+                for name, value in through_filter(e).items():
+                    msg["attrs"].append([name, value])
+                for entry in ct.request(msg, IPCTNL_MSG_CT_GET,
+                                        msg_flags=NLM_F_REQUEST | NLM_F_DUMP):
+                    flow = _flow_of(family, entry)
+                    if flow is not None and flow.through == (*e.key, *e.target):
+                        flows.append(flow)
+    return flows
 
 
 def delete_entries(exposures: Iterable[Exposure]) -> int:
-    """Remove the entries now; returns how many went."""
-    total = 0
-    for e in exposures:
-        proc = _run_idle(delete_command(e))
-        # conntrack exits 1 when nothing matched; that is not an error here.
-        m = DELETED_RE.search(proc.stderr + proc.stdout)
-        total += int(m[1]) if m else 0
-    return total
+    """Remove the entries of the flows DNATed through these exposures now, over netlink;
+    returns how many went."""
+    return delete_flows(flows_through(exposures))
 
 
 def delete_snatted_to(addresses: Iterable) -> int:
@@ -230,7 +287,7 @@ class Flusher:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs)
-                job = self._running = self._jobs.popleft()
+                job = self._running = self._take()
             if job is None:
                 return
             kind, payload = job
@@ -241,7 +298,7 @@ class Flusher:
                              len(payload))
                 else:
                     self._sweep(*payload)
-            except (OSError, subprocess.SubprocessError) as exc:
+            except (OSError, subprocess.SubprocessError, NetlinkError) as exc:
                 log.error("conntrack: could not remove entries: %s", exc)
             except Exception:  # noqa: BLE001 - the worker must outlive one bad job
                 log.exception("conntrack: the %s failed", kind)
@@ -249,6 +306,20 @@ class Flusher:
                 with self._cond:
                     self._running = None
                     self._cond.notify_all()
+
+    def _take(self):
+        """Under the condition: the next job; a flush takes every flush queued right behind it
+        along (a burst of deletes is one job, each exposure once)."""
+        job = self._jobs.popleft()
+        if job is None or job[0] != "flush":
+            return job
+        batch = list(job[1])
+        while self._jobs and self._jobs[0] is not None and self._jobs[0][0] == "flush":
+            batch += self._jobs.popleft()[1]
+        seen: set = set()
+        unique = [e for e in batch if (e.key, e.target) not in seen
+                  and not seen.add((e.key, e.target))]
+        return ("flush", unique)
 
     def _sweep(self, ours: set[str], explained: Callable[[], set[tuple]]) -> None:
         flows = self._dump()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gw import lab as L
-from gw.daemon.faults import CRASH_ENV, CRASH_EXIT
+from gw.daemon.faults import CRASH_ENV, CRASH_EXIT, SLOW_FLUSH_ENV
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -136,15 +136,49 @@ def flushes(daemon) -> int:
     return daemon.log_path.read_text(errors="replace").count("conntrack: removed")
 
 
-def slow_conntrack(directory: Path, delay: float = 0.5) -> dict[str, str]:
-    """The daemon's environment with a `conntrack` first in PATH that starts `delay` seconds
-    late and then runs the real one: what a flush looks like on a loaded node (it runs at
-    idle priority) or with a large table, made certain rather than likely."""
+def slow_flush(delay: float = 0.5) -> dict[str, str]:
+    """The daemon's environment that makes each flush start `delay` seconds late: what a flush
+    looks like on a loaded node, made certain rather than likely."""
+    return {SLOW_FLUSH_ENV: str(delay)}
+
+
+def recorded_conntrack(directory: Path) -> tuple[dict[str, str], Path]:
+    """The daemon's environment with a `conntrack` first in PATH that writes its arguments to
+    a file, then runs the real one; and that file."""
     directory.mkdir(parents=True, exist_ok=True)
+    calls = directory / "calls"
     wrapper = directory / "conntrack"
-    wrapper.write_text(f"#!/bin/sh\nsleep {delay}\nexec {shutil.which('conntrack')} \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n"
+                       f"exec {shutil.which('conntrack')} \"$@\"\n")
     wrapper.chmod(0o755)
-    return {"PATH": f"{directory}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"}
+    return {"PATH": f"{directory}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"}, calls
+
+
+def test_the_flush_of_deletes_starts_no_process(tmp_path):
+    """Deletes of exposures with open flows (IPv4 and IPv6): their flows are cut, and no
+    process was started for it (the start's sweep may run the conntrack tool once)."""
+    with L.Lab() as lab:
+        lab.start_services()
+        env, calls = recorded_conntrack(tmp_path / "bin")
+        daemon = L.lab_daemon(lab).start(env=env)
+        at_start = calls.read_text().splitlines() if calls.exists() else []
+        for port in (7200, 7201, 7202):
+            request(daemon, ADD, {"exposures": echo_exposures(port)}, 201)
+        conns = [c for port in (7200, 7201) for c in connections(lab, port)]
+        kept = connections(lab, 7202)
+        done = flushes(daemon)
+        for port in (7200, 7201):
+            request(daemon, DELETE, {"exposed_port": port}, 200)
+        wait_for(lambda: flushes(daemon) > done, timeout=10, what="the flushes",
+                 log=daemon.log_tail)
+        wait_for(lambda: not any(alive(c) for c in conns), timeout=CUT_WITHIN,
+                 what="the deleted exposures' flows cut", log=daemon.log_tail)
+        assert all(alive(c) for c in kept), "a flow of an exposure kept was cut"
+        since = (calls.read_text().splitlines() if calls.exists() else [])[len(at_start):]
+        assert since == [], f"the deletes started conntrack: {since}"
+        for c in conns + kept:
+            c.close()
+        assert daemon.stop() == 0, daemon.log_tail()
 
 
 class Download:
@@ -186,7 +220,7 @@ def test_a_delete_and_an_immediate_re_add_keep_the_flows_opened_after_it(tmp_pat
     downloads come while it runs. Three cycles, four new downloads each (IPv4 and IPv6)."""
     with L.Lab() as lab:
         lab.start_services()
-        daemon = L.lab_daemon(lab).start(env=slow_conntrack(tmp_path / "bin"))
+        daemon = L.lab_daemon(lab).start(env=slow_flush())
         http = [{"exposed_port": 8080, "service_ip": svc, "service_port": L.HTTP_PORT}
                 for svc in (L.SERVICE_V4, L.SERVICE_V6)]
         request(daemon, ADD, {"exposures": http}, 201)

@@ -4,7 +4,7 @@ from explained ones (no kernel needed)."""
 import ipaddress
 import threading
 
-from gw.kernel.conntrack import Flusher, delete_command, orphans, parse_flows
+from gw.kernel.conntrack import IPS_DST_NAT, Flusher, orphans, parse_flows, through_filter
 from gw.core.exposure import Exposure
 
 E1 = Exposure(8080, "tcp", ipaddress.ip_address("10.30.0.1"), 80)
@@ -20,10 +20,37 @@ ipv4     2 icmp     1 29 src=198.18.0.2 dst=198.18.0.1 type=8 code=0 id=7 src=10
 OURS = {"10.30.255.1", "fdff:ffff::1"}
 
 
-def test_delete_command_matches_only_flows_dnated_through_the_exposure():
-    assert delete_command(E2) == ["conntrack", "-D", "-f", "ipv6", "-p", "udp",
-                                  "--orig-port-dst", "8081", "--reply-src", "fdff:2000::1",
-                                  "--reply-port-src", "53", "--dst-nat"]
+def test_the_kernel_filters_the_dump_by_the_exposures_ports_and_dnat():
+    f = through_filter(E2)
+    assert f["CTA_TUPLE_ORIG"] == {"attrs": [["CTA_TUPLE_PROTO", {"attrs": [
+        ["CTA_PROTO_NUM", 17], ["CTA_PROTO_DST_PORT", 8081]]}]]}
+    assert f["CTA_TUPLE_REPLY"] == {"attrs": [["CTA_TUPLE_PROTO", {"attrs": [
+        ["CTA_PROTO_NUM", 17], ["CTA_PROTO_SRC_PORT", 53]]}]]}
+    assert f["CTA_STATUS"] == f["CTA_STATUS_MASK"] == IPS_DST_NAT
+    # each tuple is judged on exactly the fields given: protocol and the port
+    assert f["CTA_FILTER"] == {"attrs": [["CTA_FILTER_ORIG_FLAGS", (1 << 3) | (1 << 5)],
+                                         ["CTA_FILTER_REPLY_FLAGS", (1 << 3) | (1 << 4)]]}
+
+
+def test_flushes_queued_together_are_one_job_each_exposure_once():
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def delete(batch):
+        started.set()
+        release.wait(5)
+        done.append(list(batch))
+        return 0
+
+    flusher = Flusher(delete)
+    flusher.flush([E1])          # the worker takes this one and blocks in delete()
+    assert started.wait(5)
+    flusher.flush([E2])          # these three queue behind it: a burst
+    flusher.flush([E1])
+    flusher.flush([E2])
+    release.set()
+    assert flusher.wait(5)
+    assert done == [[E1], [E2, E1]]
+    flusher.close()
 
 
 def test_a_dump_parses_into_tuples_and_skips_what_has_no_ports():
@@ -44,15 +71,17 @@ def test_orphans_are_our_flows_that_no_exposure_explains():
 
 
 def test_a_re_added_exposure_is_not_flushed():
-    release, done = threading.Event(), []
+    started, release, done = threading.Event(), threading.Event(), []
 
     def delete(batch):
+        started.set()
         release.wait(5)
         done.append(list(batch))
         return 0
 
     flusher = Flusher(delete)
     flusher.flush([E2])          # the worker takes this one and blocks in delete()
+    assert started.wait(5)
     flusher.flush([E1, E2])      # queued behind it
     flusher.settle([E1])         # E1 was added again meanwhile: its queued flush goes
     release.set()
