@@ -39,7 +39,7 @@ test-unit: setup
 demo: setup
 	$(VENV)/bin/oakestra-gw demo
 
-# The benchmarks (tests/bench): about 6 minutes; rewrites docs/performance.md and docs/img/bench-*.
+# The benchmarks (tests/bench): about 12 minutes (the whole port space is half of it); rewrites docs/performance.md and docs/img/bench-*.
 # wrk and nginx come from Debian; nginx is installed without being started or enabled (the
 # benchmark runs its own instance inside a network namespace). BENCH_ARGS: e.g. --reps 9.
 # prometheus is there for its promtool (tests/api/test_prometheus.py checks a real scrape and

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import controlplane, dataplane, limit, report
+from . import controlplane, dataplane, limit, portspace, report
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "performance.md"
@@ -24,6 +24,7 @@ IMG = REPO / "docs" / "img"
 RESULTS = IMG / "bench-results.json"
 ANALYSIS = Path(__file__).with_name("analysis.md")
 NICE = -10
+BENCHMARKS = ("dataplane", "limit", "controlplane", "portspace")
 NEEDS = {"wrk": "wrk", "nginx": "nginx-light", "conntrack": "conntrack", "nft": "nftables",
          "iperf3": "iperf3"}
 
@@ -87,8 +88,9 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
-    p.add_argument("--only", choices=("dataplane", "limit", "controlplane"), action="append",
-                   help="run only this benchmark (repeatable); default: all")
+    p.add_argument("--only", choices=BENCHMARKS, action="append",
+                   help="run only this benchmark (repeatable; the other sections of the "
+                        "page keep the figures of the results file); default: all")
     p.add_argument("--sizes", default="1,1000,10000,50000",
                    help="data plane: exposures per point (default %(default)s)")
     p.add_argument("--reps", type=int, default=9, help="data plane: rounds (default 9)")
@@ -108,6 +110,10 @@ def main(argv=None) -> int:
     p.add_argument("--drift-reps", type=int, default=3)
     p.add_argument("--watch", type=float, default=5.0,
                    help="seconds to wait for the drift watcher before sending SIGHUP")
+    p.add_argument("--space-sizes", default=f"1,50000,{portspace.FULL}",
+                   help="whole port space: exposures per point (default %(default)s)")
+    p.add_argument("--space-reps", type=int, default=3,
+                   help="whole port space: rounds (default %(default)s)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report-only", action="store_true",
                    help="only regenerate the page and plots from --results")
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
         # cores. Everything the benchmark starts (wrk, nginx, the daemon and its children, the
         # HTTP client) inherits this priority, so other work disturbs the figures less.
         os.nice(NICE)
-        only = set(args.only or ("dataplane", "limit", "controlplane"))
+        only = set(args.only or BENCHMARKS)
         start = time.monotonic()
         results = {"machine": machine(),
                    "params": {"reps": args.reps, "seconds": args.seconds,
@@ -150,6 +156,17 @@ def main(argv=None) -> int:
                 levels=[int(x) for x in args.levels.split(",")], pairs=args.pairs,
                 flows=args.flows, cold_reps=args.cold_reps, drift_reps=args.drift_reps,
                 watch_s=args.watch, log=log)
+        if "portspace" in only:
+            log("the whole port space: start, reconcile, memory, rate")
+            results["portspace"] = portspace.run(
+                sizes=[int(x) for x in args.space_sizes.split(",")], reps=args.space_reps,
+                seconds=args.seconds, log=log)
+        if args.only and args.results.exists():
+            # A partial run: the other benchmarks' figures stay, and the page says whose.
+            kept = json.loads(args.results.read_text())
+            fresh = sorted(only)
+            results = {**kept, **{k: results[k] for k in fresh if k in results},
+                       "partial": {"fresh": fresh, "machine": results["machine"]}}
         minutes, seconds = divmod(int(time.monotonic() - start), 60)
         results["duration"] = f"about {minutes} min {seconds} s"
         results["machine"]["load_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from . import portspace
+
 TARGETS = {
     "dataplane_ratio_50k": 0.95,         # ours at 50,000 / ours at 1
     "p99_ms": {10000: 5.0, 50000: 10.0},  # add and delete
@@ -339,6 +341,11 @@ def all_figures(results: dict) -> str:
                          f"baseline {lt['baseline_s'] * 1000:.0f} ms")
     if results.get("limit"):
         lines += limit_figures(results["limit"])
+    for n, by in (results.get("portspace") or {}).get("by_size", {}).items():
+        lines.append(f"portspace {int(n):>7}: cold {by['cold_s']['median']:.2f} s, restart "
+                     f"{by['restart_s']['median']:.2f} s, reconcile "
+                     f"{by['reconcile_s']['median']:.2f} s, RSS {by['rss_mib']['median']:.0f} "
+                     f"MiB, rate ratio {by['rate_ratio']['median']:.3f}")
     if cp:
         for n in cp["levels"]:
             lat = _k(cp["latency"], n)
@@ -439,6 +446,8 @@ def plots(results: dict, img: Path) -> list[str]:
         ax.set_title("Our table against plain routing (median, min-max of rounds)")
         ax.legend(loc="lower right", fontsize=8)
         _save(fig, img / "bench-limit.png", written)
+    if results.get("portspace"):
+        portspace.plot(results["portspace"], img, written)
     cp = results.get("controlplane")
     if cp:
         levels = cp["levels"]
@@ -479,10 +488,19 @@ def write(results: dict, page: Path, img: Path, analysis: str = "") -> list[str]
         else:
             drift_note = " The daemon's drift watcher repaired it without any signal."
     parts = [HEADER, targets_section(results)]
+    partial = results.get("partial")
+    if partial:
+        m = partial.get("machine", {})
+        parts.insert(1, f"Sections of {', '.join(partial['fresh'])} come from a run of that "
+                        f"alone ({m.get('date', '?')}, commit {m.get('commit', '?')}, load "
+                        f"{m.get('load_start', '?')}); the others from the run described "
+                        "under the machine below.\n")
     if dp:
         parts.append(dataplane_section(dp)[0])
     if results.get("limit"):
         parts.append(limit_section(results["limit"]))
+    if results.get("portspace"):
+        parts.append(portspace.section(results["portspace"]))
     if cp:
         parts.append(controlplane_section(cp))
     if analysis:

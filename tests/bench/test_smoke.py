@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tests.bench import controlplane, dataplane, limit, report, udpfill
+from tests.bench import controlplane, dataplane, limit, portspace, report, udpfill
 from tests.bench.exposures import BASELINE_TABLE, MEASURED_PORT, baseline_ruleset, exposures
 
 pytestmark = [pytest.mark.bench]
@@ -194,3 +194,27 @@ def test_report_from_results(tmp_path):
     assert ("drift (sighup): flush->flow median 1.000 s, sighup->flow median 0.200 s"
             in figures)
     assert "rss at 0: 40.0 MiB (peak 41.0)" in figures and figures[-1] == "conntrack entries: 100"
+
+
+def test_port_space_is_every_exposable_key_once():
+    items = portspace.port_space()
+    keys = [e.key for e in items]
+    assert len(set(keys)) == len(keys) == portspace.FULL
+    assert items[0].exposed_port == MEASURED_PORT
+    assert not any((e.exposed_port, e.protocol) in portspace.RESERVED for e in items)
+    assert not any(str(e.service_ip).startswith("10.30.255.") for e in items)
+
+
+@needs_tools
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_portspace_smoke():
+    """The whole-port-space benchmark, small: each size started cold and again, reconciled in
+    sync, measured; the rate through the measured exposure loosely bounded by ratio."""
+    res = portspace.run(sizes=(1, 3000), reps=1, seconds=0.5, log=lambda *_: None)
+    assert [p["exposures"] for p in res["points"]] == [1, 3000]
+    for p in res["points"]:
+        assert p["rate"] > 0 and p["cold_s"] > 0 and p["restart_s"] > 0, p
+        assert p["rss_mib"] > 0 and p["hwm_mib"] >= p["rss_mib"], p
+    assert 0.3 < res["by_size"]["3000"]["rate_ratio"]["median"] < 3
+    assert "The whole port space" in portspace.section(res)
