@@ -93,29 +93,35 @@ def flows_through(exposures: Iterable[Exposure]) -> list[Flow]:
     """The flows DNATed through these exposures: per exposure one dump the kernel filters
     (see `through_filter`), so what reaches Python is only the flows of its ports, of which
     those to its service IP are kept."""
-    from pyroute2 import NFCTSocket  # noqa: PLC0415 - only the daemon needs netlink here
     from pyroute2.netlink.nfnetlink.nfctsocket import (  # noqa: PLC0415
         IPCTNL_MSG_CT_GET, nfct_msg)
     from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST  # noqa: PLC0415
 
-    exposures = list(exposures)
     flows: list[Flow] = []
-    for family in ("ipv4", "ipv6"):
-        group = [e for e in exposures if e.family == family]
-        if not group:
-            continue
-        af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
-        with NFCTSocket(nfgen_family=af) as ct:
-            for e in group:
-                msg = nfct_msg()
-                for name, value in through_filter(e).items():
-                    msg["attrs"].append([name, value])
-                for entry in ct.request(msg, IPCTNL_MSG_CT_GET,
-                                        msg_flags=NLM_F_REQUEST | NLM_F_DUMP):
-                    flow = _flow_of(family, entry)
-                    if flow is not None and flow.through == (*e.key, *e.target):
-                        flows.append(flow)
+    for family, _, ct, group in _by_family(exposures):
+        for e in group:
+            msg = nfct_msg()
+            for name, value in through_filter(e).items():
+                msg["attrs"].append([name, value])
+            for entry in ct.request(msg, IPCTNL_MSG_CT_GET,
+                                    msg_flags=NLM_F_REQUEST | NLM_F_DUMP):
+                flow = _flow_of(family, entry)
+                if flow is not None and flow.through == (*e.key, *e.target):
+                    flows.append(flow)
     return flows
+
+
+def _by_family(items: Iterable):
+    """Each family's items (exposures or flows), with a ctnetlink socket of that family open
+    while the caller uses them: (family, address family, socket, items)."""
+    from pyroute2 import NFCTSocket  # noqa: PLC0415 - only the daemon needs netlink here
+
+    items = list(items)
+    for family, af in (("ipv4", socket.AF_INET), ("ipv6", socket.AF_INET6)):
+        group = [i for i in items if i.family == family]
+        if group:
+            with NFCTSocket(nfgen_family=af) as ct:
+                yield family, af, ct, group
 
 
 def delete_entries(exposures: Iterable[Exposure]) -> int:
@@ -198,26 +204,18 @@ def orphans(flows: Iterable[Flow], ours: set[str], explained: set[tuple]) -> lis
 def delete_flows(flows: Iterable[Flow]) -> int:
     """Delete each entry by its original tuple: a direct lookup per flow, no dump, and a flow
     opened since (another source port) is never touched. Returns how many went."""
-    from pyroute2 import NFCTSocket  # noqa: PLC0415 - only the daemon needs netlink here
-    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # noqa: PLC0415
 
-    flows = list(flows)
     total = 0
-    for family in ("ipv4", "ipv6"):
-        group = [f for f in flows if f.family == family]
-        if not group:
-            continue
-        af = socket.AF_INET if family == "ipv4" else socket.AF_INET6
-        with NFCTSocket(nfgen_family=af) as ct:
-            for f in group:
-                try:
-                    ct.entry("del", tuple_orig=NFCTAttrTuple(
-                        family=af, saddr=f.src, daddr=f.dst, proto=socket.getprotobyname(
-                            f.protocol), sport=f.sport, dport=f.dport))
-                    total += 1
-                except NetlinkError:  # gone meanwhile (timed out, closed)
-                    pass
+    for _, af, ct, group in _by_family(flows):
+        for f in group:
+            try:
+                ct.entry("del", tuple_orig=NFCTAttrTuple(
+                    family=af, saddr=f.src, daddr=f.dst, proto=socket.getprotobyname(
+                        f.protocol), sport=f.sport, dport=f.dport))
+                total += 1
+            except NetlinkError:  # gone meanwhile (timed out, closed)
+                pass
     return total
 
 

@@ -32,7 +32,8 @@ def test_the_kernel_filters_the_dump_by_the_exposures_ports_and_dnat():
                                          ["CTA_FILTER_REPLY_FLAGS", (1 << 3) | (1 << 4)]]}
 
 
-def test_flushes_queued_together_are_one_job_each_exposure_once():
+def blocking_flusher():
+    """A Flusher whose deletes wait for `release`, recording each batch in `done`."""
     started, release, done = threading.Event(), threading.Event(), []
 
     def delete(batch):
@@ -41,7 +42,11 @@ def test_flushes_queued_together_are_one_job_each_exposure_once():
         done.append(list(batch))
         return 0
 
-    flusher = Flusher(delete)
+    return Flusher(delete), started, release, done
+
+
+def test_flushes_queued_together_are_one_job_each_exposure_once():
+    flusher, started, release, done = blocking_flusher()
     flusher.flush([E1])          # the worker takes this one and blocks in delete()
     assert started.wait(5)
     flusher.flush([E2])          # these three queue behind it: a burst
@@ -71,15 +76,7 @@ def test_orphans_are_our_flows_that_no_exposure_explains():
 
 
 def test_a_re_added_exposure_is_not_flushed():
-    started, release, done = threading.Event(), threading.Event(), []
-
-    def delete(batch):
-        started.set()
-        release.wait(5)
-        done.append(list(batch))
-        return 0
-
-    flusher = Flusher(delete)
+    flusher, started, release, done = blocking_flusher()
     flusher.flush([E2])          # the worker takes this one and blocks in delete()
     assert started.wait(5)
     flusher.flush([E1, E2])      # queued behind it
