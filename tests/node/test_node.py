@@ -32,6 +32,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.node]
 ANSIBLE = nodelab.REPO / "ansible"
 BIN = Path(sys.executable).parent
 API = f"http://{INTERNAL_V4}:11022"
+# What Ansible's apt module reads as the age of the apt cache (the stamp first, if apt wrote one).
+APT_CACHE_STAMPS = ("/var/lib/apt/periodic/update-success-stamp", "/var/lib/apt/lists")
+APT_LISTS_AGE_DAYS = 30
 RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
                    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+).*$", re.M)
 
@@ -66,6 +69,10 @@ def lab(tmp_path_factory):
         # Prove the role turns forwarding on: start from a node that has it off.
         node_lab.node("sysctl", "-q", "-w", "net.ipv4.ip_forward=0",
                       "net.ipv6.conf.all.forwarding=0")
+        # And from apt lists weeks old, as on a node installed long before it is provisioned:
+        # with the refresh off (the default) the role must not reach for a mirror, which the
+        # isolated run (like many gateway nodes) has no route to.
+        node_lab.node("touch", "-c", "-d", f"{APT_LISTS_AGE_DAYS} days ago", *APT_CACHE_STAMPS)
         node_lab.tmp = tmp_path_factory.mktemp("node")
         node_lab.src = snapshot_source(node_lab.tmp / "src")
         yield node_lab
@@ -185,6 +192,14 @@ def provisioned(lab):
 def test_first_run_provisions(provisioned):
     r = recap(provisioned)
     assert r["failed"] == 0 and r["unreachable"] == 0 and r["changed"] > 0, r["line"]
+
+
+def test_first_run_leaves_old_apt_lists_alone(lab, provisioned):
+    mtime = float(lab.node("stat", "-c", "%Y", "/var/lib/apt/lists").stdout)
+    age_days = (time.time() - mtime) / 86400
+    assert age_days > APT_LISTS_AGE_DAYS - 1, (
+        f"the role refreshed the apt lists (now {age_days:.2f} days old) though "
+        "oakestra_gateway_apt_update_cache is off")
 
 
 def test_check_mode_on_a_new_node_changes_nothing(lab, provisioned):
