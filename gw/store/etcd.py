@@ -31,6 +31,7 @@ from . import etcd_client as ec
 from .etcd_keys import commit_txn, key_from, read_kv, table_prefix
 from .local import LocalStore
 from .protocol import Learnt, Outdated
+from .state import change_of
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class EtcdStore:
         self.revision = 0           # everything up to here has been learnt
         self.unreachable: str | None = None  # why the last read or write of etcd failed
         self._copy_ok = True
+        self._closed = False
 
     # --- opening
 
@@ -127,6 +129,11 @@ class EtcdStore:
     def commit(self, put: Iterable[Exposure] = (), delete: Iterable[Key] = (),
                meta: Mapping | None = None) -> None:
         put, delete = list(put), list(delete)
+        if self._closed:
+            raise StoreUnavailable(f"the etcd store {self.prefix} is closed")
+        # The same checks as the local store's, before anything reaches etcd: a value another
+        # gateway could not decode would never be loaded into its kernel.
+        change_of(put, delete, None)
         if put or delete:
             self._commit_table(put, delete)
         if meta:
@@ -230,4 +237,5 @@ class EtcdStore:
             log.warning("the local copy of the table was not written: %s", e.message)
 
     def close(self) -> None:
+        self._closed = True
         self.local.close()
