@@ -2,7 +2,8 @@
 namespace at a given address, each with its own data directory, and the helpers the tests
 need to hurt it (stop, kill, restart a member; cut a member off from its peers).
 
-The members speak plain HTTP on the lab's addresses (client port 2379, peer port 2380); short
+The members speak plain HTTP on the lab's addresses (client port 2379, peer port 2380), or
+with `tls` HTTPS on the client port, where clients must show a certificate of the lab's CA; short
 heartbeats and elections (50/500 ms) so that a lost leader is noticed within a few seconds,
 and ``--max-txn-ops`` raised to the gateway's batch cap, so that one batch is one transaction.
 """
@@ -10,6 +11,7 @@ and ``--max-txn-ops`` raised to the gateway's batch cap, so that one batch is on
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import tempfile
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from ..core.exposure import MAX_BATCH
 from ..core.hosts import in_url
+from .certs import LabCA, Pair
 from .http import in_netns
 from .netns import LabError, Netns, stop_process
 
@@ -37,9 +40,11 @@ class Member:
     log_path: Path | None = None
     blocked: list[str] = field(default_factory=list)  # peers whose traffic is dropped
 
+    tls: bool = False
+
     @property
     def client_url(self) -> str:
-        return f"http://{in_url(self.address)}:{CLIENT_PORT}"
+        return f"{'https' if self.tls else 'http'}://{in_url(self.address)}:{CLIENT_PORT}"
 
     @property
     def peer_url(self) -> str:
@@ -55,13 +60,27 @@ class EtcdCluster:
     on exit."""
 
     def __init__(self, members: list[tuple[str, Netns, str]], *, token: str = "oakgw-lab",
-                 root: Path | None = None, max_txn_ops: int = MAX_TXN_OPS):
+                 root: Path | None = None, max_txn_ops: int = MAX_TXN_OPS, tls: bool = False):
         self._tmp = None if root else tempfile.TemporaryDirectory(prefix="oakgw-etcd-")
         self.root = Path(root or self._tmp.name)
         self.token = token
         self.max_txn_ops = max_txn_ops
-        self.members = {name: Member(name, ns, address, self.root / name)
+        self.members = {name: Member(name, ns, address, self.root / name, tls=tls)
                         for name, ns, address in members}
+        # With tls: clients must show a certificate of the lab's CA (`ca`, `client`), and the
+        # members' own (for their addresses) are signed by it; peers still speak plain HTTP.
+        self.ca: LabCA | None = None
+        self.client: Pair | None = None
+        self._served: dict[str, Pair] = {}
+        if tls:
+            self.ca = LabCA.create(self.root / "tls")
+            self.client = self.ca.issue("client", usages=("clientAuth",))
+            # A member's own certificate serves clients and is also the client certificate of
+            # its JSON gateway's connection to itself: without clientAuth that connection is
+            # refused and every JSON request fails ("connection closed").
+            self._served = {m.name: self.ca.issue(m.name, ip=m.address,
+                                                  usages=("serverAuth", "clientAuth"))
+                            for m in self.members.values()}
 
     def __enter__(self) -> EtcdCluster:
         try:
@@ -89,7 +108,21 @@ class EtcdCluster:
                 "--initial-cluster-token", self.token, "--initial-cluster-state", "new",
                 "--heartbeat-interval", "50", "--election-timeout", "500",
                 "--max-txn-ops", str(self.max_txn_ops), "--logger", "zap",
-                "--log-level", "warn"]
+                "--log-level", "warn", *self._tls_argv(m)]
+
+    def _tls_argv(self, m: Member) -> list[str]:
+        if not m.tls:
+            return []
+        served = self._served[m.name]
+        return ["--cert-file", str(served.cert), "--key-file", str(served.key),
+                "--trusted-ca-file", str(self.ca.cert), "--client-cert-auth"]
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.ca is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca.cert))
+        context.load_cert_chain(str(self.client.cert), str(self.client.key))
+        return context
 
     def start(self, timeout: float = 30) -> None:
         for m in self.members.values():
@@ -125,7 +158,8 @@ class EtcdCluster:
         m = self.members[name]
 
         def ask():
-            with urllib.request.urlopen(f"{m.client_url}/health", timeout=2) as answer:
+            with urllib.request.urlopen(f"{m.client_url}/health", timeout=2,
+                                        context=self._ssl_context()) as answer:
                 return json.loads(answer.read())
         try:
             return in_netns(m.ns.name, ask)

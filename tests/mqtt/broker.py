@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from gw import lab as L
+from gw.lab.certs import LabCA
 from tests.helpers import wait_for
 
 BROKER_IP = L.SERVICE_V4   # in the worker namespace, reached by the gateway through the tunnel
@@ -48,9 +49,10 @@ class Broker:
             lines += ["allow_anonymous true"]
         self.tls = tls
         if tls:
-            self.ca = make_certificates(self.dir)
-            lines += [f"cafile {self.ca}", f"certfile {self.dir}/server.pem",
-                      f"keyfile {self.dir}/server.key"]
+            ca = LabCA.create(self.dir)
+            server = ca.issue("server", ip=BROKER_IP)
+            self.ca = ca.cert
+            lines += [f"cafile {self.ca}", f"certfile {server.cert}", f"keyfile {server.key}"]
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -100,21 +102,6 @@ class Broker:
 
     def sub(self, name: str, *, user: str | None = None) -> "Subscription":
         return Subscription(self, topic(name), self._auth(user))
-
-
-def make_certificates(directory: Path) -> Path:
-    """A throw-away CA and a server certificate for BROKER_IP (its subjectAltName); returns
-    the CA's file."""
-    def openssl(*args):
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=lab cluster CA", "-keyout", "ca.key", "-out", "ca.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=lab broker", "-keyout",
-            "server.key", "-out", "server.csr")
-    (directory / "san.ext").write_text(f"subjectAltName = IP:{BROKER_IP}\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
-    return directory / "ca.pem"
 
 
 class Subscription:
