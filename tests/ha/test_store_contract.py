@@ -1,6 +1,7 @@
 """The Store protocol (gw/store/protocol.py) as the gateway relies on it, checked against both
-backends: the embedded TinyDB store and the etcd store on a real etcd member (in a namespace of
-its own; the test's thread enters it, so the store's HTTP calls reach the member there).
+backends as the daemon builds them from [store]: the embedded TinyDB store, and the etcd store
+on a real etcd member, over plain HTTP and over TLS with client certificates (the member in a
+namespace of its own; the test's thread enters it, so the store's requests reach it there).
 
 Only what the protocol promises is here; each backend's own matters (the journal, torn records,
 locks; conflicts between gateways, the watch) have their own tests beside it.
@@ -14,7 +15,9 @@ import itertools
 import shutil
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,11 +25,12 @@ from hypothesis import strategies as st
 
 from gw.core.errors import InvalidInput, StoreUnavailable
 from gw.core.exposure import Exposure
+from gw.core.settings import StoreSettings
+from gw.daemon import build
+from gw.lab.certs import LabCA
 from gw.lab.etcd import EtcdCluster
 from gw.lab.netns import Netns
 from gw.store import etcd_client as ec
-from gw.store.etcd import EtcdStore
-from gw.store.local import LocalStore
 
 _prefixes = itertools.count()
 
@@ -38,31 +42,41 @@ def doc(port=8080, protocol="tcp", family="ipv4", ip=None, service_port=80, serv
 
 class Backend:
     """Opens one store again and again (a reopen is a restart of the gateway), on a directory
-    (and for etcd a prefix) of its own."""
+    (and for etcd a prefix) of its own, the way the daemon builds it from [store]."""
 
-    def __init__(self, kind: str, member=None):
-        self.kind, self.member = kind, member
+    def __init__(self, kind: str, cluster: EtcdCluster | None = None):
+        self.kind, self.cluster = kind, cluster
         self.dir = Path(tempfile.mkdtemp(prefix="oakgw-contract-"))
         self.prefix = f"/contract{next(_prefixes)}"
         self.opened: list = []
 
-    def open(self):
-        local = LocalStore(self.dir / "exposures.json")
-        if self.kind == "local":
-            store = local
-        else:
-            store = EtcdStore(ec.EtcdClient([self.member.client_url]), self.prefix,
-                              local).open()
-            assert store.unreachable is None, store.unreachable
+    def settings(self, **tls) -> StoreSettings:
+        path = str(self.dir / "exposures.json")
+        if self.cluster is None:
+            return StoreSettings(path=path)
+        if self.cluster.ca is not None and not tls:
+            tls = {"ca_file": str(self.cluster.ca.cert),
+                   "cert_file": str(self.cluster.client.cert),
+                   "key_file": str(self.cluster.client.key)}
+        return StoreSettings(path=path, backend="etcd", endpoints=tuple(self.cluster.endpoints),
+                             prefix=self.prefix, **tls)
+
+    def open(self, **tls):
+        store = build.store(self.settings(**tls))
         self.opened.append(store)
+        if self.cluster is not None and not tls:
+            assert store.unreachable is None, store.unreachable
         return store
 
     def etcd_keys(self) -> set[bytes] | None:
         """What etcd holds under this store's prefix (None for the local store)."""
-        if self.kind == "local":
+        if self.cluster is None:
             return None
+        s = self.settings()
+        client = ec.EtcdClient(s.endpoints, ca_file=s.ca_file, cert_file=s.cert_file,
+                               key_file=s.key_file)
         head = f"{self.prefix}/".encode()
-        _, kvs = ec.EtcdClient([self.member.client_url]).range(head, ec.prefix_end(head))
+        _, kvs = client.range(head, ec.prefix_end(head))
         return {kv.key for kv in kvs}
 
     def close(self) -> None:
@@ -71,27 +85,50 @@ class Backend:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def etcd_member():
+@contextmanager
+def one_member(tls: bool) -> Iterator[EtcdCluster]:
     ns = Netns.create("oakc")
     try:
-        with EtcdCluster([("m1", ns, "127.0.0.1")]) as cluster:
-            yield cluster.members["m1"]
+        with EtcdCluster([("m1", ns, "127.0.0.1")], tls=tls) as cluster:
+            yield cluster
     finally:
         ns.delete()
 
 
-@pytest.fixture(params=["local", pytest.param("etcd", marks=[pytest.mark.kernel,
-                                                             pytest.mark.slow])])
+@pytest.fixture(scope="module")
+def etcd_plain():
+    with one_member(tls=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def etcd_tls():
+    with one_member(tls=True) as cluster:
+        yield cluster
+
+
+ETCD = [pytest.mark.kernel, pytest.mark.slow]
+
+
+@pytest.fixture(params=["local", pytest.param("etcd", marks=ETCD),
+                        pytest.param("etcd-tls", marks=ETCD)])
 def backend(request):
     if request.param == "local":
         b = Backend("local")
         yield b
         b.close()
         return
-    member = request.getfixturevalue("etcd_member")
-    with member.ns.inside():
-        b = Backend("etcd", member)
+    cluster = request.getfixturevalue({"etcd": "etcd_plain", "etcd-tls": "etcd_tls"}[
+        request.param])
+    # What an operator's environment may hold must not override [store]: a CA bundle other
+    # than store.ca_file, a proxy between the gateway and etcd.
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(name, "/etc/ssl/certs/ca-certificates.crt")
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.9:9")
+    with cluster.members["m1"].ns.inside():
+        b = Backend(request.param, cluster)
         try:
             yield b
         finally:
@@ -219,3 +256,31 @@ def test_any_sequence_of_commits_and_reopens_holds_what_was_committed(backend, c
             store = backend.open()
         assert store.exposures() == sorted(model.values(), key=lambda e: e.key)
     store.close()
+
+
+@pytest.mark.parametrize("wrong", ["no client certificate", "another CA"])
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_etcd_over_tls_refuses_a_client_it_cannot_trust_and_nothing_changes(etcd_tls, tmp_path,
+                                                                              wrong):
+    with etcd_tls.members["m1"].ns.inside():
+        b = Backend("etcd-tls", etcd_tls)
+        try:
+            b.open().commit(put=[doc(80)])
+            b.opened.pop().close()
+            if wrong == "no client certificate":
+                tls = {"ca_file": str(etcd_tls.ca.cert)}
+            else:
+                other = LabCA.create(tmp_path / "other", "some other CA")
+                client = other.issue("client", usages=("clientAuth",))
+                tls = {"ca_file": str(other.cert), "cert_file": str(client.cert),
+                       "key_file": str(client.key)}
+            store = b.open(**tls)
+            # It starts from its local copy, says why etcd is out of reach, and takes no change.
+            assert "TLS: " in store.unreachable and store.exposures() == [doc(80)]
+            with pytest.raises(StoreUnavailable, match="etcd"):
+                store.commit(put=[doc(81)])
+            assert b.etcd_keys() == {f"{b.prefix}/exposures/ipv4/tcp/80".encode()}
+            print(f"\n{wrong}: {store.unreachable}")
+        finally:
+            b.close()
