@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -153,6 +155,31 @@ def watch_message(line: bytes) -> tuple[int, list[Event]]:
     return int(result.get("header", {}).get("revision", 0)), events
 
 
+def failure_reason(error: BaseException) -> str:
+    """What an operator can act on from a failed request: for TLS, the verification's own
+    reason (requests wraps it two or three levels deep); else the error's kind."""
+    seen: object = error
+    for _ in range(8):
+        if isinstance(seen, ssl.SSLError):
+            why = getattr(seen, "verify_message", None) or seen.reason or str(seen)
+            return f"TLS: {why}"
+        inner = getattr(seen, "reason", None)
+        if not isinstance(inner, BaseException):
+            args = getattr(seen, "args", ())
+            inner = next((a for a in args if isinstance(a, BaseException)), None)
+        if inner is None:
+            break
+        seen = inner
+    return type(error).__name__
+
+
+def system_cas() -> str | bool:
+    """The system's CA bundle (OpenSSL's default file), which requests would not use on its
+    own (it brings its own); True (requests' bundle) where there is none."""
+    path = ssl.get_default_verify_paths().openssl_cafile
+    return path if os.path.exists(path) else True
+
+
 # -- the client (I/O) ----------------------------------------------------------------------
 
 class EtcdClient:
@@ -164,7 +191,7 @@ class EtcdClient:
             raise ValueError("no etcd endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout = timeout
-        self._verify: bool | str = ca_file or True
+        self._verify: bool | str = ca_file or system_cas()
         self._cert = (cert_file, key_file) if cert_file else None
         self._local = threading.local()
         self._preferred = 0
@@ -173,6 +200,9 @@ class EtcdClient:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
+            # [store] alone says how to reach etcd: the environment's proxies and CA bundle
+            # (REQUESTS_CA_BUNDLE overrides a session's own CA otherwise) do not apply.
+            session.trust_env = False
             session.verify, session.cert = self._verify, self._cert
         return session
 
@@ -187,7 +217,7 @@ class EtcdClient:
                 response = self._session().post(f"{endpoint}/v3/{path}", json=body,
                                                 timeout=timeout or self.timeout)
             except requests.RequestException as e:
-                failures.append(f"{endpoint}: {type(e).__name__}")
+                failures.append(f"{endpoint}: {failure_reason(e)}")
                 continue
             self._preferred = self.endpoints.index(endpoint)
             try:
@@ -236,7 +266,7 @@ class EtcdClient:
                     headers={"Grpc-Metadata-hasleader": "true"},
                     timeout=(self.timeout, idle_timeout))
             except requests.RequestException as e:
-                failures.append(f"{endpoint}: {type(e).__name__}")
+                failures.append(f"{endpoint}: {failure_reason(e)}")
                 continue
             with response:
                 try:
