@@ -77,6 +77,31 @@ def test_changed_internal_addresses_replace_the_old_ones(lab):
                                   ("fdff:ffff::7", 128, True, False)]
 
 
+def ha_settings():
+    return parse_config({
+        "network": {"internal_ipv4": "10.30.255.1", "internal_ipv6": "fdff:ffff::1"},
+        "ha": {"enabled": True, "public_interface": "pub0",
+               "public_addresses": ["198.18.0.10/24"], "sync_interface": "sync0",
+               "sync_address": "198.19.77.1", "sync_peer": "198.19.77.2"}})
+
+
+def test_with_ha_the_internal_addresses_are_keepaliveds(lab):
+    """On a pair, keepalived adds the internal addresses on the master and takes them away on
+    the backup: the daemon makes the bridge, and neither adds them (a backup holding them
+    would answer ARP for the master's address) nor removes what keepalived added."""
+    s = ha_settings()
+    with lab.inside("gateway"):
+        netlink.ensure_bridge(s)
+        assert addrs(lab) == []                      # a backup, or a master before keepalived
+        lab.ip("gateway", "addr add 10.30.255.1/32 dev oakgw0",
+               "addr add fdff:ffff::1/128 dev oakgw0 nodad")  # keepalived, on the master
+        netlink.ensure_bridge(s)                     # a restart of the master's daemon
+    assert sorted(addrs(lab)) == [("10.30.255.1", 32, False, False),
+                                  ("fdff:ffff::1", 128, True, False)]
+    link = json.loads(lab.run("gateway", "ip", "-j", "link", "show", "oakgw0").stdout)[0]
+    assert "UP" in link["flags"]
+
+
 def test_a_name_taken_by_another_kind_of_link_is_refused(lab):
     lab.ip("gateway", "link add oakgw0 type veth peer name oakgw1")
     with lab.inside("gateway"), pytest.raises(netlink.NetlinkFailed) as err:
