@@ -1,7 +1,8 @@
 """Links, addresses, routes and sysctls via pyroute2 (all in the caller's network namespace).
 
 - `ensure_bridge`: the gateway's bridge towards the Oakestra network (`network.bridge_interface`,
-  default ``oakgw0``) carrying the internal addresses as /32 and /128. A wider prefix would put a
+  default ``oakgw0``) carrying the internal addresses as /32 and /128 (on a pair, `ha.enabled`,
+  keepalived adds and removes them; the daemon leaves them alone). A wider prefix would put a
   connected route for part of the Oakestra range on the bridge and steal it from the tunnel. The
   IPv6 address is added with ``IFA_F_NODAD``: without it, it stays "tentative" (unusable, not
   bindable) for as long as the link has no carrier, which is the normal state of a bridge
@@ -79,11 +80,15 @@ def _addresses(ipr, index: int) -> list[tuple[ipaddress.IPv4Address | ipaddress.
 def ensure_bridge(settings: Settings) -> None:
     """Make `network.bridge_interface` exist, be up and carry exactly the internal IPv4 as /32
     and the internal IPv6 as /128 (NODAD) as its global addresses. Any other global address on
-    it (a previous internal IP, a wrong prefix) is removed: the bridge is ours alone."""
+    it (a previous internal IP, a wrong prefix) is removed: the bridge is ours alone. With
+    `ha.enabled` the floating addresses are keepalived's: neither added nor removed here."""
     net = settings.network
     settings.require_internal_ips()
     name = net.bridge_interface
     wanted = {(net.internal_ipv4, 32), (net.internal_ipv6, 128)}
+    # On a pair the internal addresses float: keepalived adds them on the master and removes
+    # them on the backup. Ours would make a backup answer for the master's address.
+    floating = set(settings.ha.floating) if settings.ha.enabled else set()
     try:
         with _iproute() as ipr:
             index = _index(ipr, name)
@@ -98,6 +103,8 @@ def ensure_bridge(settings: Settings) -> None:
             ipr.link("set", index=index, state="up")
             present = _addresses(ipr, index)
             for ip, prefix, flags in present:
+                if ip in floating:
+                    continue
                 stale = (ip, prefix) not in wanted
                 # An IPv6 address added without NODAD (by hand, by an older version) may be
                 # stuck tentative or have failed DAD: replace it.
@@ -107,7 +114,8 @@ def ensure_bridge(settings: Settings) -> None:
                     ipr.addr("del", index=index, address=str(ip), prefixlen=prefix)
                     log.info("removed %s/%d from %s", ip, prefix, name)
             keep = {(ip, prefix) for ip, prefix, flags in _addresses(ipr, index)}
-            for ip, prefix in sorted(wanted - keep, key=lambda w: w[0].version):
+            add = {(ip, prefix) for ip, prefix in wanted - keep if ip not in floating}
+            for ip, prefix in sorted(add, key=lambda w: w[0].version):
                 kw = {"flags": IFA_F_NODAD} if ip.version == 6 else {}
                 try:
                     ipr.addr("add", index=index, address=str(ip), prefixlen=prefix, **kw)
