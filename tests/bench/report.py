@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import portspace
+from . import burst, portspace
 
 TARGETS = {
     "dataplane_ratio_50k": 0.95,         # ours at 50,000 / ours at 1
@@ -341,6 +341,8 @@ def all_figures(results: dict) -> str:
                          f"baseline {lt['baseline_s'] * 1000:.0f} ms")
     if results.get("limit"):
         lines += limit_figures(results["limit"])
+    if results.get("burst"):
+        lines += burst.figures(results["burst"])
     for n, by in (results.get("portspace") or {}).get("by_size", {}).items():
         lines.append(f"portspace {int(n):>7}: cold {by['cold_s']['median']:.2f} s, restart "
                      f"{by['restart_s']['median']:.2f} s, reconcile "
