@@ -22,7 +22,7 @@ import time
 
 from gw.lab.http import KeepAliveHttp, in_netns
 
-from .controlplane import API_PORT, BenchDaemon, api_of, drop_table, metric
+from .controlplane import API_PORT, BenchDaemon, api_of, drop_table, metric, slow_traces
 from .stats import latency_summary
 from .topology import BenchLab
 
@@ -117,17 +117,22 @@ def _kernel_udp_keys(lab: BenchLab) -> set[tuple[str, int]]:
     return keys
 
 
-def point(lab: BenchLab, keys: Keys, n: int, seconds: float) -> dict:
-    """One point of the curve: health with `n` clients, then adds with the same `n`."""
+def point(lab: BenchLab, daemon: BenchDaemon, keys: Keys, n: int, seconds: float) -> dict:
+    """One point of the curve: health with `n` clients, then adds with the same `n`; and the
+    daemon's traces of its slow adds (gw.trace) summed by phase."""
     api = api_of(lab)
     try:
         health = _clients(lab, n, seconds, _health)
         before = (metric(api, "oakestra_gw_store_syncs_total"),
                   metric(api, "oakestra_gw_commit_group_requests_count"))
         acked_before = len(keys.acked)
+        log_start = daemon.log_path.stat().st_size
         t0 = time.perf_counter()
         adds = _clients(lab, n, seconds, keys.add)
         elapsed = time.perf_counter() - t0
+        with open(daemon.log_path, "rb") as f:
+            f.seek(log_start)
+            traces = slow_traces(f.read().decode(errors="replace"))
         syncs = metric(api, "oakestra_gw_store_syncs_total") - before[0]
         groups = metric(api, "oakestra_gw_commit_group_requests_count") - before[1]
         missing = set(keys.acked[acked_before:]) - _kernel_udp_keys(lab)
@@ -145,7 +150,7 @@ def point(lab: BenchLab, keys: Keys, n: int, seconds: float) -> dict:
             "fdatasyncs": syncs, "groups": groups,
             "requests_per_group": len(flat_adds) / groups if groups else float("nan"),
             "kernel_checked": len(keys.acked) - acked_before,
-            "stored_before": acked_before}
+            "stored_before": acked_before, "slow_traces": traces}
 
 
 def run(clients=CLIENTS, seconds: float = 3.0, groups=(1, 64), threads: int = 64,
@@ -168,13 +173,18 @@ def run(clients=CLIENTS, seconds: float = 3.0, groups=(1, 64), threads: int = 64
                 daemon.start_timed()
                 curve = []
                 for n in clients:
-                    p = point(lab, keys, n, seconds)
+                    p = point(lab, daemon, keys, n, seconds)
                     curve.append(p)
                     log(f"    group_commit {g:>2}, {n:>2} clients: {p['add_per_s']:.0f} adds/s "
                         f"vs {p['health_per_s']:.0f} health/s (ratio {p['ratio']:.2f}); add "
                         f"p50 {p['add']['p50_ms']:.1f} p99 {p['add']['p99_ms']:.1f} ms; "
                         f"{p['requests_per_group']:.1f} requests per group, "
                         f"{p['fdatasyncs']:.0f} fdatasyncs for {p['adds']} adds")
+                    t = p["slow_traces"]
+                    if t["n"]:
+                        log(f"      {t['n']} adds over 5 ms in the daemon, ms by phase: "
+                            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(
+                                t["total_ms"].items(), key=lambda kv: -kv[1])))
                 result["by_group_commit"][str(g)] = curve
         finally:
             daemon.stop()
@@ -192,3 +202,70 @@ def figures(burst: dict) -> list[str]:
                  f"{c[i]['requests_per_group']:.1f}/group)" for g, c in by.items()]
         lines.append(f"  {n:>2} clients: " + "; ".join(parts))
     return lines
+
+
+#: 32 concurrent clients of single adds reach this share of their own health rate (issue 18).
+TARGET_CLIENTS, TARGET_RATIO = 32, 0.8
+
+
+def target_row(burst: dict) -> str | None:
+    """Pure: the targets table's row, for the last group commit setting run (the default
+    comes last), or None without a point at TARGET_CLIENTS."""
+    if TARGET_CLIENTS not in burst["clients"]:
+        return None
+    g, curve = list(burst["by_group_commit"].items())[-1]
+    r = curve[burst["clients"].index(TARGET_CLIENTS)]["ratio"]
+    return (f"| {TARGET_CLIENTS} clients of single adds >= {TARGET_RATIO} x their health rate "
+            f"(group_commit {g}) | {r:.2f} | {'yes' if r >= TARGET_RATIO else '**no**'} |")
+
+
+def section(burst: dict) -> str:
+    """Pure: the page's section, a row per clients and group commit setting."""
+    out = ["## Burst throughput", "",
+           f"Concurrent clients each sending single adds (one {burst['connection']} connection "
+           f"each, in the gateway namespace), against the same clients sending "
+           f"`GET /api/health` just before, {burst['seconds']:g} s each, the API with "
+           f"{burst['threads']} threads. `group_commit` is `store.group_commit`: 1 commits "
+           "each change alone (one fdatasync and one nft transaction per request, as before "
+           "group commit), the default 64 lets the changes that arrive together share them. "
+           "Every acknowledged add was checked in the kernel.", "",
+           "![Adds/s and health/s by clients](img/bench-burst.png)", "",
+           "| clients | group_commit | adds/s | health/s | ratio | add p50 | add p99 "
+           "| requests per group |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, n in enumerate(burst["clients"]):
+        for g, curve in burst["by_group_commit"].items():
+            p = curve[i]
+            out.append(f"| {n} | {g} | {p['add_per_s']:,.0f} | {p['health_per_s']:,.0f} | "
+                       f"{p['ratio']:.2f} | {p['add']['p50_ms']:.1f} ms | "
+                       f"{p['add']['p99_ms']:.1f} ms | {p['requests_per_group']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(burst: dict, img, written: list) -> None:
+    import matplotlib  # noqa: PLC0415 - only the report needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    clients = burst["clients"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for g, curve in burst["by_group_commit"].items():
+        ax.plot(clients, [p["add_per_s"] for p in curve], "o-", label=f"adds, group_commit {g}")
+        ax.plot(clients, [p["health_per_s"] for p in curve], "x:",
+                label=f"health (run with {g})")
+        ax2.plot(clients, [p["ratio"] for p in curve], "o-", label=f"group_commit {g}")
+    ax2.axhline(TARGET_RATIO, color="grey", lw=0.8, ls=":", label=f"target {TARGET_RATIO}")
+    ax.set_ylabel("requests/s")
+    ax.set_title("Throughput vs clients")
+    ax2.set_ylabel("adds/s / health/s")
+    ax2.set_ylim(0, 1.2)
+    ax2.set_title("Adds against the HTTP ceiling")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("concurrent clients")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(loc="best", fontsize=7)
+    fig.tight_layout()
+    path = img / "bench-burst.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path))
