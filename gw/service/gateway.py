@@ -4,6 +4,10 @@ A change is written to the store first (durable), then committed to the kernel. 
 cannot write, the kernel is never touched; if the kernel refuses, the store change is reverted.
 A crash between the two leaves the store ahead of the kernel, and the reconcile at start makes
 the kernel follow the store: either way nothing is acknowledged that is not in both.
+
+Adds and deletes that arrive together are committed together (gw/service/group.py): one store
+commit and one kernel transaction for the group, each request decided and answered on its
+own, a kernel refusal narrowed to the requests it belongs to.
 """
 
 from __future__ import annotations
