@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                    help="burst: seconds of adds (and of health) per point (default 3)")
     p.add_argument("--burst-groups", default="1,64",
                    help="burst: the store.group_commit values compared (default %(default)s)")
-    p.add_argument("--burst-threads", type=int, default=64,
+    p.add_argument("--burst-threads", type=int, default=8,
                    help="burst: the API's worker threads (default %(default)s)")
     p.add_argument("--space-sizes", default=f"1,50000,{portspace.FULL}",
                    help="whole port space: exposures per point (default %(default)s)")
