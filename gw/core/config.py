@@ -29,7 +29,7 @@ MQTT_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 SECTIONS: dict[str, set[str]] = {
     "api": {"host", "port", "token_file", "allowed_sources", "threads", "per_exposure_metrics"},
     "store": {"path", "backend", "endpoints", "prefix", "ca_file", "cert_file", "key_file",
-              "timeout"},
+              "timeout", "group_commit"},
     "network": {"public_interfaces", "tunnel_interface", "bridge_interface", "internal_ipv4",
                 "internal_ipv6", "service_ranges", "reserved_ports"},
     "oakestra": {"cluster_url", "gateway_id", "public_ipv4", "public_ipv6", "give_up_after",
@@ -84,7 +84,9 @@ def _store(store: dict) -> StoreSettings:
     return StoreSettings(path=f.text(store, "path", "store", DEFAULT_STORE_PATH) or
                          DEFAULT_STORE_PATH, backend=backend, endpoints=endpoints,
                          prefix=prefix, timeout=f.seconds(store, "timeout", "store", 2.0,
-                                                          0.1, 60), **tls)
+                                                          0.1, 60),
+                         group_commit=f.integer(store, "group_commit", "store",
+                                                StoreSettings.group_commit, 1, 1024), **tls)
 
 
 def parse_config(raw: dict[str, Any]) -> Settings:

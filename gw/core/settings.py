@@ -42,6 +42,7 @@ class StoreSettings:
     cert_file: str = ""
     key_file: str = ""
     timeout: float = 2.0            # seconds for one etcd request
+    group_commit: int = 64          # most changes one group commit takes (1: each alone)
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,25 @@ def store(settings, on_poisoned=None, environ: Mapping[str, str] = os.environ):
         raise
 
 
+def group_max(settings) -> int:
+    """Pure: the most requests one group commit takes, from the [store] settings. On etcd each
+    change stays one transaction of its own: a transaction is refused whole when another
+    gateway wrote any key it compares, so a group would fail and be decided again for one
+    contended key, each member paying etcd's round trip again; and its operations are capped
+    (--max-txn-ops, set to one batch). Locally a group is one journal record, with none of
+    that."""
+    return 1 if settings.backend == "etcd" else settings.group_commit
+
+
 def gateway(store, variables: dict[str, str], metrics: Metrics, own_addresses: Iterable[str],
-            environ: Mapping[str, str] = os.environ) -> Gateway:
+            environ: Mapping[str, str] = os.environ, group_max: int = 64) -> Gateway:
+    """`group_max`: the most requests one group commit takes (see `group_max`)."""
     from ..kernel.nft import NftSession  # noqa: PLC0415 - needs python3-nftables
 
     firewall = Firewall(NftSession(), variables, observe=metrics.observe_firewall)
     store, firewall = faults.wrap(store, firewall, environ)
     flusher = Flusher(faults.flush_delete(delete_entries, environ))
-    return Gateway(store, firewall, flusher, on_change=metrics.on_change,
-                   own_addresses=own_addresses)
+    gw = Gateway(store, firewall, flusher, on_change=metrics.on_change,
+                 own_addresses=own_addresses, group_max=group_max)
+    gw.committer.observe = metrics.observe_group
+    return gw

@@ -12,7 +12,9 @@ truncate that takes the record back fail (EROFS). Two points make a real ext4 fa
 (EXT4_IOC_SHUTDOWN, NOLOGFLUSH: power loss as ext4 sees it) right before the N-th journal
 fdatasync, after the record was written; "refuse-then-shutdown:N" shuts it down when the N-th
 kernel commit comes, then refuses that commit, so the revert's write fails. The errors are the
-kernel's (EIO), only the moment is chosen.
+kernel's (EIO), only the moment is chosen. "refuse-port:P" makes the kernel refuse every
+element transaction that adds exposed port P, as it would an element it cannot take: the
+others in the same group commit must not fail with it.
 OAKESTRA_GW_TEST_REFUSE_LOADS=N: the N loads of the whole table after the first one (the
 start) fail as a kernel refusal would, so a failing repair can be tested.
 OAKESTRA_GW_TEST_SLOW_FLUSH=S: each flush of deleted exposures' flows starts S seconds late
@@ -40,7 +42,7 @@ CRASH_EXIT = 97
 REFUSE_ENV = "OAKESTRA_GW_TEST_REFUSE_LOADS"
 SLOW_FLUSH_ENV = "OAKESTRA_GW_TEST_SLOW_FLUSH"
 POINTS = ("before-kernel", "after-kernel", "refuse-then-store-fails", "sync-then-cut-fails",
-          "shutdown-before-sync", "refuse-then-shutdown")
+          "shutdown-before-sync", "refuse-then-shutdown", "refuse-port")
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 
@@ -95,7 +97,10 @@ class FaultyFirewall(_Wrapper):
         self.store, self.point, self.nth, self.refuse_loads = store, point, nth, refuse_loads
         self.applies = self.loads = 0
 
-    def apply(self, *args, **kwargs):
+    def apply(self, add=(), remove=()):
+        add, remove = list(add), list(remove)
+        if self.point == "refuse-port" and any(e.exposed_port == self.nth for e in add):
+            raise KernelRefused(f"{CRASH_ENV}: nftables refused port {self.nth} (test only)")
         self.applies += 1
         due = self.applies == self.nth
         if due and self.point == "refuse-then-store-fails":
@@ -113,7 +118,7 @@ class FaultyFirewall(_Wrapper):
         if due and self.point == "before-kernel":
             log.critical("%s: exiting after the store commit, before the kernel commit", CRASH_ENV)
             os._exit(CRASH_EXIT)
-        self.inner.apply(*args, **kwargs)
+        self.inner.apply(add=add, remove=remove)
         if due and self.point == "after-kernel":
             log.critical("%s: exiting after the kernel commit, before the answer", CRASH_ENV)
             os._exit(CRASH_EXIT)

@@ -33,6 +33,7 @@ DROP_COLUMNS = ("drop", "early_drop", "insert_failed")
 # route is "unmatched" (routes are their templates), a status is the code we answered.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 UNMATCHED = "unmatched"
+GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -78,6 +79,11 @@ class _StateCollector:
                 for protocol in ("tcp", "udp"):
                     exposures.add_metric([family, protocol], counts.get((family, protocol), 0))
             yield exposures
+            syncs = getattr(m.gateway.store, "syncs", None)
+            if syncs is not None:
+                yield CounterMetricFamily("oakestra_gw_store_syncs", "fdatasyncs of the store's "
+                                          "journal (one per commit, a commit per group of "
+                                          "changes)", value=syncs)
         found = m.ready() if m.ready is not None else (
             m.gateway.health.snapshot() if m.gateway is not None else None)
         if found is not None:
@@ -203,6 +209,9 @@ class Metrics:
         self.store_failures = Counter("oakestra_gw_store_failures", "Changes the store could "
                                       "not make durable (answered 503 store_unavailable)",
                                       registry=r)
+        self.groups = Histogram("oakestra_gw_commit_group_requests", "Group commits (one store "
+                                "commit and one kernel commit for changes that arrived together) "
+                                "by the requests in them", buckets=GROUP_BUCKETS, registry=r)
         self.mqtt_messages = Counter("oakestra_gw_mqtt_messages", "MQTT messages from the cluster by "
                                      "kind (deploy, expose, unexpose) and result (ok, "
                                      "invalid, conflict, failed)", ["kind", "result"],
@@ -266,6 +275,10 @@ class Metrics:
             self.reconcile_runs.labels(result).inc()
         if ok and self.connections is not None:
             self.connections.poke()  # the set of exposures changed: re-read it soon
+
+    def observe_group(self, requests: int) -> None:
+        """Committer.observe: a group of `requests` was committed."""
+        self.groups.observe(requests)
 
     def observe_mqtt(self, kind: str, result: str) -> None:
         self.mqtt_messages.labels(kind, result).inc()

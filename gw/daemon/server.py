@@ -91,7 +91,8 @@ class Daemon:
         if self.token is None and not auth.is_loopback_host(host):
             log.warning("the API listens on %s without a token: anyone admitted by "
                         "api.allowed_sources can change exposures; set api.token_file", host)
-        self.gateway = build.gateway(self.store, variables, self.metrics, own_ips(self.settings))
+        self.gateway = build.gateway(self.store, variables, self.metrics, own_ips(self.settings),
+                                     group_max=build.group_max(self.settings.store))
         self.metrics.bind(self.gateway, egress_counters=self.gateway.kernel_counters,
                           cluster=self._cluster_status)
         # Watch before loading: a change by another process after this point is repaired.

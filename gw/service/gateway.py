@@ -4,6 +4,10 @@ A change is written to the store first (durable), then committed to the kernel. 
 cannot write, the kernel is never touched; if the kernel refuses, the store change is reverted.
 A crash between the two leaves the store ahead of the kernel, and the reconcile at start makes
 the kernel follow the store: either way nothing is acknowledged that is not in both.
+
+Adds and deletes that arrive together are committed together (gw/service/group.py): one store
+commit and one kernel transaction for the group, each request decided and answered on its
+own, a kernel refusal narrowed to the requests it belongs to.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from ..core.errors import Conflict, GatewayError, NotFound
-from ..core.exposure import DeleteRequest, Exposure, Key
+from ..core.errors import Conflict, GatewayError, InvalidInput, NotFound
+from ..core.exposure import MAX_BATCH, DeleteRequest, Exposure, Key
 from ..kernel.firewall import Diff, Firewall
 from ..store.protocol import Learnt, Outdated, Store
 from . import trace
+from .group import Committer, Pending, refused
 from .health import Health
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,36 @@ class AddResult:
     outcome: str  # "created" | "unchanged" | "relabelled"
 
 
+@dataclass
+class Plan:
+    """What one request's change does, decided and not yet made: the answer it gets, its store
+    change, its kernel change, how the store takes it back should the kernel refuse it, and
+    the exposures whose flows go once it is in the kernel."""
+    answer: object
+    put: list[Exposure] = field(default_factory=list)
+    delete: list[Key] = field(default_factory=list)
+    kernel_add: list[Exposure] = field(default_factory=list)
+    kernel_remove: list[Exposure] = field(default_factory=list)
+    undo_put: list[Exposure] = field(default_factory=list)
+    undo_delete: list[Key] = field(default_factory=list)
+
+    @property
+    def flush(self) -> list[Exposure]:
+        return self.kernel_remove
+
+
+def _mark(pendings: Iterable[Pending], phase: str) -> None:
+    """Each request's trace passes `phase` now."""
+    now = time.perf_counter()
+    for p in pendings:
+        p.timeline.append((phase, now))
+
+
+def _fail(pendings: Iterable[Pending], exc: BaseException) -> None:
+    for p in pendings:
+        p.fail(exc)
+
+
 @dataclass(frozen=True)
 class Reconfigured:
     diff: Diff       # how the kernel differed from the store before the load (if any)
@@ -43,7 +79,7 @@ class Reconfigured:
 class Gateway:
     def __init__(self, store: Store, firewall: Firewall, flusher=None,
                  on_change: Callable[[str, bool], None] | None = None,
-                 own_addresses: Iterable[str] = ()):
+                 own_addresses: Iterable[str] = (), group_max: int = 64):
         self.store = store
         self.firewall = firewall
         self.flusher = flusher
@@ -54,6 +90,13 @@ class Gateway:
         # The gateway's own internal addresses: a stored exposure to one of them (the cluster
         # handed out a new address since it was added) is never loaded into the kernel.
         self._own: frozenset[str] = frozenset(map(str, own_addresses))
+        # Changes that arrive together are committed together: at most `group_max` requests
+        # (1: each alone) and MAX_BATCH elements in one store commit and one kernel commit.
+        self._committer = Committer(self._commit_group, group_max, MAX_BATCH)
+
+    @property
+    def committer(self) -> Committer:
+        return self._committer
 
     @property
     def own_addresses(self) -> frozenset[str]:
@@ -122,104 +165,162 @@ class Gateway:
     def add(self, exposures: list[Exposure]) -> list[AddResult]:
         """Add all or none. Identical ones are no-ops; a new label on an existing target only
         updates the store; another target on a taken key is a Conflict."""
-        return self._decided(lambda: self._add(exposures))
-
-    def _decided(self, change: Callable[[], object]):
-        """`change` under the lock; should a shared store say another gateway came first, the
-        kernel takes what is there now and `change` decides again on it."""
-        with self._lock:
-            for attempt in range(DECIDE_ATTEMPTS):
-                try:
-                    return change()
-                except Outdated as exc:
-                    self.follow(exc.learnt)
-                    if attempt == DECIDE_ATTEMPTS - 1:
-                        raise
-
-    def _add(self, exposures: list[Exposure]) -> list[AddResult]:
-        with self._lock:
-            trace.mark("lock")
-            self._settle()
-            results, new, relabel, old = [], [], [], []
-            for i, e in enumerate(exposures):
-                existing = self.store.get(e.key)
-                if existing is None:
-                    new.append(e)
-                    results.append(AddResult(e, "created"))
-                    continue
-                if existing.target != e.target:
-                    where = f"exposures[{i}]." if len(exposures) > 1 else ""
-                    raise Conflict(f"{e.exposed_port}/{e.protocol} ({e.family}) is already "
-                                   f"exposed to {existing.target_text}; delete it first",
-                                   field=where + "exposed_port")
-                if existing.service_id != e.service_id and e.service_id is not None:
-                    relabel.append(e)
-                    old.append(existing)
-                    results.append(AddResult(e, "relabelled"))
-                else:
-                    results.append(AddResult(existing, "unchanged"))
-            if not new and not relabel:
-                return results
-            self.store.commit(put=new + relabel)
-            trace.mark("store")
-            if new:
-                if self.flusher is not None:
-                    # The flush of a delete of the same exposure moments ago, queued or
-                    # running, must not cut the flows opened after this commit.
-                    self.flusher.settle(new)
-                    trace.mark("settle")
-                try:
-                    self._kernel(lambda: self.firewall.apply(add=new))
-                except Exception:
-                    self._revert(put=old, delete=[e.key for e in new])
-                    raise
-                trace.mark("kernel")
-            return results
+        exposures = list(exposures)
+        return self._submit([e.key for e in exposures], lambda: self._plan_add(exposures),
+                            len(exposures))
 
     def delete(self, request: DeleteRequest) -> list[Exposure]:
-        return self._decided(lambda: self._delete(request))
+        return self._submit(request.keys(), lambda: self._plan_delete(request))
 
-    def _delete(self, request: DeleteRequest) -> list[Exposure]:
+    def _submit(self, keys: list[Key], decide: Callable[[], Plan], size: int = 1):
+        """A change through the group committer (see gw/service/group.py); its trace gets the
+        phases of the group that committed it."""
+        pending = Pending(keys, decide, size)
+        try:
+            return self._committer.submit(pending)
+        finally:
+            trace.extend(pending.timeline)
+            trace.mark("wake")
+
+    # Deciding: pure but for reading the store. A change of one request, not yet made.
+
+    def _plan_add(self, exposures: list[Exposure]) -> Plan:
+        results, new, relabel, old = [], [], [], []
+        if len({e.key for e in exposures}) != len(exposures):
+            raise InvalidInput("the same exposure key twice in one commit")
+        for i, e in enumerate(exposures):
+            existing = self.store.get(e.key)
+            if existing is None:
+                new.append(e)
+                results.append(AddResult(e, "created"))
+                continue
+            if existing.target != e.target:
+                where = f"exposures[{i}]." if len(exposures) > 1 else ""
+                raise Conflict(f"{e.exposed_port}/{e.protocol} ({e.family}) is already "
+                               f"exposed to {existing.target_text}; delete it first",
+                               field=where + "exposed_port")
+            if existing.service_id != e.service_id and e.service_id is not None:
+                relabel.append(e)
+                old.append(existing)
+                results.append(AddResult(e, "relabelled"))
+            else:
+                results.append(AddResult(existing, "unchanged"))
+        return Plan(results, put=new + relabel, kernel_add=new, undo_put=old,
+                    undo_delete=[e.key for e in new])
+
+    def _plan_delete(self, request: DeleteRequest) -> Plan:
+        found = [e for k in request.keys() if (e := self.store.get(k)) is not None]
+        if not found:
+            fam = f" ({request.family})" if request.family else ""
+            raise NotFound(f"{request.exposed_port}/{request.protocol}{fam} is not exposed",
+                           field="exposed_port")
+        return Plan(found, delete=[e.key for e in found], kernel_remove=found, undo_put=found)
+
+    # Committing a group: one store commit, one kernel commit (more only if it is refused).
+
+    def _commit_group(self, group: list[Pending]) -> None:
         with self._lock:
-            trace.mark("lock")
-            self._settle()
-            found = [e for k in request.keys() if (e := self.store.get(k)) is not None]
-            if not found:
-                fam = f" ({request.family})" if request.family else ""
-                raise NotFound(f"{request.exposed_port}/{request.protocol}{fam} is not exposed",
-                               field="exposed_port")
-            self._remove(found)
-        return found
+            started = time.perf_counter()
+            for p in group:
+                p.timeline.append(("queue", started))
+            plans = self._decide_and_store(group)
+            if plans:
+                self._commit_kernel(group, plans)
+            for p, plan in plans.items():
+                if not p.done:
+                    p.answer(plan.answer)
+
+    def _decide_and_store(self, group: list[Pending]) -> dict[Pending, Plan]:
+        """Decide each request on the store as it is (the group's keys are disjoint), then
+        write every change in one commit. Returns the plans that changed the store; the
+        others are answered (an error, or a no-op)."""
+        for attempt in range(DECIDE_ATTEMPTS):
+            try:
+                self._settle()
+            except GatewayError as exc:
+                _fail(group, exc)
+                return {}
+            plans: dict[Pending, Plan] = {}
+            for p in group:
+                try:
+                    plan = p.decide()
+                except GatewayError as exc:
+                    p.fail(exc)
+                    continue
+                if plan.put or plan.delete:
+                    plans[p] = plan
+                else:
+                    p.answer(plan.answer)
+            _mark(group, "decide")
+            if not plans:
+                return {}
+            try:
+                self.store.commit(put=[e for plan in plans.values() for e in plan.put],
+                                  delete=[k for plan in plans.values() for k in plan.delete])
+            except Outdated as exc:
+                # Another gateway changed a key first (a shared store): the kernel takes what
+                # is there now, and the group is decided again on it.
+                self.follow(exc.learnt)
+                if attempt == DECIDE_ATTEMPTS - 1:
+                    _fail(plans, exc)
+                    return {}
+                continue
+            except GatewayError as exc:
+                _fail(plans, exc)  # nothing was written: the whole group fails alike
+                return {}
+            _mark(plans, "store")
+            return plans
+        return {}
+
+    def _commit_kernel(self, group: list[Pending], plans: dict[Pending, Plan]) -> None:
+        """The group's element changes in one transaction; should the kernel refuse it, the
+        refused requests are found by bisection, the others committed, and the store takes
+        back the refused ones only (one more commit)."""
+        kernel = [p for p, plan in plans.items() if plan.kernel_add or plan.kernel_remove]
+        if not kernel:
+            return
+        new = [e for p in kernel for e in plans[p].kernel_add]
+        if new and self.flusher is not None:
+            # The flush of a delete of the same exposure moments ago, queued or running,
+            # must not cut the flows opened after this commit.
+            self.flusher.settle(new)
+            _mark(kernel, "settle")
+
+        def commit(part: list[Pending]) -> None:
+            self._kernel(lambda: self.firewall.apply(
+                add=[e for p in part for e in plans[p].kernel_add],
+                remove=[e for p in part for e in plans[p].kernel_remove]))
+
+        bad = {kernel[i]: exc for i, exc in refused(kernel, commit, (GatewayError,)).items()}
+        _mark(kernel, "kernel")
+        if bad:
+            self._revert(put=[e for p in bad for e in plans[p].undo_put],
+                         delete=[k for p in bad for k in plans[p].undo_delete])
+            last = list(bad.values())[-1]
+            # A part committed after the refusal cleared it: the refusal still stands.
+            self.health.set("firewall", f"the last change failed: {last.message}")
+            for p, exc in bad.items():
+                p.fail(exc)
+        gone = [e for p in kernel if p not in bad for e in plans[p].flush]
+        if gone and self.flusher is not None:
+            # Queued under the lock: a re-add that follows finds it, to cancel or await.
+            self.flusher.flush(gone)
+            _mark(kernel, "flush queued")
 
     def delete_service(self, service_id: str, exposed_port: int | None = None) -> list[Exposure]:
         """Delete every exposure labelled `service_id` (only those of `exposed_port` when
         given), all or none. Nothing labelled so: nothing happens (a repeated delete is a
-        no-op). Scans the store: for the cluster's per-service delete, not a hot path."""
-        return self._decided(lambda: self._delete_service(service_id, exposed_port))
+        no-op). Scans the store: for the cluster's per-service delete, not a hot path. Its
+        keys are known only once it is decided, so it is a group of its own, committed under
+        the lock (which a group's leader holds too)."""
+        pending = Pending((), lambda: self._plan_delete_service(service_id, exposed_port))
+        self._commit_group([pending])
+        return pending.result()
 
-    def _delete_service(self, service_id: str, exposed_port: int | None) -> list[Exposure]:
-        with self._lock:
-            self._settle()
-            found = [e for e in self.store.exposures() if e.service_id == service_id
-                     and exposed_port in (None, e.exposed_port)]
-            if found:
-                self._remove(found)
-        return found
-
-    def _remove(self, found: list[Exposure]) -> None:
-        """Under the lock: store, kernel, then the flush of their flows."""
-        self.store.commit(delete=[e.key for e in found])
-        trace.mark("store")
-        try:
-            self._kernel(lambda: self.firewall.apply(remove=found))
-        except Exception:
-            self._revert(put=found, delete=[])
-            raise
-        trace.mark("kernel")
-        if self.flusher is not None:
-            # Queued under the lock: a re-add that follows finds it, to cancel or await.
-            self.flusher.flush(found)
-            trace.mark("flush queued")
+    def _plan_delete_service(self, service_id: str, exposed_port: int | None) -> Plan:
+        found = [e for e in self.store.exposures() if e.service_id == service_id
+                 and exposed_port in (None, e.exposed_port)]
+        return Plan(found, delete=[e.key for e in found], kernel_remove=found, undo_put=found)
 
     # -- a shared store: other gateways' changes -------------------------------------------
 

@@ -34,6 +34,14 @@ def mark(phase: str) -> None:
         marks.append((phase, time.perf_counter()))
 
 
+def extend(marks: list[tuple[str, float]]) -> None:
+    """Phases another thread marked for this request (the leader of its group commit), at
+    the times it marked them (no-op outside a trace)."""
+    own = _current.get()
+    if own is not None:
+        own.extend(marks)
+
+
 def phases(marks: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """Pure: each phase with the seconds since the mark before it."""
     return [(name, t - marks[i][1]) for i, (name, t) in enumerate(marks[1:])]

@@ -98,6 +98,8 @@ class LocalStore:
         self._compaction = threading.Lock()  # one compaction at a time, held until it is done
         self._journal_fd: int | None = None
         self._closed = False
+        # Journal fdatasyncs made since the store opened (metrics: how well commits group).
+        self.syncs = 0
         # Why the store takes no more changes (see _cut_failed_append); told to on_poisoned.
         self.poisoned: str | None = None
         self.on_poisoned = on_poisoned
@@ -229,6 +231,7 @@ class LocalStore:
 
     def _sync(self, fd: int) -> None:
         if self._fsync:
+            self.syncs += 1
             self._calls.sync(fd)
 
     def _sync_dir(self) -> None:

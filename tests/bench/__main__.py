@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import controlplane, dataplane, limit, portspace, report
+from . import burst, controlplane, dataplane, limit, portspace, report
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "performance.md"
@@ -24,7 +24,7 @@ IMG = REPO / "docs" / "img"
 RESULTS = IMG / "bench-results.json"
 ANALYSIS = Path(__file__).with_name("analysis.md")
 NICE = -10
-BENCHMARKS = ("dataplane", "limit", "controlplane", "portspace")
+BENCHMARKS = ("dataplane", "limit", "controlplane", "burst", "portspace")
 NEEDS = {"wrk": "wrk", "nginx": "nginx-light", "conntrack": "conntrack", "nft": "nftables",
          "iperf3": "iperf3"}
 
@@ -110,6 +110,14 @@ def main(argv=None) -> int:
     p.add_argument("--drift-reps", type=int, default=3)
     p.add_argument("--watch", type=float, default=5.0,
                    help="seconds to wait for the drift watcher before sending SIGHUP")
+    p.add_argument("--burst-clients", default=",".join(map(str, burst.CLIENTS)),
+                   help="burst: concurrent clients per point (default %(default)s)")
+    p.add_argument("--burst-seconds", type=float, default=3.0,
+                   help="burst: seconds of adds (and of health) per point (default 3)")
+    p.add_argument("--burst-groups", default="1,64",
+                   help="burst: the store.group_commit values compared (default %(default)s)")
+    p.add_argument("--burst-threads", type=int, default=8,
+                   help="burst: the API's worker threads (default %(default)s)")
     p.add_argument("--space-sizes", default=f"1,50000,{portspace.FULL}",
                    help="whole port space: exposures per point (default %(default)s)")
     p.add_argument("--space-reps", type=int, default=3,
@@ -156,6 +164,13 @@ def main(argv=None) -> int:
                 levels=[int(x) for x in args.levels.split(",")], pairs=args.pairs,
                 flows=args.flows, cold_reps=args.cold_reps, drift_reps=args.drift_reps,
                 watch_s=args.watch, log=log)
+        if "burst" in only:
+            log("burst: concurrent clients of single adds against health, by group commit")
+            results["burst"] = burst.run(
+                clients=[int(x) for x in args.burst_clients.split(",")],
+                seconds=args.burst_seconds,
+                groups=[int(x) for x in args.burst_groups.split(",")],
+                threads=args.burst_threads, log=log)
         if "portspace" in only:
             log("the whole port space: start, reconcile, memory, rate")
             results["portspace"] = portspace.run(

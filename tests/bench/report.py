@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import portspace
+from . import burst, portspace
 
 TARGETS = {
     "dataplane_ratio_50k": 0.95,         # ours at 50,000 / ours at 1
@@ -309,6 +309,9 @@ def targets_section(results: dict) -> str:
             out.append(f"| cold start to ready at {cp['cold_start']['exposures']:,} <= "
                        f"{limit:g} s (median) | {r:.3f} s | "
                        f"{'yes' if r <= limit else '**no**'} |")
+    row = burst.target_row(results["burst"]) if results.get("burst") else None
+    if row:
+        out.append(row)
     return "\n".join(out) + "\n"
 
 
@@ -341,6 +344,8 @@ def all_figures(results: dict) -> str:
                          f"baseline {lt['baseline_s'] * 1000:.0f} ms")
     if results.get("limit"):
         lines += limit_figures(results["limit"])
+    if results.get("burst"):
+        lines += burst.figures(results["burst"])
     for n, by in (results.get("portspace") or {}).get("by_size", {}).items():
         lines.append(f"portspace {int(n):>7}: cold {by['cold_s']['median']:.2f} s, restart "
                      f"{by['restart_s']['median']:.2f} s, reconcile "
@@ -448,6 +453,8 @@ def plots(results: dict, img: Path) -> list[str]:
         _save(fig, img / "bench-limit.png", written)
     if results.get("portspace"):
         portspace.plot(results["portspace"], img, written)
+    if results.get("burst"):
+        burst.plot(results["burst"], img, written)
     cp = results.get("controlplane")
     if cp:
         levels = cp["levels"]
@@ -501,6 +508,8 @@ def write(results: dict, page: Path, img: Path, analysis: str = "") -> list[str]
         parts.append(limit_section(results["limit"]))
     if results.get("portspace"):
         parts.append(portspace.section(results["portspace"]))
+    if results.get("burst"):
+        parts.append(burst.section(results["burst"]))
     if cp:
         parts.append(controlplane_section(cp))
     if analysis:

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from tests.bench import controlplane, dataplane, limit, portspace, report, udpfill
+from tests.bench import burst, controlplane, dataplane, limit, portspace, report, udpfill
 from tests.bench.exposures import BASELINE_TABLE, MEASURED_PORT, baseline_ruleset, exposures
 
 pytestmark = [pytest.mark.bench]
@@ -218,3 +218,32 @@ def test_portspace_smoke():
         assert p["rss_mib"] > 0 and p["hwm_mib"] >= p["rss_mib"], p
     assert 0.3 < res["by_size"]["3000"]["rate_ratio"]["median"] < 3
     assert "The whole port space" in portspace.section(res)
+
+
+def test_burst_report_shows_both_settings_and_the_target():
+    p = {"add_per_s": 800.0, "health_per_s": 1000.0, "ratio": 0.8, "requests_per_group": 9.5,
+         "add": {"p50_ms": 20.0, "p99_ms": 40.0}}
+    one = {**p, "add_per_s": 200.0, "ratio": 0.2, "requests_per_group": 1.0}
+    res = {"clients": [4, 32], "seconds": 1, "threads": 64, "connection": "keep-alive",
+           "by_group_commit": {"1": [one, one], "64": [p, p]}}
+    text = burst.section(res)
+    assert "| 32 | 1 | 200 | 1,000 | 0.20 |" in text and "| 32 | 64 | 800 | 1,000 | 0.80 |" in text
+    assert burst.target_row(res).endswith("(group_commit 64) | 0.80 | yes |")
+    assert len(burst.figures(res)) == 3
+
+
+@needs_tools
+@pytest.mark.kernel
+@pytest.mark.slow
+def test_burst_smoke():
+    """The burst benchmark, tiny: both settings, every add acknowledged and in the kernel (the
+    run checks it), rates loosely bounded by ratio; with group commit off every request is a
+    group and an fdatasync of its own."""
+    res = burst.run(clients=(1, 4), seconds=0.5, groups=(1, 64), threads=8,
+                    log=lambda *_: None)
+    for g in ("1", "64"):
+        for p in res["by_group_commit"][g]:
+            assert p["adds"] > 0 and p["kernel_checked"] == p["adds"], p
+            assert 0 < p["ratio"] < 10, p
+    for p in res["by_group_commit"]["1"]:
+        assert p["groups"] == p["fdatasyncs"] == p["adds"], p
