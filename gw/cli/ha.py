@@ -1,5 +1,6 @@
 """`oakestra-gw ha`: gateway pairs. `render` prints keepalived's and conntrackd's configuration
-for this gateway from its `[ha]` settings (the Ansible role writes the same text)."""
+for this gateway from its `[ha]` settings (the Ansible role writes the same text); `notify`
+is the script keepalived runs to hand over its role changes (gw.service.ha_notify)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def ha_group():
     Examples:
       oakestra-gw ha render keepalived --config /etc/oakestra-gw/gateway.toml
       oakestra-gw ha render conntrackd --config /etc/oakestra-gw/gateway.toml --systemd
+      oakestra-gw status    # the role keepalived gave this gateway (ha:)
     """
 
 
@@ -67,3 +69,76 @@ def render(tool, config_path, notify_command_, systemd):
     else:
         text = ha.render_conntrackd(settings.ha, systemd=systemd)
     click.echo(text, nl=False)
+
+
+@ha_group.command("notify", context_settings=CONTEXT)
+@click.argument("fifo", required=False, metavar="[FIFO]")
+@config_option
+@click.option("--log-file", metavar="FILE",
+              help="Append the log to FILE [default: syslog (the journal) when /dev/log "
+                   "exists, else stderr]")
+def notify(fifo, config_path, log_file):
+    """Follow keepalived's notify FIFO: tell the daemon this gateway's role and run
+    conntrackd's failover steps. keepalived starts it (the rendered keepalived.conf names it in
+    vrrp_notify_fifo_script and passes FIFO, default ha.state_dir/keepalived.fifo) and stops
+    it with SIGTERM; it is not run by hand, except to test.
+
+    \b
+    On each change of the sync group "oakestra_gw", in order:
+      MASTER   role "promoting"; conntrackd -c (only with ha.conntrack_external_cache),
+               -f, -R, -B (conntrackd's primary-backup.sh); then role "master"
+      BACKUP   role "backup"; then conntrackd -t (only with the external cache), -n
+      FAULT    role "fault"; then conntrackd -t (only with the external cache)
+      STOP     role "stopped" (keepalived stopped: the addresses are gone)
+    Without the external cache (the default) conntrackd writes the peer's flows straight
+    into this kernel: nothing to commit, and -t would flush them.
+
+    \b
+    The role goes to ha.state_dir/role (JSON, replaced atomically), which the daemon reads
+    for /api/ready, /api/status, `oakestra-gw status` and the metric oakestra_gw_ha_role; the
+    file outlives restarts of the daemon and of this command. A conntrackd step that fails
+    (or a missing conntrackd) is logged and noted in the role file; the role changes anyway.
+    Lines that are not VRRP events are logged and skipped.
+
+    \b
+    Examples:
+      oakestra-gw ha notify -c /etc/oakestra-gw/gateway.toml /run/oakestra-gw/ha/keepalived.fifo
+      cat /run/oakestra-gw/ha/role
+
+    \b
+    Exit codes: 0 keepalived closed the FIFO (stop, reload); 1 ha is not enabled or the FIFO
+    cannot be opened; 2 configuration error naming the key.
+    """
+    from ..service import ha_notify  # noqa: PLC0415
+
+    settings = load(config_path)
+    _notify_logging(log_file, settings.log.level)
+    if not settings.ha.enabled:
+        raise Failure("ha.enabled is not true in the configuration: no role to follow")
+    try:
+        ha_notify.serve(settings.ha, fifo)
+    except OSError as exc:
+        raise Failure(f"cannot read the notify fifo {fifo or settings.ha.notify_fifo}: "
+                      f"{exc.strerror or exc}") from None
+
+
+def _notify_logging(log_file: str | None, level: str) -> None:
+    """keepalived discards its scripts' output: the log goes to a file or the journal."""
+    import logging  # noqa: PLC0415
+    import logging.handlers  # noqa: PLC0415
+
+    from ..daemon.logs import LEVELS, TextFormatter  # noqa: PLC0415
+
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.ident = "oakestra-gw-ha-notify: "
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(TextFormatter(False))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS.get(level, logging.INFO))

@@ -195,6 +195,9 @@ def render_keepalived(ha: HaSettings, notify_command: str) -> str:
               # The fifo hands the role changes to one reader in the order they happened.
               f"    vrrp_notify_fifo {ha.notify_fifo}",
               f'    vrrp_notify_fifo_script "{notify_command}"',
+              # A reload starts a new reader: it learns the states again (and so runs
+              # conntrackd's steps for the current role) rather than nothing.
+              "    fifo_write_vrrp_states_on_reload",
               "    enable_script_security",
               "    script_user root",
               "}",
