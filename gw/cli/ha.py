@@ -4,6 +4,8 @@ is the script keepalived runs to hand over its role changes (gw.service.ha_notif
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import os
 import shutil
 import sys
@@ -13,6 +15,7 @@ import click
 
 from ..core import ha
 from ..core.settings import DEFAULT_CONFIG_PATH
+from ..daemon.logs import LEVELS, TextFormatter
 from .common import CONTEXT, Failure, config_option, load
 
 
@@ -111,24 +114,25 @@ def notify(fifo, config_path, log_file):
     """
     from ..service import ha_notify  # noqa: PLC0415
 
-    settings = load(config_path)
-    _notify_logging(log_file, settings.log.level)
-    if not settings.ha.enabled:
-        raise Failure("ha.enabled is not true in the configuration: no role to follow")
+    _notify_logging(log_file)
     try:
-        ha_notify.serve(settings.ha, fifo)
-    except OSError as exc:
-        raise Failure(f"cannot read the notify fifo {fifo or settings.ha.notify_fifo}: "
-                      f"{exc.strerror or exc}") from None
+        settings = load(config_path)
+        logging.getLogger().setLevel(LEVELS.get(settings.log.level, logging.INFO))
+        if not settings.ha.enabled:
+            raise Failure("ha.enabled is not true in the configuration: no role to follow")
+        try:
+            ha_notify.serve(settings.ha, fifo)
+        except OSError as exc:
+            raise Failure(f"cannot read the notify fifo {fifo or settings.ha.notify_fifo}: "
+                          f"{exc.strerror or exc}") from None
+    except Failure as exc:
+        # keepalived discards our stderr: the log is where the operator finds why.
+        ha_notify.log.error("%s", exc.format_message())
+        raise
 
 
-def _notify_logging(log_file: str | None, level: str) -> None:
+def _notify_logging(log_file: str | None) -> None:
     """keepalived discards its scripts' output: the log goes to a file or the journal."""
-    import logging  # noqa: PLC0415
-    import logging.handlers  # noqa: PLC0415
-
-    from ..daemon.logs import LEVELS, TextFormatter  # noqa: PLC0415
-
     if log_file:
         handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -141,4 +145,5 @@ def _notify_logging(log_file: str | None, level: str) -> None:
         handler.setFormatter(TextFormatter(False))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(LEVELS.get(level, logging.INFO))
+    root.setLevel(logging.INFO)
+

@@ -179,3 +179,23 @@ def test_the_role_file_is_read_again_only_when_replaced(tmp_path):
     (tmp_path / "role").write_text("not json")
     assert roles.read()["problem"] == "the role file is not JSON"
     assert json.loads(he.role_record("backup", 6.0))["role"] == "backup"
+
+
+def test_notify_without_ha_says_why_in_its_log(tmp_path):
+    """keepalived discards the script's stderr: a refusal must reach the log."""
+    from click.testing import CliRunner
+
+    from gw.cli import main
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[network]\ninternal_ipv4 = "10.30.255.254"\n')
+    log = tmp_path / "notify.log"
+    result = CliRunner().invoke(main, ["ha", "notify", "--config", str(config), "--log-file",
+                                       str(log), str(tmp_path / "fifo")])
+    assert result.exit_code == 1
+    assert "ha.enabled is not true" in log.read_text()
+    assert not (tmp_path / "fifo").exists()  # nothing created
+    config.write_text('[ha]\nenabled = "yes"\n')
+    result = CliRunner().invoke(main, ["ha", "notify", "--config", str(config), "--log-file",
+                                       str(log)])
+    assert result.exit_code == 2 and "ha.enabled" in log.read_text().splitlines()[-1]
