@@ -241,6 +241,11 @@ class Node:
     def holds_public_address(self) -> bool:
         return "198.18.50.10/24" in self.gw.ns.run("ip", "-o", "addr", "show", "vpub0").stdout
 
+    def notify_runs(self) -> list[str]:
+        """The notify's log, one piece per notify started (keepalived starts one per reload)."""
+        text = (self.state / "notify.log").read_text()
+        return ["reading" + part for part in text.split("reading keepalived's")[1:]]
+
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n" + (self.state / name).read_text()[-3000:]
                          for name in ("keepalived.log", "notify.log")
@@ -298,6 +303,18 @@ def test_real_keepalived_pair_roles_follow_the_links(pair):
     for node in (a, b):
         _, body = node.gw.request("GET", "/api/status")
         assert "conntrackd" not in body["ha"], body["ha"]
+
+    # keepalived reloads (SIGHUP): its notify ends, a new one starts and is told the states
+    # again (fifo_write_vrrp_states_on_reload); the role and the address stay on A.
+    a.keepalived.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(a.notify_runs()) == 2 and
+             'GROUP "oakestra_gw" MASTER: this gateway becomes master' in a.notify_runs()[-1]
+             and "role master written" in a.notify_runs()[-1],
+             timeout=60, what="A's second notify told master again", log=logs)
+    first = int(re.search(r"\(pid (\d+)\)", a.notify_runs()[0])[1])
+    wait_for(lambda: not Path(f"/proc/{first}").exists(), timeout=30,
+             what="the first notify ended", log=logs)
+    assert roles((a, b)) == ("master", "backup") and a.holds_public_address()
 
     # A's public link is cut (its segment port goes down): A faults, B takes over.
     hub.ip("link set vpu1 down")
