@@ -89,18 +89,21 @@ def notify(fifo, config_path, log_file):
     \b
     On each change of the sync group "oakestra_gw", in order:
       MASTER   role "promoting"; conntrackd -c (only with ha.conntrack_external_cache),
-               -f, -R, -B (conntrackd's primary-backup.sh); then role "master"
-      BACKUP   role "backup"; then conntrackd -t (only with the external cache), -n
-      FAULT    role "fault"; then conntrackd -t (only with the external cache)
-      STOP     role "stopped" (keepalived stopped: the addresses are gone)
-    Without the external cache (the default) conntrackd writes the peer's flows straight
-    into this kernel: nothing to commit, and -t would flush them.
+               lift the hold, -f, -R, -B (conntrackd's primary-backup.sh); role "master"
+      BACKUP   the hold*, role "backup"; then conntrackd -t*, -n
+      FAULT    the hold*, role "fault"; then conntrackd -t*
+      STOP     the hold*, role "stopped" (keepalived stopped: the addresses are gone)
+    (* only with the external cache.) Without the external cache (the default) conntrackd
+    writes the peer's flows straight into this kernel: nothing to commit, and -t would
+    flush them. With it, the hold (table inet oakestra_gw_ha) drops traffic to the floating
+    addresses until the commit is done: keepalived raises them before this hears of it.
 
     \b
     The role goes to ha.state_dir/role (JSON, replaced atomically), which the daemon reads
     for /api/ready, /api/status, `oakestra-gw status` and the metric oakestra_gw_ha_role; the
     file outlives restarts of the daemon and of this command. A conntrackd step that fails
-    (or a missing conntrackd) is logged and noted in the role file; the role changes anyway.
+    (or a missing conntrackd, or nft refusing the hold) is logged and noted in the role file
+    ("failed"); the role changes anyway.
     Lines that are not VRRP events are logged and skipped.
 
     \b

@@ -66,7 +66,7 @@ def _role(record: dict) -> str:
     text = record["role"]
     if record.get("since"):
         text += " since " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"]))
-    for key in ("conntrackd", "problem"):
+    for key in ("failed", "problem"):
         if record.get(key):
             text += f" ({key}: {record[key]})"
     return text

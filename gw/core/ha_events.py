@@ -65,11 +65,13 @@ def role_of(event: Event, group: str = SYNC_GROUP) -> str | None:
 
 @dataclass(frozen=True)
 class Step:
-    """Tell the daemon a role (`role`), or run conntrackd with `args` (`why` is logged)."""
+    """Tell the daemon a role (`role`), set or lift the promotion hold (`hold`: True, False;
+    gw.core.ha_hold), or run conntrackd with `args` (`why` is logged)."""
 
     role: str | None = None
     args: tuple[str, ...] = ()
     why: str = ""
+    hold: bool | None = None
 
 
 def _conntrackd(*args: str, why: str) -> Step:
@@ -88,17 +90,23 @@ def steps(role: str, external_cache: bool) -> list[Step]:
     writes synced flows straight into this node's kernel: there is nothing to commit (-c), and
     `-t`, which flushes the kernel's table PurgeTimeout seconds later to clear an old
     master's leftovers, would also remove every flow the peer synced here, so neither runs.
+    With it, the flows reach the kernel only with the commit: traffic to the floating
+    addresses is held (dropped) whenever this node is not master, and the hold is lifted as
+    soon as the commit is done (gw.core.ha_hold). Lifting is also how a stale hold goes.
     """
     if role == "master":
         found = [Step(role="promoting")]
         if external_cache:
             found.append(_conntrackd("-c", why="commit the external cache into the kernel"))
-        found += [_conntrackd("-f", why="flush the internal and external caches"),
+        found += [Step(hold=False),
+                  _conntrackd("-f", why="flush the internal and external caches"),
                   _conntrackd("-R", why="resync the internal cache with the kernel"),
                   _conntrackd("-B", why="bulk-send this node's flows to the peer"),
                   Step(role="master")]
         return found
-    found = [Step(role=role)]
+    # The hold first: it must be in place before keepalived may promote this node again.
+    found = [Step(hold=True)] if external_cache else []
+    found.append(Step(role=role))
     if role in ("backup", "fault") and external_cache:
         found.append(_conntrackd("-t", why="shorten the kernel's timers (an old master's "
                                            "leftover flows)"))
@@ -109,14 +117,14 @@ def steps(role: str, external_cache: bool) -> list[Step]:
 
 # -- the role file: the notify writes it, the daemon reads it --------------------------------
 
-def role_record(role: str, since: float, event: str = "", conntrackd: str = "") -> str:
-    """The role file's content: one JSON object. `conntrackd`: "" when its steps succeeded or
-    none ran, else what failed (the operator sees it in status)."""
+def role_record(role: str, since: float, event: str = "", failed: str = "") -> str:
+    """The role file's content: one JSON object. `failed`: "" when the role's steps
+    (conntrackd's, the hold) succeeded, else what failed (the operator sees it in status)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     doc = {"role": role, "since": round(since, 3), "event": event}
-    if conntrackd:
-        doc["conntrackd"] = conntrackd
+    if failed:
+        doc["failed"] = failed
     return json.dumps(doc) + "\n"
 
 
@@ -133,6 +141,6 @@ def read_record(text: str) -> dict:
     found = {"role": doc["role"],
              "since": since if isinstance(since, (int, float)) and not isinstance(since, bool)
              else None}
-    if isinstance(doc.get("conntrackd"), str) and doc["conntrackd"]:
-        found["conntrackd"] = doc["conntrackd"]
+    if isinstance(doc.get("failed"), str) and doc["failed"]:
+        found["failed"] = doc["failed"]
     return found

@@ -181,8 +181,9 @@ HA_ROLE = {"type": "object", "required": ["role"],
            "properties": {"role": {"type": "string", "enum": list(ROLES)},
                           "since": {"type": ["number", "null"],
                                     "description": "Unix time of the change"},
-                          "conntrackd": {"type": "string", "description": "What failed in "
-                                         "conntrackd's steps for this role, if anything"},
+                          "failed": {"type": "string", "description": "What failed in "
+                                     "this role's steps (conntrackd's, the promotion hold), "
+                                     "if anything"},
                           "problem": {"type": "string", "description": "Why the role file "
                                       "could not be read"}}}
 EGRESS = {"type": "object", "required": ["enabled", "interfaces"], "additionalProperties": False,

@@ -1,7 +1,8 @@
 """`oakestra-gw ha notify`: the reader of keepalived's notify fifo. keepalived starts it
 (vrrp_notify_fifo_script, the fifo's path as the last argument) and sends it SIGTERM when it
 stops or reloads. Each line is handled in order: a role change of the sync group runs
-conntrackd's steps and writes the role file (see gw.core.ha_events.steps for the order).
+conntrackd's steps, sets or lifts the promotion hold (gw.core.ha_hold) and writes the role
+file (see gw.core.ha_events.steps for the order).
 
 How the daemon learns the role: from the role file in ha.state_dir, replaced atomically, which
 the daemon reads whenever it reports (gw.service.ha_role). One writer, one reader and no
@@ -21,14 +22,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..core import ha as ha_core
+from ..core import ha as ha_core, ha_hold
 from ..core.ha import HaSettings
 from ..core.ha_events import BadLine, parse_line, role_of, role_record, steps
 
 log = logging.getLogger("gw.ha.notify")
 
-# conntrackd's client commands answer at once, apart from a commit of a large external cache.
-CONNTRACKD_TIMEOUT = 60.0
+# conntrackd's client commands and nft answer at once, apart from a commit of a large
+# external cache.
+COMMAND_TIMEOUT = 60.0
 # After SIGTERM keepalived still writes its STOP lines; read them for this long at most.
 STOP_GRACE = 1.0
 POLL_SECONDS = 0.2
@@ -77,13 +79,24 @@ class Notifier:
         for step in plan:
             if step.role is not None:
                 self._tell(step.role, since, raw, "; ".join(failed))
-            elif not any(MISSING in f for f in failed):  # one error for a missing conntrackd
+            elif step.hold is not None:
+                problem = self._hold(step.hold)
+                if problem:
+                    failed.append(problem)
+            elif not any(f.startswith(f"conntrackd {MISSING}") for f in failed):
+                # One error for a missing conntrackd, not one per step.
                 problem = self._conntrackd(step.args, step.why)
                 if problem:
                     failed.append(problem)
         if failed and plan[-1].role is None:
-            # Demotion: the role went out first; conntrackd's trouble is added to it after.
+            # Demotion: the role went out first; what failed after is added to it.
             self._tell(role, since, raw, "; ".join(failed))
+
+    def _hold(self, on: bool) -> str:
+        """Set or lift the promotion hold (gw.core.ha_hold); "" or what went wrong."""
+        script = ha_hold.hold_script(self.ha.floating) if on else ha_hold.lift_script()
+        why = "hold traffic to the floating addresses" if on else "lift the promotion hold"
+        return self._command(["nft", "-f", "-"], "nft -f", why, script)
 
     def _tell(self, role: str, since: float, raw: str, problem: str) -> None:
         try:
@@ -96,21 +109,27 @@ class Notifier:
         log.info("role %s written to %s", role, self.ha.role_file)
 
     def _conntrackd(self, args: tuple[str, ...], why: str) -> str:
-        """Run one conntrackd client command; "" or what went wrong (logged here)."""
-        argv = ha_core.conntrackd_command(self.ha, *args)
-        shown = " ".join(["conntrackd", *args])
+        """Run one conntrackd client command; "" or what went wrong."""
+        return self._command(ha_core.conntrackd_command(self.ha, *args),
+                             " ".join(["conntrackd", *args]), why)
+
+    def _command(self, argv: list[str], shown: str, why: str, stdin: str | None = None) -> str:
+        """Run one command of a step; "" or what went wrong (logged here, with `why`)."""
         try:
-            done = self.run(argv, capture_output=True, text=True, timeout=CONNTRACKD_TIMEOUT)
+            done = self.run(argv, input=stdin, capture_output=True, text=True,
+                            timeout=COMMAND_TIMEOUT)
         except FileNotFoundError:
-            problem = f"conntrackd {MISSING} (not in PATH): flows are not synced"
+            problem = f"{argv[0]} {MISSING} (not in PATH)"
         except subprocess.TimeoutExpired:
-            problem = f"{shown} did not answer within {CONNTRACKD_TIMEOUT:g} s"
+            problem = f"{shown} did not answer within {COMMAND_TIMEOUT:g} s"
         else:
             if done.returncode == 0:
                 log.info("%s: %s", shown, why)
                 return ""
-            said = (done.stderr or done.stdout or "").strip().splitlines()
-            problem = f"{shown} failed ({done.returncode}): {said[-1] if said else 'no output'}"
+            said = (done.stderr or done.stdout or "").strip().splitlines() or ["no output"]
+            # nft puts its error first, conntrackd last.
+            problem = (f"{shown} failed ({done.returncode}): "
+                       f"{next((line for line in said if 'Error' in line), said[-1])}")
         log.error("%s (to %s)", problem, why)
         return problem
 

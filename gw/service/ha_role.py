@@ -22,7 +22,7 @@ class RoleFile:
         self._record: dict = {"role": "unknown"}
 
     def read(self) -> dict:
-        """{"role", "since"?, "conntrackd"?, "problem"?}; "unknown" before keepalived said
+        """{"role", "since"?, "failed"?, "problem"?}; "unknown" before keepalived said
         anything (no file), with a problem when the file cannot be read."""
         try:
             st = os.stat(self.path)

@@ -7,6 +7,7 @@ cutting the master's link moves the role (and back when it returns)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from gw.core import ha
+from gw.core.ha_hold import HOLD_TABLE
 from gw.core.config import load_config
 from gw.lab.daemon import gateway_command
 from gw.lab.netns import Netns, stop_process
-from tests.api.harness import GatewayTestbed, require_root
+from tests.api.harness import PUBLIC_V4, GatewayTestbed, require_root
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -51,8 +53,12 @@ def notify_argv(config: Path, *extra: str) -> list[str]:
 RECORDER = """\
 #!/bin/sh
 # conntrackd's client as `ha notify` runs it: record the command and the role the daemon
-# would read at that moment.
+# would read at that moment. A commit (-c) waits while the file {gate} exists.
 echo "$3 $(sed -n 's/.*"role": "\\([a-z]*\\)".*/\\1/p' {role} 2>/dev/null)" >> {calls}
+if [ "$3" = "-c" ]; then
+    i=0
+    while [ -e {gate} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+fi
 """
 
 
@@ -66,7 +72,8 @@ def single(tmp_path):
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         recorder = bin_dir / "conntrackd"
-        recorder.write_text(RECORDER.format(role=state / "role", calls=tmp_path / "calls"))
+        recorder.write_text(RECORDER.format(role=state / "role", calls=tmp_path / "calls",
+                                            gate=tmp_path / "commit-waits"))
         recorder.chmod(0o755)
         yield gw, state, tmp_path
     finally:
@@ -74,10 +81,22 @@ def single(tmp_path):
 
 
 def start_notify(gw, tmp_path, fifo: Path) -> subprocess.Popen:
+    """In the gateway's namespace, as keepalived would run it there (the hold is nft's)."""
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
-    return subprocess.Popen(notify_argv(gw.config_path, "--log-file", str(tmp_path / "notify.log"),
-                                        str(fifo)), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return gw.ns.popen(*notify_argv(gw.config_path, "--log-file", str(tmp_path / "notify.log"),
+                                    str(fifo)), env=env, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def dropped(gw) -> int:
+    """Packets the hold's IPv4 rule dropped so far."""
+    out = gw.nft("list", "table", "inet", HOLD_TABLE).stdout
+    return int(re.search(r"@held_v4 counter packets (\d+)", out)[1])
+
+
+def held(gw) -> bool:
+    """The promotion hold's table is in the gateway's kernel."""
+    return gw.nft("list", "table", "inet", HOLD_TABLE, check=False).returncode == 0
 
 
 def calls(tmp_path) -> list[str]:
@@ -99,15 +118,17 @@ def test_notify_tells_a_real_daemon_in_order(single):
             wait_for(lambda: role(gw) == "backup", timeout=30, what="role backup")
             wait_for(lambda: calls(tmp_path) == ["-t backup", "-n backup"], timeout=30,
                      what="conntrackd's backup steps after the role")
+            assert held(gw)  # with the external cache a backup holds the floating addresses
             print("garbage that is no event", file=keepalived, flush=True)
             print('GROUP "oakestra_gw" MASTER 0', file=keepalived, flush=True)
             wait_for(lambda: role(gw) == "master", timeout=30, what="role master")
         # The commit and the rest ran while the daemon read "promoting", before "master".
         assert calls(tmp_path)[2:] == ["-c promoting", "-f promoting", "-R promoting",
                                        "-B promoting"]
+        assert not held(gw)
         assert role(gw, token=False) == "master"
         status, body = gw.request("GET", "/api/status")
-        assert status == 200 and body["ha"]["role"] == "master" and "conntrackd" not in body["ha"]
+        assert status == 200 and body["ha"]["role"] == "master" and "failed" not in body["ha"]
         _, metrics = gw.request("GET", "/metrics")
         assert 'oakestra_gw_ha_role{role="master"} 1.0' in metrics
         assert 'oakestra_gw_ha_role{role="backup"} 0.0' in metrics
@@ -159,12 +180,78 @@ def test_a_missing_conntrackd_is_a_logged_error_and_the_role_changes(single):
             print('GROUP "oakestra_gw" MASTER 0', file=keepalived, flush=True)
             wait_for(lambda: role(gw) == "master", timeout=30, what="role master")
         _, body = gw.request("GET", "/api/status")
-        assert "conntrackd is not installed" in body["ha"]["conntrackd"]
+        assert "conntrackd is not installed" in body["ha"]["failed"]
         assert notify.poll() is None
     finally:
         stop_process(notify)
     log = (tmp_path / "notify.log").read_text()
     assert log.count("conntrackd is not installed") == 1, log
+
+
+def test_with_the_external_cache_traffic_waits_for_the_commit(tmp_path):
+    """The promotion race (keepalived raises the addresses before the notify hears of it):
+    with conntrackd's external cache, the synced flows reach the kernel only with the commit,
+    so traffic to the floating addresses is dropped (not answered with a reset) on a backup
+    and during the promotion, and flows the moment the commit is done. Real packets from a
+    client to an exposure of the gateway's address, which stands for a floating one here."""
+    require_root()
+    state = tmp_path / "ha"
+    gw = GatewayTestbed(tmp_path, config={"ha": ha_table(
+        state, public_interface="pub0", public_addresses=[f"{PUBLIC_V4}/24"],
+        conntrack_external_cache=True)})
+    notify = None
+    try:
+        gw.start()
+        gw.open_path()
+        status, body = gw.request("POST", "/api/service/exposure/add",
+                                  {"exposed_port": 8080, "service_ip": "10.30.0.1",
+                                   "service_port": 80})
+        assert status == 201, body
+        assert gw.exchange(8080) == "ping"  # no hold before keepalived said anything
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "conntrackd").write_text(RECORDER.format(
+            role=state / "role", calls=tmp_path / "calls", gate=tmp_path / "commit-waits"))
+        (bin_dir / "conntrackd").chmod(0o755)
+        fifo = state / "keepalived.fifo"
+        state.mkdir(exist_ok=True)
+        os.mkfifo(fifo)
+        notify = start_notify(gw, tmp_path, fifo)
+        with open(fifo, "w") as keepalived:
+            print('GROUP "oakestra_gw" BACKUP 0', file=keepalived, flush=True)
+            wait_for(lambda: role(gw) == "backup", timeout=30, what="role backup")
+            assert held(gw)
+            assert gw.exchange(8080) == ""
+            assert dropped(gw) > 0  # dropped, not refused: the client just waits
+            (tmp_path / "commit-waits").touch()  # the commit takes its time
+            print('GROUP "oakestra_gw" MASTER 0', file=keepalived, flush=True)
+            wait_for(lambda: "-c promoting" in calls(tmp_path), timeout=30,
+                     what="the commit started")
+            assert role(gw) == "promoting" and held(gw)
+            before = dropped(gw)
+            assert gw.exchange(8080) == ""
+            assert dropped(gw) > before
+            (tmp_path / "commit-waits").unlink()  # the commit is done
+            wait_for(lambda: role(gw) == "master", timeout=30, what="role master")
+        assert not held(gw)
+        assert gw.exchange(8080) == "ping"
+        # The hold's table is not the daemon's: its drift watcher saw nothing to repair.
+        assert "changed our table" not in gw.log()
+        with open(fifo, "w") as keepalived:
+            print('GROUP "oakestra_gw" FAULT 0', file=keepalived, flush=True)
+            wait_for(lambda: role(gw) == "fault", timeout=30, what="role fault")
+        assert held(gw)
+        # Decommissioned: teardown removes the hold too.
+        stop_process(notify)
+        gw.stop()
+        out = gw.ns.run(*gateway_command(), "teardown", "--config", str(gw.config_path),
+                        "--json", cwd=ROOT)
+        assert json.loads(out.stdout)["ha_hold_removed"] is True
+        assert not held(gw)
+    finally:
+        if notify is not None:
+            stop_process(notify)
+        gw.close()
 
 
 def test_without_ha_nothing_is_said_about_a_role(tmp_path):

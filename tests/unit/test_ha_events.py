@@ -68,28 +68,31 @@ def test_only_the_sync_group_decides_the_role():
 
 
 def plan(role, external_cache):
-    return [s.role or " ".join(s.args) for s in he.steps(role, external_cache)]
+    return [s.role or " ".join(s.args) or ("hold" if s.hold else "lift")
+            for s in he.steps(role, external_cache)]
 
 
-def test_promotion_commits_before_it_says_master():
-    assert plan("master", True) == ["promoting", "-c", "-f", "-R", "-B", "master"]
-    # Without the external cache the flows are in the kernel already: nothing to commit.
-    assert plan("master", False) == ["promoting", "-f", "-R", "-B", "master"]
+def test_promotion_commits_and_lifts_the_hold_before_it_says_master():
+    assert plan("master", True) == ["promoting", "-c", "lift", "-f", "-R", "-B", "master"]
+    # Without the external cache the flows are in the kernel already: nothing to commit
+    # (and no hold was set; lifting removes a stale one).
+    assert plan("master", False) == ["promoting", "lift", "-f", "-R", "-B", "master"]
 
 
-def test_demotion_tells_the_daemon_first():
-    assert plan("backup", True) == ["backup", "-t", "-n"]
-    assert plan("fault", True) == ["fault", "-t"]
+def test_demotion_holds_then_tells_the_daemon_then_conntrackd():
+    assert plan("backup", True) == ["hold", "backup", "-t", "-n"]
+    assert plan("fault", True) == ["hold", "fault", "-t"]
+    assert plan("stopped", True) == ["hold", "stopped"]
     # -t would flush the flows the peer synced into this kernel.
     assert plan("backup", False) == ["backup", "-n"]
     assert plan("fault", False) == ["fault"]
-    assert plan("stopped", True) == plan("stopped", False) == ["stopped"]
+    assert plan("stopped", False) == ["stopped"]
 
 
 def test_role_record_round_trips_and_bad_files_are_unknown():
     text = he.role_record("master", 1700000000.1234, 'GROUP "oakestra_gw" MASTER', "x failed")
     assert he.read_record(text) == {"role": "master", "since": 1700000000.123,
-                                    "conntrackd": "x failed"}
+                                    "failed": "x failed"}
     assert he.read_record("{") == {"role": "unknown", "problem": "the role file is not JSON"}
     assert he.read_record('{"role": "chief"}')["role"] == "unknown"
     assert he.read_record('{"role": "backup", "since": true}') == {"role": "backup",
@@ -110,8 +113,8 @@ def ha_settings(tmp_path, external_cache=False):
 
 
 class Recorder:
-    """conntrackd's client as subprocess.run: records each call and the role file's role at
-    that moment, so a test sees the order of both."""
+    """conntrackd's client and nft as subprocess.run: records each call ("hold" and "lift"
+    for nft) and the role file's role at that moment, so a test sees the order of all."""
 
     def __init__(self, settings, fail=(), missing=False):
         self.settings, self.fail, self.missing = settings, fail, missing
@@ -120,7 +123,9 @@ class Recorder:
     def __call__(self, argv, **kw):
         if self.missing:
             raise FileNotFoundError(argv[0])
-        self.calls.append((argv[-1], RoleFile(self.settings.role_file).read()["role"]))
+        what = argv[-1] if argv[0] == "conntrackd" else (
+            "hold" if "chain hold" in kw["input"] else "lift")
+        self.calls.append((what, RoleFile(self.settings.role_file).read()["role"]))
         rc = 1 if argv[-1] in self.fail else 0
         return subprocess.CompletedProcess(argv, rc, "", "cannot connect to socket" if rc else "")
 
@@ -132,32 +137,32 @@ def test_promotion_order_with_the_external_cache(tmp_path):
     notifier.line('INSTANCE "public_v4" MASTER 100')
     assert recorder.calls == [] and RoleFile(settings.role_file).read() == {"role": "unknown"}
     notifier.line('GROUP "oakestra_gw" MASTER 0')
-    assert recorder.calls == [("-c", "promoting"), ("-f", "promoting"), ("-R", "promoting"),
-                              ("-B", "promoting")]
+    assert recorder.calls == [("-c", "promoting"), ("lift", "promoting"), ("-f", "promoting"),
+                              ("-R", "promoting"), ("-B", "promoting")]
     assert RoleFile(settings.role_file).read() == {"role": "master", "since": 1700000000.0}
     recorder.calls.clear()
     notifier.line('GROUP "oakestra_gw" BACKUP 0')
-    assert recorder.calls == [("-t", "backup"), ("-n", "backup")]
+    assert recorder.calls == [("hold", "master"), ("-t", "backup"), ("-n", "backup")]
 
 
 def test_a_failing_or_missing_conntrackd_is_noted_and_the_role_still_changes(tmp_path, caplog):
     settings = ha_settings(tmp_path)
     recorder = Recorder(settings, fail=("-R",))
     Notifier(settings, run=recorder).line('GROUP "oakestra_gw" MASTER 0')
-    assert [c for c, _ in recorder.calls] == ["-f", "-R", "-B"]
+    assert [c for c, _ in recorder.calls] == ["lift", "-f", "-R", "-B"]
     record = RoleFile(settings.role_file).read()
     assert record["role"] == "master"
-    assert record["conntrackd"] == "conntrackd -R failed (1): cannot connect to socket"
+    assert record["failed"] == "conntrackd -R failed (1): cannot connect to socket"
 
     missing = Recorder(settings, missing=True)
     notifier = Notifier(settings, run=missing)
     notifier.line('GROUP "oakestra_gw" BACKUP 0')
     record = RoleFile(settings.role_file).read()
-    assert record["role"] == "backup" and "not installed" in record["conntrackd"]
+    assert record["role"] == "backup" and "conntrackd is not installed" in record["failed"]
     notifier.line('GROUP "oakestra_gw" MASTER 0')
     assert RoleFile(settings.role_file).read()["role"] == "master"
-    # One error per change, not one per step.
-    assert sum("not installed" in r.message for r in caplog.records) == 2
+    # One error per change, not one per step (nft, missing too, says so once per change).
+    assert sum("conntrackd is not installed" in r.message for r in caplog.records) == 2
 
 
 def test_garbage_is_logged_and_skipped(tmp_path, caplog):
@@ -199,3 +204,20 @@ def test_notify_without_ha_says_why_in_its_log(tmp_path):
     result = CliRunner().invoke(main, ["ha", "notify", "--config", str(config), "--log-file",
                                        str(log)])
     assert result.exit_code == 2 and "ha.enabled" in log.read_text().splitlines()[-1]
+
+
+def test_the_hold_script_drops_only_outside_traffic_to_the_floating_addresses():
+    import ipaddress
+
+    from gw.core import ha_hold
+
+    text = ha_hold.hold_script([ipaddress.ip_address("198.18.0.10"),
+                                ipaddress.ip_address("2001:db8::10"),
+                                ipaddress.ip_address("10.30.255.254")])
+    assert text.startswith("table inet oakestra_gw_ha\ndelete table inet oakestra_gw_ha\n")
+    assert "elements = { 198.18.0.10, 10.30.255.254 }" in text
+    assert "elements = { 2001:db8::10 }" in text
+    assert text.index('iifname "lo" accept') < text.index("@held_v4 counter drop")
+    v4_only = ha_hold.hold_script([ipaddress.ip_address("198.18.0.10")])
+    assert "held_v6" not in v4_only
+    assert ha_hold.lift_script().splitlines()[-1] == "delete table inet oakestra_gw_ha"
