@@ -22,7 +22,7 @@ from gw.core.ha_hold import HOLD_TABLE
 from gw.core.config import load_config
 from gw.lab.daemon import gateway_command
 from gw.lab.netns import Netns, stop_process
-from tests.api.harness import PUBLIC_V4, GatewayTestbed, require_root
+from tests.api.harness import INTERNAL_V4, PUBLIC_V4, GatewayTestbed, require_root
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -202,6 +202,9 @@ def test_with_the_external_cache_traffic_waits_for_the_commit(tmp_path):
     notify = None
     try:
         gw.start()
+        # With ha the internal (SNAT) address is keepalived's, which runs on no node here:
+        # it is put where keepalived puts it on a master, so replies find the gateway.
+        gw.ns.run("ip", "addr", "add", f"{INTERNAL_V4}/32", "dev", "oakgw0")
         gw.open_path()
         status, body = gw.request("POST", "/api/service/exposure/add",
                                   {"exposed_port": 8080, "service_ip": "10.30.0.1",
