@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -16,6 +17,10 @@ from .common import CONTEXT, echo_json
 def status(as_json, **api):
     """Whether the daemon is alive and ready, its version and mode, configuration changes
     that wait for a restart, and how many exposures it holds (by family and protocol).
+
+    In a gateway pair (ha.enabled), "ha:" is the role keepalived's notify gave this gateway:
+    master, promoting (taking over, conntrackd's flows not yet in), backup, fault, stopped, or
+    unknown (nothing said since boot), since when, and any conntrackd step that failed.
 
     Ready means: the last kernel transaction or reconcile succeeded, no drift is unrepaired,
     the tunnel route exists and forwarding is on. Otherwise the reasons are printed. Keys
@@ -44,6 +49,8 @@ def status(as_json, **api):
             others = [u for u in cluster.get("configured", []) if u != cluster.get("active")]
             click.echo(f"cluster:   {cluster['mode']} {cluster.get('active') or '(none)'}{link}"
                        + (f" (replicas: {', '.join(others)})" if others else ""))
+        if ha_role := doc.get("ha"):
+            click.echo(f"ha:        {_role(ha_role)}")
         if doc["restart_needed"]:
             click.echo(f"restart needed: {', '.join(doc['restart_needed'])} changed "
                        "(systemctl restart oakestra-gw applies them)")
@@ -53,3 +60,13 @@ def status(as_json, **api):
                    (f" ({detail})" if detail else ""))
     if not doc["ready"]:
         sys.exit(1)
+
+
+def _role(record: dict) -> str:
+    text = record["role"]
+    if record.get("since"):
+        text += " since " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["since"]))
+    for key in ("failed", "problem"):
+        if record.get(key):
+            text += f" ({key}: {record[key]})"
+    return text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..core.errors import GatewayError, StoreLocked
+from ..core.ha_hold import HOLD_TABLE, lift_script
 from .common import CONTEXT, Failure, config_option, echo_json, load, reason, warn
 
 
@@ -15,7 +16,9 @@ def teardown(config_path, as_json):
     """Remove everything the gateway put into the kernel, to decommission a node: our
     nftables table (table inet oakestra_gw, both maps, all its chains), our bridge with the
     internal addresses, and the conntrack entries of every flow it NATed (their established
-    flows stop). The store and the configuration stay. Needs root; stop the daemon first.
+    flows stop); in a gateway pair (ha.enabled) also the promotion hold (table inet
+    oakestra_gw_ha, see `ha notify`). The store and the configuration stay. Needs root; stop
+    the daemon (and keepalived) first.
 
     \b
     Example:
@@ -55,8 +58,28 @@ def teardown(config_path, as_json):
         click.echo(f"conntrack: {removed} NATed entries removed")
     bridge = settings.network.bridge_interface
     bridge_removed = netlink.remove_bridge(settings)
+    held = _remove_hold() if settings.ha.enabled else {}
     if as_json:
         echo_json({"table_removed": existed, "conntrack_removed": removed,
-                   "bridge_removed": bridge_removed})
+                   "bridge_removed": bridge_removed, **held})
         return
+    if held:
+        click.echo(f"table inet {HOLD_TABLE}: "
+                   f"{'removed' if held['ha_hold_removed'] else 'was not there'}")
     click.echo(f"bridge {bridge}: {'removed' if bridge_removed else 'was not there'}")
+
+
+def _remove_hold() -> dict:
+    """The promotion hold `ha notify` may have left (it would keep dropping traffic to the
+    floating addresses)."""
+    from ..kernel.nft import NftSession
+
+    nft = NftSession()
+    try:
+        existed = f"table inet {HOLD_TABLE}" in nft.run("list tables")
+        nft.run(lift_script())
+    except GatewayError as exc:
+        raise Failure(f"cannot remove the table inet {HOLD_TABLE}: {reason(exc)}") from None
+    finally:
+        nft.close()
+    return {"ha_hold_removed": existed}

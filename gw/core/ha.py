@@ -192,11 +192,16 @@ def render_keepalived(ha: HaSettings, notify_command: str) -> str:
     if ha.router_id:
         lines.append(f"    router_id {ha.router_id}")
     lines += ["    vrrp_version 3",
+              # Before the script: keepalived resolves a script's user when it reads the
+              # script's line, and on a reload a later script_user fails it (no reader).
+              "    enable_script_security",
+              "    script_user root",
               # The fifo hands the role changes to one reader in the order they happened.
               f"    vrrp_notify_fifo {ha.notify_fifo}",
               f'    vrrp_notify_fifo_script "{notify_command}"',
-              "    enable_script_security",
-              "    script_user root",
+              # A reload starts a new reader: it learns the states again (and so runs
+              # conntrackd's steps for the current role) rather than nothing.
+              "    fifo_write_vrrp_states_on_reload",
               "}",
               "",
               f"vrrp_sync_group {SYNC_GROUP} {{",

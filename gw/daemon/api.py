@@ -83,7 +83,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                listening: Callable | None = None,
                gateway_id: Callable[[], str | None] | None = None,
                cluster: Callable[[], dict] | None = None,
-               egress: Callable[[], dict] | None = None) -> Flask:
+               egress: Callable[[], dict] | None = None,
+               ha_role: Callable[[], dict] | None = None) -> Flask:
     """The WSGI app. `token`: the bearer token (a string, None for none, or a callable giving
     either, read per request). `ready_checks()`: data-path problems by cause (normally
     ``gw.kernel.netlink.readiness_problems(settings)``). `listening()`: the (port, proto) pairs
@@ -91,7 +92,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     cluster knows this gateway by (an add naming another is refused). `cluster()`: which
     orchestrator or broker the gateway uses and whether it is connected, shown by /api/ready.
     `egress()`: whether egress is on and on which interfaces (default: from the settings'
-    configured public interfaces)."""
+    configured public interfaces). `ha_role()`: this gateway's role in its pair (ha.enabled;
+    gw.service.ha_role), shown by /api/ready and /api/status; None: not in a pair."""
     app = Flask("gw.daemon.api")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
@@ -101,7 +103,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     cluster = cluster or (lambda: {})
     metrics = metrics if metrics is not None else Metrics(gateway)
     ready_checks = ready_checks or (lambda: {})
-    metrics.bind(gateway, ready=lambda: _ready_reasons())
+    metrics.bind(gateway, ready=lambda: _ready_reasons(), ha_role=ha_role)
     egress = egress or (lambda: ruleset.egress_status(state.settings))
     app.extensions["oakestra_gw"] = state
     app.extensions["oakestra_gw.metrics"] = metrics
@@ -238,6 +240,7 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                 "ready": not reasons, "reasons": reasons,
                 "restart_needed": list(state.restart_needed),
                 **({"cluster": joined} if (joined := cluster()) else {}),
+                **({"ha": ha_role()} if ha_role is not None else {}),
                 "egress": egress(),
                 "exposures": {"total": sum(counts.values()),
                               **{f"{family}/{protocol}": counts.get((family, protocol), 0)
@@ -259,6 +262,11 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
             reasons = readiness.public(reasons)  # the details are for the token's holder
         # A pending restart does not make the data path wrong: it is reported, not a 503.
         pending = {"restart_needed": list(state.restart_needed)} if state.restart_needed else {}
+        if ha_role is not None:
+            # A backup is ready (it forwards once the addresses move to it): the role says
+            # which one it is, to anyone (a load balancer's check may want it).
+            role = ha_role()
+            pending["ha"] = role if holder else {"role": role["role"]}
         if (joined := cluster()):
             # Which orchestrator or broker (its address) is a detail too.
             pending["cluster"] = joined if holder else {

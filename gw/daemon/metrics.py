@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..core import readiness
+from ..core.ha_events import ROLES
 from ..core.exposure import Exposure
 from ..kernel import conntrack
 from .connections import ConnectionCounter
@@ -134,9 +135,21 @@ class _StateCollector:
             for url in cluster.get("configured", ()):
                 endpoints.add_metric([mode, url], int(url == cluster.get("active")))
             yield endpoints
+        if m.ha_role is not None:
+            yield _ha_role_family(m.ha_role()["role"])
         yield from _egress_families(m.egress_counters())
         if m.connections is not None:
             yield from m.connections.collect()
+
+
+def _ha_role_family(current: str) -> GaugeMetricFamily:
+    """Every role as a series (0 or 1), so that an alert on "no master" has data to look at."""
+    family = GaugeMetricFamily("oakestra_gw_ha_role", "This gateway's role in its pair, from "
+                               "keepalived's notify (ha notify): 1 for the current one",
+                               labels=["role"])
+    for role in ROLES:
+        family.add_metric([role], int(role == current))
+    return family
 
 
 EGRESS_PROTOCOLS = ("tcp", "udp", "icmp", "other")
@@ -218,6 +231,8 @@ class Metrics:
                                      registry=r)
         # The cluster orchestrator or broker in use (Oakestra mode); see `bind`.
         self.cluster: Callable[[], dict] = lambda: {}
+        # The role in a gateway pair (ha.enabled); None: not in a pair, no series.
+        self.ha_role: Callable[[], dict] | None = None
         self.started = Gauge("oakestra_gw_start_time_seconds", "When the process started (Unix time)",
                              registry=r)
         self.started.set(time.time())
@@ -236,10 +251,11 @@ class Metrics:
 
     def bind(self, gateway, ready: Callable[[], dict] | None = None, *,
              egress_counters: Callable[[], dict] | None = None,
-             cluster: Callable[[], dict] | None = None) -> "Metrics":
+             cluster: Callable[[], dict] | None = None,
+             ha_role: Callable[[], dict] | None = None) -> "Metrics":
         """`ready()`: the reasons /api/ready gives (gw.readiness.reasons), read per scrape;
         `egress_counters()`: the table's named counters; `cluster()`: the orchestrator or
-        broker in use (Oakestra mode)."""
+        broker in use (Oakestra mode); `ha_role()`: the role in a pair (ha.enabled)."""
         self.gateway = gateway
         if ready is not None:
             self.ready = ready
@@ -247,6 +263,8 @@ class Metrics:
             self.egress_counters = egress_counters
         if cluster is not None:
             self.cluster = cluster
+        if ha_role is not None:
+            self.ha_role = ha_role
         return self
 
     def report(self, *, conflicting: int | None = None, refused_own: int | None = None,

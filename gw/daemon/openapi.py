@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 from ..core.exposure import SERVICE_ID_RE
+from ..core.ha_events import ROLES
 
 VERSION = "1.0.0"
 
@@ -173,6 +174,18 @@ CLUSTER = {"type": "object", "description": "Oakestra mode: the orchestrator (`h
                           "active": {"type": "string"},
                           "configured": {"type": "array", "items": {"type": "string"}},
                           "connected": {"type": "boolean"}}}
+HA_ROLE = {"type": "object", "required": ["role"],
+           "description": "With `ha.enabled`: this gateway's role in its pair, as keepalived's "
+                          "notify last wrote it (`unknown` before it said anything). Without the "
+                          "token, `role` only",
+           "properties": {"role": {"type": "string", "enum": list(ROLES)},
+                          "since": {"type": ["number", "null"],
+                                    "description": "Unix time of the change"},
+                          "failed": {"type": "string", "description": "What failed in "
+                                     "this role's steps (conntrackd's, the promotion hold), "
+                                     "if anything"},
+                          "problem": {"type": "string", "description": "Why the role file "
+                                      "could not be read"}}}
 EGRESS = {"type": "object", "required": ["enabled", "interfaces"], "additionalProperties": False,
           "description": "Whether services reach the Internet through the gateway (masqueraded "
                          "to the public address), and out of which interfaces",
@@ -191,6 +204,7 @@ STATUS_OUT = {
                     "description": "Why not ready, by cause (as `/api/ready`); empty when ready"},
         "restart_needed": RESTART_NEEDED,
         "cluster": CLUSTER,
+        "ha": HA_ROLE,
         "egress": EGRESS,
         "exposures": {"type": "object", "required": ["total"],
                       "additionalProperties": {"type": "integer", "minimum": 0},
@@ -204,7 +218,7 @@ HEALTH_OUT = {"type": "object", "required": ["status"], "additionalProperties": 
 READY_OUT = {"type": "object", "required": ["ready", "egress"], "additionalProperties": False,
              "properties": {"ready": {"type": "boolean", "enum": [True]}, "egress": EGRESS,
                             "restart_needed": RESTART_NEEDED,
-                            "cluster": CLUSTER}}
+                            "cluster": CLUSTER, "ha": HA_ROLE}}
 
 NOT_READY_OUT = {
     "type": "object",
@@ -220,6 +234,7 @@ NOT_READY_OUT = {
         "egress": EGRESS,
         "restart_needed": RESTART_NEEDED,
         "cluster": CLUSTER,
+        "ha": HA_ROLE,
     },
 }
 

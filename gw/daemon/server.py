@@ -57,6 +57,7 @@ class Daemon:
         self.follower = None                      # follows the shared table (etcd)
         self.mqtt = None                          # the MQTT front end (MQTT mode)
         self.membership: Membership | None = None  # the HTTP one (Oakestra and standalone)
+        self.ha_role = None                       # the role in a pair (ha.enabled)
         self._reload = threading.Event()
         self._stopping = threading.Event()
         # A reload and a re-address both change the running settings: one at a time.
@@ -93,8 +94,15 @@ class Daemon:
                         "api.allowed_sources can change exposures; set api.token_file", host)
         self.gateway = build.gateway(self.store, variables, self.metrics, own_ips(self.settings),
                                      group_max=build.group_max(self.settings.store))
+        if self.config.ha.enabled:
+            from ..service.ha_role import RoleFile  # noqa: PLC0415
+
+            self.ha_role = RoleFile(self.config.ha.role_file)
+            log.info("in a gateway pair: role %s (from %s, written by `ha notify`)",
+                     self.ha_role.read()["role"], self.config.ha.role_file)
         self.metrics.bind(self.gateway, egress_counters=self.gateway.kernel_counters,
-                          cluster=self._cluster_status)
+                          cluster=self._cluster_status,
+                          ha_role=self.ha_role.read if self.ha_role else None)
         # Watch before loading: a change by another process after this point is repaired.
         if os.environ.get("OAKESTRA_GW_DRIFT_WATCH", "1") != "0":
             from ..kernel.drift import DriftWatcher  # noqa: PLC0415
@@ -118,7 +126,8 @@ class Daemon:
         self.app = api.create_app(self.gateway, self.settings, token=lambda: self.token,
                                   metrics=self.metrics, ready_checks=self._ready_checks,
                                   gateway_id=self._gateway_id, cluster=self._cluster_status,
-                                  egress=self._egress)
+                                  egress=self._egress,
+                                  ha_role=self.ha_role.read if self.ha_role else None)
         if self.settings.api.per_exposure_metrics:
             self.metrics.start_connection_counter(self.gateway.exposures)
         self.listener = Listener(self.app, host, self.settings.api.port,
