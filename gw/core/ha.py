@@ -5,7 +5,8 @@ in, text out; the CLI (`oakestra-gw ha render`) and the Ansible role print the s
 The floating addresses are the public ones clients reach and the internal ones both skeletons
 SNAT to (network.internal_ipv4/ipv6), so that a synced NAT binding is valid on whichever gateway
 holds them. All of them move together: one VRRP instance per interface and family (keepalived
-cannot mix IPv4 and IPv6 in one `virtual_ipaddress` list) in one sync group.
+cannot mix IPv4 and IPv6 in one `virtual_ipaddress` list), advertising on the public segment,
+in one sync group.
 """
 
 from __future__ import annotations
@@ -64,17 +65,21 @@ class HaSettings:
     def floating(self) -> tuple[IPAddress, ...]:
         return tuple(i.ip for i in self.public_addresses + self.internal_addresses)
 
-    def instances(self) -> list[tuple[str, str, tuple[IPInterface, ...]]]:
-        """(name, interface, addresses) of each VRRP instance: one per interface and family
-        that has floating addresses."""
+    def instances(self) -> list[tuple[str, str, tuple[tuple[IPInterface, str], ...]]]:
+        """(name, interface, ((address, its interface), ...)) of each VRRP instance: one per
+        family, advertising on the public segment (the one link the pair surely shares), each
+        address put on its own interface. The internal addresses ride on these instances: an
+        instance of their own would advertise on the internal interface, which holds no
+        address of its own (the bridge towards a tunnel), so it would be in FAULT and take
+        the whole sync group with it."""
         found = []
-        for segment, ifname, addrs in (("public", self.public_interface, self.public_addresses),
-                                       ("internal", self.internal_interface,
-                                        self.internal_addresses)):
-            for version in (4, 6):
-                mine = tuple(a for a in addrs if a.version == version)
-                if mine:
-                    found.append((f"{segment}_v{version}", ifname, mine))
+        for version in (4, 6):
+            mine = tuple((a, self.public_interface) for a in self.public_addresses
+                         if a.version == version)
+            mine += tuple((a, self.internal_interface) for a in self.internal_addresses
+                          if a.version == version)
+            if mine:
+                found.append((f"public_v{version}", self.public_interface, mine))
         return found
 
 
@@ -221,7 +226,7 @@ def render_keepalived(ha: HaSettings, notify_command: str) -> str:
                   f"    advert_int {_seconds(ha.advert_interval)}",
                   f"    preempt_delay {_seconds(ha.preempt_delay)}",
                   "    virtual_ipaddress {"]
-        lines += [f"        {a} dev {ifname}" for a in addrs]
+        lines += [f"        {a} dev {dev}" for a, dev in addrs]
         lines += ["    }", "}"]
     return "\n".join(lines) + "\n"
 

@@ -71,7 +71,8 @@ def test_keepalived_check_catches_a_broken_file(node):
     settings = load_config(config).ha
     text = render("keepalived", config)
     for bad in (text.replace("preempt_delay", "preempt_dleay"),
-                text.replace("interface oakgw0", "interface nosuch0")):
+                text.replace(f"interface {settings.public_interface}", "interface nosuch0")):
+        assert bad != text
         Path(settings.keepalived_conf).write_text(bad)
         assert ns.run("keepalived", "--config-test", "-f", settings.keepalived_conf,
                       check=False).returncode != 0

@@ -42,10 +42,15 @@ def test_conntrackd_conf_is_the_golden_file():
     golden("conntrackd.conf", ha.render_conntrackd(settings()))
 
 
-def test_one_instance_per_interface_and_family_all_in_the_sync_group():
+def test_one_instance_per_family_on_the_public_segment_all_in_the_sync_group():
     text = ha.render_keepalived(settings(), NOTIFY)
     names = [n for n, _, _ in settings().instances()]
-    assert names == ["public_v4", "public_v6", "internal_v4", "internal_v6"]
+    assert names == ["public_v4", "public_v6"]
+    # Adverts only where the pair shares a link; the internal addresses go on their own
+    # interface with the public ones of their family.
+    assert {i for _, i, _ in settings().instances()} == {settings().public_interface}
+    assert f"10.30.255.254/32 dev {settings().internal_interface}" in text.split(
+        "vrrp_instance public_v4")[1].split("vrrp_instance")[0]
     group = text.split("vrrp_sync_group oakestra_gw {")[1].split("}")[0]
     assert group.split() == ["group", "{", *names]
     # No instance mixes the families (keepalived refuses that in one list).
