@@ -13,8 +13,9 @@ SEGMENT = "198.19.200"
 
 
 @contextmanager
-def etcd_segment(namespaces: list[Netns]) -> Iterator[list[str]]:
-    """Each namespace gets `etcd0` on one bridge, at SEGMENT.1, .2, ...: yields the addresses."""
+def etcd_segment(namespaces: list[Netns]) -> Iterator[tuple[Netns, list[str]]]:
+    """Each namespace gets `etcd0` on one bridge, at SEGMENT.1, .2, ...: yields the hub (where
+    the i-th namespace's port is `p<i>`) and the addresses."""
     hub = Netns.create("oakh")
     try:
         hub.ip("link add br0 type bridge", "link set br0 up")
@@ -27,15 +28,16 @@ def etcd_segment(namespaces: list[Netns]) -> Iterator[list[str]]:
             addresses.append(f"{SEGMENT}.{i}")
         for ns in namespaces:
             ns.wait_links_up(["etcd0"])
-        yield addresses
+        yield hub, addresses
     finally:
         hub.delete()
 
 
 @contextmanager
 def cluster_in(namespaces: list[Netns]) -> Iterator[EtcdCluster]:
-    """A member named m1, m2, ... in each namespace, on the etcd segment."""
-    with etcd_segment(namespaces) as addresses:
+    """A member named m1, m2, ... in each namespace, on the etcd segment (`cluster.hub`)."""
+    with etcd_segment(namespaces) as (hub, addresses):
         with EtcdCluster([(f"m{i}", ns, a) for i, (ns, a) in
                           enumerate(zip(namespaces, addresses), 1)]) as cluster:
+            cluster.hub = hub
             yield cluster
