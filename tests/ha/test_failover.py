@@ -10,6 +10,7 @@ machine is shared and noisy (tests/bench holds speed targets)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import statistics
 import threading
@@ -205,8 +206,73 @@ def test_failover_and_failback_under_traffic(pair, record_property):
     record_property("failover_new_connections_s", failover)
     record_property("failback_new_connections_s", failback)
     record_property("longest_gap_s", max(gaps))
-    print(f"\n{ROUNDS} rounds: new connections after the master died: {summary(failover)}; "
-          f"after it returned: {summary(failback)}; longest gap on the old TCP connection "
+    print(f"\n{ROUNDS} rounds: new connections through B after the master died: "
+          f"{summary(failover)}; A master again and serving after its return (it waits "
+          f"preempt_delay as backup first): {summary(failback)}; longest gap on the old TCP connection "
           f"{max(gaps) * 1000:.0f} ms; {stream.sent} lines sent, {len(stream.answers)} "
           f"answered, {len(udp.answers)} UDP answers")
     assert len(stream.answers) >= stream.sent - 2  # the last lines may still be on their way
+
+
+def test_the_masters_daemon_killed_no_failover_and_traffic_goes_on(pair):
+    """The kernel holds the table and keepalived the addresses: a daemon that dies is no node
+    failure. It comes back knowing its role (the role file)."""
+    lab = pair
+    lab.wait_roles("master", "backup")
+    stream = Stream(lab)
+    try:
+        wait_for(lambda: len(stream.answers) > 5, timeout=10, what="the stream flows")
+        lab.a.daemon.kill()
+        t0 = time.monotonic()
+        wait_for(lambda: stream.answered_after(t0) and new_connection_works(lab), timeout=30,
+                 what="traffic through A with its daemon dead", log=lab.logs)
+        assert lab.a.holds_public_address() and not lab.b.holds_public_address()
+        assert lab.b.role() == "backup"
+        lab.a.daemon.start()
+        assert lab.a.role() == "master"
+        assert stream.error is None, stream.error
+    finally:
+        stream.close()
+
+
+class AddressWatch:
+    """Samples, every 20 ms, which gateways hold the public floating address."""
+
+    def __init__(self, lab: PairLab):
+        self.lab, self.samples = lab, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((self.lab.a.holds_public_address(),
+                                 self.lab.b.holds_public_address()))
+            time.sleep(0.02)
+
+    def stop(self) -> list[tuple[bool, bool]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.samples
+
+
+def test_keepalived_restarted_on_the_backup_or_reloaded_on_the_master_moves_nothing(pair):
+    lab = pair
+    lab.wait_roles("master", "backup")
+    watch = AddressWatch(lab)
+    try:
+        lab.b.stop_keepalived()
+        lab.b.start_keepalived()
+        wait_for(lambda: lab.b.role() == "backup" and "Entering BACKUP" in
+                 (lab.b.state / "keepalived.log").read_text().rsplit("Starting Keepalived", 1)[1],
+                 timeout=30, what="B's new keepalived is backup", log=lab.logs)
+        before = (lab.a.state / "notify.log").read_text().count("reading keepalived's")
+        lab.a.keepalived.send_signal(signal.SIGHUP)
+        wait_for(lambda: (lab.a.state / "notify.log").read_text().count("reading keepalived's")
+                 > before and lab.a.role() == "master", timeout=30,
+                 what="A reloaded, told master again", log=lab.logs)
+        time.sleep(1)  # a second of samples after the reload: a flap would show in them
+    finally:
+        samples = watch.stop()
+    assert len(samples) > 20
+    assert all(a and not b for a, b in samples), [s for s in samples if s != (True, False)][:5]
