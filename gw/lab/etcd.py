@@ -23,7 +23,7 @@ from ..core.exposure import MAX_BATCH
 from ..core.hosts import in_url
 from .certs import LabCA, Pair
 from .http import in_netns
-from .netns import LabError, Netns, stop_process
+from .netns import Built, LabError, Netns, stop_process
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
 # The largest batch the API takes: a batch is one transaction.
@@ -54,7 +54,7 @@ class Member:
         return self.proc is not None and self.proc.poll() is None
 
 
-class EtcdCluster:
+class EtcdCluster(Built):
     """`members`: (name, namespace, address) for each member; the namespaces must reach each
     other's addresses. Use as a context manager: every member is stopped and its data removed
     on exit."""
@@ -82,16 +82,8 @@ class EtcdCluster:
                                                   usages=("serverAuth", "clientAuth"))
                             for m in self.members.values()}
 
-    def __enter__(self) -> EtcdCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _build(self) -> None:
+        self.start()
 
     @property
     def endpoints(self) -> list[str]:

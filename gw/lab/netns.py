@@ -28,6 +28,28 @@ class LabError(RuntimeError):
     pass
 
 
+class Built:
+    """A context manager over `_build()` and `close()`: `close` also runs when the build fails
+    half-way, so that what it made so far goes too."""
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _setns(fd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:

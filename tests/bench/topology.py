@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tests.helpers import wait_for  # noqa: F401 - also used by controlplane
-from gw.lab.netns import Netns, stop_process, veth
+from gw.lab.netns import Built, Netns, stop_process, veth
 
 PUBLIC_IP = "198.18.0.1"      # what clients of our table connect to
 BASELINE_IP = "198.18.0.11"   # what clients of the one-rule-per-port baseline connect to
@@ -53,7 +53,7 @@ http {{
 """
 
 
-class BenchLab:
+class BenchLab(Built):
     """client -- gateway -- goProxyTun -- worker. Use as a context manager: everything it
     created (namespaces, processes inside them, temp files) goes on exit, also on failure."""
 
@@ -65,17 +65,6 @@ class BenchLab:
         self._procs: list[subprocess.Popen] = []
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def __enter__(self) -> "BenchLab":
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _build(self) -> None:
         self.client, self.gateway, self.worker = (Netns.create(p) for p in

@@ -33,7 +33,7 @@ from pathlib import Path
 from gw.core import ha
 from gw.core.config import load_config
 from gw.lab.daemon import GatewayDaemon, gateway_command
-from gw.lab.netns import LabError, Netns, stop_process
+from gw.lab.netns import Built, LabError, Netns, stop_process
 from gw.lab.topology import LAB_TOKEN
 from tests.helpers import wait_for
 
@@ -133,7 +133,7 @@ class Node:
                          if (self.state / name).exists())
 
 
-class PairLab:
+class PairLab(Built):
     """The topology of the module docstring. Use as a context manager; `start()` starts etcd,
     the daemons, conntrackd and keepalived and returns once A is master and B backup."""
 
@@ -145,17 +145,6 @@ class PairLab:
         self.nodes: list[Node] = []
         self.cluster = None
         self.services: subprocess.Popen | None = None
-
-    def __enter__(self) -> PairLab:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     @property
     def a(self) -> Node:
