@@ -95,7 +95,11 @@ def main(keep: bool = False) -> int:
     if problem:
         print(f"oakestra-gw demo: {problem}", file=sys.stderr)
         return 2
-    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a process started in the background by a shell without job control (as CI
+    # runners and scripts do) inherits SIGINT ignored, and a Ctrl-C or kill -INT must still
+    # remove the lab.
+    previous = {s: signal.signal(s, _raise_interrupt)
+                for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     lab = L.Lab()
     daemon: L.GatewayDaemon | None = None
     started = time.monotonic()
