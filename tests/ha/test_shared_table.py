@@ -16,6 +16,7 @@ import pytest
 
 from gw.lab.netns import Netns, stop_process
 from gw.lab.probes import http_get
+from gw.daemon.admission import BUSY_AFTER
 from gw.lab.daemon import GatewayDaemon
 from gw.lab.topology import LAB_TOKEN, Lab, lab_daemon
 from gw.store import etcd_client as ec
@@ -161,10 +162,10 @@ def test_partitioned_gateway_refuses_changes_and_converges(pair):
 
 def test_changes_waiting_for_a_lost_quorum_leave_a_worker_for_health_and_readiness(pair):
     """Every change sent to a gateway cut off from its quorum waits for etcd (each endpoint in
-    turn, up to store.timeout each) before its 503. More of them than the API has worker
-    threads must not starve /api/health (the systemd watchdog's probe) or /api/ready: they
-    answer while those changes still wait, and the changes beyond what may wait are answered
-    at once, 503 "busy", changing nothing."""
+    turn, up to store.timeout each) before its 503. Once changes are stuck, those beyond
+    api.threads - 1 are answered 503 "busy" at once, so /api/health (the systemd watchdog's
+    probe) and /api/ready still find a worker and answer while the others wait; nothing is
+    changed."""
     cluster, (a, b) = pair
     threads = 8  # api.threads' default, which the lab keeps
     cluster.cut("m1")
@@ -174,29 +175,36 @@ def test_changes_waiting_for_a_lost_quorum_leave_a_worker_for_health_and_readine
         r = a.http(timeout=60).add(body(port))
         answers[port] = (time.monotonic(), r.status, r.json.get("error", ""))
 
-    ports = range(40100, 40100 + threads + 4)
-    workers = [threading.Thread(target=add, args=(p,), daemon=True) for p in ports]
-    try:
+    def send(ports) -> list[threading.Thread]:
+        workers = [threading.Thread(target=add, args=(p,), daemon=True) for p in ports]
         for w in workers:
             w.start()
-        time.sleep(0.5)  # the changes are in before the probes
+        return workers
+
+    stuck, more = range(40100, 40104), range(40104, 40104 + threads)
+    try:
+        workers = send(stuck)
+        time.sleep(BUSY_AFTER * 1.5)  # the first changes have been waiting a while
+        workers += send(more)
+        wait_for(lambda: any(e == "busy" for _, _, e in list(answers.values())), timeout=30,
+                 what="a busy answer")
         health = a.http(timeout=60).get("/api/health")
-        health_at = time.monotonic()
         ready = a.http(timeout=60).get("/api/ready")
-        ready_at = time.monotonic()
+        probed_at = time.monotonic()
         for w in workers:
             w.join(60)
     finally:
         cluster.heal("m1")
     assert health.status == 200 and ready.status in (200, 503), (health, ready)
-    waited = [t for t, status, error in answers.values() if error != "busy"]
-    assert len(answers) == len(ports) and waited, answers
-    assert max(health_at, ready_at) < min(waited), (health_at, ready_at, sorted(answers.items()))
-    busy = [p for p, (_, status, error) in answers.items() if error == "busy"]
-    assert busy and all(answers[p][1] == 503 for p in busy), answers
+    assert len(answers) == len(stuck) + len(more), answers
     assert all(status == 503 for _, status, _ in answers.values()), answers
+    waited = [t for t, _, error in answers.values() if error != "busy"]
+    assert all(answers[p][2] != "busy" for p in stuck), answers
+    assert probed_at < min(waited), (probed_at, answers)
+    busy = [p for p, (_, _, error) in answers.items() if error == "busy"]
+    assert len(busy) == len(stuck) + len(more) - (threads - 1), answers
     wait_for(lambda: a.http().get("/api/ready").status == 200, timeout=30, what="A ready")
-    assert not set(map(str, ports)) & set(in_etcd(cluster))
+    assert not set(map(str, [*stuck, *more])) & set(in_etcd(cluster))
     # Refused at once for store.timeout after a failure (no change queues behind a dead
     # etcd), then tried again: A takes changes once more.
     wait_for(lambda: a.http().add(body(40199)).status == 201, timeout=30,
