@@ -54,6 +54,11 @@ def noticed(daemon: L.GatewayDaemon, change: str) -> None:
     daemon.wait_log(f"({change})")
 
 
+def dropped(daemon: L.GatewayDaemon) -> int:
+    """Ready announcements the daemon dropped because it was not (or no longer) the master."""
+    return daemon.log(since_start=True).count("the ready announcement is dropped")
+
+
 def test_only_the_master_registers_and_reports_ready_and_again_on_each_promotion(lab):
     cluster = orchestrator(lab).start()
     state = cluster.state
@@ -87,14 +92,22 @@ def test_only_the_master_registers_and_reports_ready_and_again_on_each_promotion
         assert "announced as the pair's master 1 time(s)" in cli.stdout, cli.stdout + cli.stderr
         assert "now on this node, the pair's master" in daemon.log(since_start=True)
 
-        # Demoted, then promoted again: a ready again, no second registration.
+        # Demoted, the token rotated (a reload): the backup tells the cluster nothing.
         set_role(lab, "backup")
         noticed(daemon, "master -> backup")
+        rotated = daemon.dir / "rotated-token"
+        rotated.write_text("rotated-token-0123456789abcdef\n")
+        rotated.chmod(0o600)
+        daemon.reconfigure({"api": {"token_file": str(rotated)}})
+        wait_for(lambda: dropped(daemon) == 1, what="the rotated token's ready dropped",
+                 log=daemon.log_tail)
         assert len(state.calls) == 2
+        # Promoted again: a ready with the newest token, no second registration.
         state.ready_event.clear()
         set_role(lab, "master")
         assert state.ready_event.wait(10), daemon.log_tail()
         assert state.steps()[2:] == [f"POST /api/gateway/{PAIR_ID}/ready"]
+        assert state.ready[-1][1]["api_token"] == "rotated-token-0123456789abcdef"
 
         # A ready the cluster does not take yet is dropped once the node is demoted: the
         # backup goes on saying nothing; the next promotion announces the pair again.
@@ -107,7 +120,8 @@ def test_only_the_master_registers_and_reports_ready_and_again_on_each_promotion
                  daemon.log(since_start=True).split("(backup -> master)")[-1],
                  what="a failed ready", log=daemon.log_tail)
         set_role(lab, "backup")
-        daemon.wait_log("the ready announcement is dropped")
+        wait_for(lambda: dropped(daemon) == 2, what="the refused ready dropped",
+                 log=daemon.log_tail)
         state.faults.clear()
         tried = len(state.calls)
         set_role(lab, "master")
