@@ -14,6 +14,7 @@ from gw import lab as L
 from gw.core.ha_events import role_record
 from gw.lab.daemon import gateway_command
 from gw.service.ha_notify import write_role
+from gw.store.local import LocalStore
 from tests.helpers import wait_for
 from tests.mqtt.broker import Broker, needs_mosquitto
 from tests.mqtt.test_mqtt import DEPLOY, DEPLOYED, expose, exposures, metric, mqtt_daemon
@@ -64,9 +65,15 @@ def test_only_the_master_registers_and_reports_ready_and_again_on_each_promotion
     state = cluster.state
     set_role(lab, "backup")  # the daemon starts as the backup
     daemon = as_pair(oakestra_daemon(lab, gateway_id=PAIR_ID), lab)
+    # The node was a gateway of its own before: its store holds that registration.
+    store = LocalStore(daemon.dir / "exposures.json")
+    store.commit(meta={"gateway_id": "gw-9", "internal_ipv4": "10.30.255.9",
+                       "internal_ipv6": "fdff:ffff::9", "cluster_url": cluster.url})
+    store.close()
     try:
         daemon.start()  # serves at once: a pair's id and addresses are its config's
         token = generated_token(daemon)
+        assert "the store holds the registration of gateway gw-9" in daemon.log(since_start=True)
         noticed(daemon, "at start")
         assert "role backup (at start): not announcing" in daemon.log(since_start=True)
         assert state.calls == []  # a backup neither registers nor reports ready

@@ -103,6 +103,13 @@ class Membership:
         net = settings.network
         self._joined = Joined(settings.oakestra.gateway_id, str(net.internal_ipv4),
                               str(net.internal_ipv6))
+        earlier = self.store.meta().get("gateway_id")
+        if earlier and earlier != self._joined.gateway_id:
+            # A node that was a gateway of its own before: the config's id wins, and the
+            # cluster may still list the old registration.
+            log.warning("the store holds the registration of gateway %s from before this node "
+                        "was in a pair: it is not used (the pair is gateway %s); the cluster "
+                        "may still list %s", earlier, self._joined.gateway_id, earlier)
         log.info("in a gateway pair: gateway id %s, floating internal %s and %s; the pair's "
                  "master registers and reports ready to %s", self._joined.gateway_id,
                  self._joined.ipv4, self._joined.ipv6, settings.oakestra.cluster_url)
