@@ -286,7 +286,8 @@ class MqttFront:
         if (self._attached.is_set() and self._addresses is not None and self.connected
                 and self._speaks()):
             self._publish("deployed", M.deployed(*self._addresses))
-            self.announcements += 1
+            with self._lock:  # from paho's thread (a connection) and the role watcher's
+                self.announcements += 1
             if self.pair:
                 log.info("MQTT: answered deployed (%s and %s) as the pair's master",
                          *self._addresses)
@@ -363,8 +364,9 @@ class MqttFront:
             self._announce()  # the cluster may have missed the first answer
             return M.success("deploy", "unchanged", **M.deployed(*addresses))
         if self.pair:
-            name = "instance_ip" if addresses[0] != self._addresses[0] else "instance_ip_v6"
-            raise InvalidInput(f"{name} {addresses[name == 'instance_ip_v6']} is not the pair's "
+            index = 0 if addresses[0] != self._addresses[0] else 1
+            name = ("instance_ip", "instance_ip_v6")[index]
+            raise InvalidInput(f"{name} {addresses[index]} is not the pair's "
                                f"floating internal address: this gateway is one of a pair, "
                                f"whose internal addresses are {self._addresses[0]} and "
                                f"{self._addresses[1]} (network.internal_ipv4/6, the same on "
