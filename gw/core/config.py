@@ -213,12 +213,6 @@ def _check_pair(settings: Settings) -> None:
     ha, oak = settings.ha, settings.oakestra
     if not ha.enabled or settings.standalone:
         return
-    if settings.api.host is None:
-        raise ConfigError("api.host must be set with ha.enabled in Oakestra mode: the default, "
-                          "the internal IPv4, floats and is not local on the backup; set "
-                          '"0.0.0.0" so that the master answers the cluster at the floating '
-                          "internal address (api.allowed_sources still admits the callers), or "
-                          "the node's management address", field="api.host")
     if oak.cluster_urls and not GATEWAY_ID_RE.fullmatch(oak.gateway_id):
         raise ConfigError(f"oakestra.gateway_id must be set with ha.enabled in Oakestra mode, "
                           f"the same on both nodes (1-128 of A-Z a-z 0-9 and . _ : -, not "

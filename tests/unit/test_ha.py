@@ -159,9 +159,9 @@ MQTT = {"mqtt_url": "mqtt://10.30.0.5:10003", "node_id": "node-7f3a",
         "mqtt_client_id": "oakestra-gw-node-7f3a-a"}
 
 
-def in_oakestra(oakestra: dict, api: dict | None = None):
-    return parse_config({"network": NETWORK, "ha": PAIR, "oakestra": oakestra,
-                         "api": {"host": "0.0.0.0"} if api is None else api})
+def in_oakestra(oakestra: dict, **ha_changes):
+    return parse_config({"network": NETWORK, "ha": {**PAIR, **ha_changes},
+                         "oakestra": oakestra})
 
 
 def test_a_pair_in_oakestra_mode_with_its_id_and_client_id_is_coherent():
@@ -185,13 +185,6 @@ def test_an_incoherent_pair_in_oakestra_mode_names_the_key(oakestra, field, word
     assert err.value.field == field and words in err.value.message, err.value.message
 
 
-@pytest.mark.parametrize("oakestra", [HTTP, MQTT])
-def test_a_pair_in_oakestra_mode_names_where_its_api_listens(oakestra):
-    with pytest.raises(ConfigError) as err:
-        in_oakestra(oakestra, api={})
-    assert err.value.field == "api.host" and "not local on the backup" in err.value.message
-
-
 def test_the_rules_of_a_pair_bind_only_a_pair_in_oakestra_mode():
     # A single gateway in Oakestra mode gets its id from the cluster; MQTT its default client id.
     single = {"network": NETWORK}
@@ -201,5 +194,5 @@ def test_the_rules_of_a_pair_bind_only_a_pair_in_oakestra_mode():
     assert parse_config({"network": NETWORK, "ha": PAIR}).ha.enabled
     # Without the floating internal addresses, a pair in Oakestra mode is refused too.
     with pytest.raises(ConfigError) as err:
-        parse_config({"ha": PAIR, "oakestra": HTTP, "api": {"host": "0.0.0.0"}})
+        parse_config({"ha": PAIR, "oakestra": HTTP})
     assert err.value.field == "network.internal_ipv4"
