@@ -26,7 +26,7 @@ from ..core import listing, readiness, ruleset
 from . import openapi
 from .auth import bearer_matches
 from ..core.config import Settings
-from ..core.errors import GatewayError, InvalidInput, StoreUnavailable
+from ..core.errors import Busy, GatewayError, InvalidInput, StoreUnavailable
 from ..core.exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from ..kernel.sockets import Listening
@@ -109,6 +109,11 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     app.extensions["oakestra_gw.metrics"] = metrics
     schema_cache: dict[bool, bytes] = {}
     schema_lock = threading.Lock()
+    # Changes may wait (for etcd's quorum, a slow disk) and each holds a worker thread while it
+    # does: one worker is always left to the rest, so /api/health (the watchdog's probe) and
+    # /api/ready answer however many changes wait.
+    waiting_max = max(1, settings.api.threads - 1)
+    change_slots = threading.BoundedSemaphore(waiting_max)
 
     # -- request pipeline -------------------------------------------------------------------
 
@@ -129,7 +134,17 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                                "(Authorization: Bearer <token>)" if not header else
                                "the bearer token is not valid",
                                headers={"WWW-Authenticate": challenge})
+        if request.endpoint in MUTATING_ENDPOINTS:
+            if not change_slots.acquire(blocking=False):
+                raise Busy(f"busy: {waiting_max} changes are waiting already; "
+                           "nothing was changed, retry")
+            g.change_slot = True
         trace.mark("auth")
+
+    @app.teardown_request
+    def _release(exc):
+        if g.pop("change_slot", False):
+            change_slots.release()
 
     @app.after_request
     def _finish(response: Response):
