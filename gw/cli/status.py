@@ -20,7 +20,8 @@ def status(as_json, **api):
 
     In a gateway pair (ha.enabled), "ha:" is the role keepalived's notify gave this gateway:
     master, promoting (taking over, conntrackd's flows not yet in), backup, fault, stopped, or
-    unknown (nothing said since boot), since when, and any conntrackd step that failed.
+    unknown (nothing said since boot), since when, and any conntrackd step that failed; in
+    Oakestra mode, "cluster:" says how often this node announced the pair as its master.
 
     Ready means: the last kernel transaction or reconcile succeeded, no drift is unrepaired,
     the tunnel route exists and forwarding is on. Otherwise the reasons are printed. Keys
@@ -47,8 +48,11 @@ def status(as_json, **api):
         if cluster := doc.get("cluster"):
             link = {True: ", connected", False: ", NOT connected"}.get(cluster.get("connected"), "")
             others = [u for u in cluster.get("configured", []) if u != cluster.get("active")]
+            # In a pair: how often this node announced the pair to the cluster as its master.
+            told = (f", announced as the pair's master {cluster['announced']} time(s)"
+                    if "announced" in cluster else "")
             click.echo(f"cluster:   {cluster['mode']} {cluster.get('active') or '(none)'}{link}"
-                       + (f" (replicas: {', '.join(others)})" if others else ""))
+                       + told + (f" (replicas: {', '.join(others)})" if others else ""))
         if ha_role := doc.get("ha"):
             click.echo(f"ha:        {_role(ha_role)}")
         if doc["restart_needed"]:

@@ -14,6 +14,12 @@
 - Brokers: ``oakestra.mqtt_url`` may list replicas. The first that answers is used; on a
   failure the next one, with exponential backoff (0.5 s up to ``oakestra.backoff_max``). Each
   new connection re-announces ``deployed``. The data plane never waits for the broker.
+- A pair (ha.enabled): both nodes follow the same ``node_id``'s topics (each with its own
+  client id) and apply every message, so the table is the same whichever holds the floating
+  addresses; only the master speaks (``deployed``, the result answers). The internal
+  addresses are the floating ones of the config: no waiting for ``deploy``, and a deploy that
+  names others is refused. On each promotion the new master answers ``deployed`` again
+  (`speak`), so that the cluster routes the internal addresses to it.
 
 Two threads: one holds the connection (paho's network loop), one applies messages in order.
 """
@@ -34,7 +40,7 @@ from typing import Any, Callable
 from . import messages as M
 from ..kernel import netlink
 from ..core.config import Settings
-from ..core.errors import Conflict, ConfigError, GatewayError, one_line
+from ..core.errors import Conflict, ConfigError, GatewayError, InvalidInput, one_line
 from ..kernel.sockets import Listening
 
 log = logging.getLogger(__name__)
@@ -77,11 +83,16 @@ class NotDeployed(Conflict):
 class MqttFront:
     """The MQTT front end of one process. `settings()` gives the running settings (a reload
     may change the policy); `store` holds the deployment; `metrics` counts messages;
-    `readdress(ipv4, ipv6)` applies other internal addresses live (the daemon's)."""
+    `readdress(ipv4, ipv6)` applies other internal addresses live (the daemon's); in a pair,
+    `may_speak()` says whether this node is the master now."""
 
     def __init__(self, settings: Callable[[], Settings], store, metrics=None,
-                 readdress: Callable[[str, str], None] | None = None):
+                 readdress: Callable[[str, str], None] | None = None,
+                 may_speak: Callable[[], bool] | None = None):
         self._settings = settings
+        self.pair = settings().ha.enabled
+        self._may_speak = may_speak or (lambda: True)
+        self.announcements = 0                  # `deployed` answers published
         self.store = store
         self.metrics = metrics
         self._readdress = readdress
@@ -107,7 +118,7 @@ class MqttFront:
     def bring_up(self) -> Settings:
         """Before the table is loaded: the settings with the internal IPs (stored, or from
         the deploy message this waits for), once the bridge carries them."""
-        stored = self._stored()
+        stored = self._floating() if self.pair else self._stored()
         self._spawn("mqtt-connection", self._run)
         self._spawn("mqtt-apply", self._apply_loop)
         if stored is None:
@@ -123,7 +134,7 @@ class MqttFront:
                      "on %s in the background", self.node_id, *stored, ", ".join(self.urls))
         live = self._settings().with_internal_ips(*self._addresses)
         netlink.ensure_bridge(live)
-        if stored is None:
+        if stored is None and not self.pair:
             # Stored once the bridge carries them, as in HTTP mode: a failed start stores nothing.
             self.store.commit(meta={"gateway_id": self.node_id, "joined_by": "mqtt",
                                     "internal_ipv4": live.network.internal_ipv4.compressed,
@@ -135,6 +146,14 @@ class MqttFront:
         self._gateway = gateway
         self._attached.set()
         self._announce()
+
+    def _floating(self) -> tuple[str, str]:
+        """A pair's internal addresses: the floating ones of both nodes' configs (keepalived
+        moves them), not the cluster's to hand out."""
+        net = self._settings().network
+        log.info("in a gateway pair: node %s, floating internal %s and %s; the pair's master "
+                 "answers the cluster", self.node_id, net.internal_ipv4, net.internal_ipv6)
+        return str(net.internal_ipv4), str(net.internal_ipv6)
 
     def _stored(self) -> tuple[str, str] | None:
         meta = self.store.meta()
@@ -155,7 +174,8 @@ class MqttFront:
 
     def status(self) -> dict:
         return {"mode": "mqtt", "active": self._active or "", "configured": list(self.urls),
-                "connected": self.connected}
+                "connected": self.connected,
+                **({"announced": self.announcements} if self.pair else {})}
 
     def problems(self) -> dict[str, str]:
         if self.connected:
@@ -255,11 +275,27 @@ class MqttFront:
         client.publish(M.topic(self.node_id, name), json.dumps(doc, separators=(",", ":")),
                        qos=1)
 
+    def _speaks(self) -> bool:
+        """Whether this gateway answers the cluster: always, but in a pair only its master."""
+        return not self.pair or self._may_speak()
+
     def _announce(self) -> None:
         """`deployed` with the addresses on the bridge, once the table is loaded: after the
-        deploy, and again on every new connection (a broker switch, a restart)."""
-        if self._attached.is_set() and self._addresses is not None and self.connected:
+        deploy, and again on every new connection (a broker switch, a restart) and, in a
+        pair, on each promotion; never from a pair's backup."""
+        if (self._attached.is_set() and self._addresses is not None and self.connected
+                and self._speaks()):
             self._publish("deployed", M.deployed(*self._addresses))
+            with self._lock:  # from paho's thread (a connection) and the role watcher's
+                self.announcements += 1
+            if self.pair:
+                log.info("MQTT: answered deployed (%s and %s) as the pair's master",
+                         *self._addresses)
+
+    def speak(self) -> None:
+        """This node became its pair's master: `deployed` again, now (if connected; else on
+        the next connection)."""
+        self._announce()
 
     # -- applying messages ------------------------------------------------------------------
 
@@ -307,7 +343,8 @@ class MqttFront:
                        extra={"who": who, "what": what, "result": outcome})
         if self.metrics is not None:
             self.metrics.observe_mqtt(kind, label)
-        self._publish(f"{kind}/result", answer)
+        if self._speaks():  # a pair's backup applies the message too, silently
+            self._publish(f"{kind}/result", answer)
 
     def _policy(self):
         ports = frozenset(self._listening())
@@ -326,6 +363,14 @@ class MqttFront:
         if addresses == self._addresses:
             self._announce()  # the cluster may have missed the first answer
             return M.success("deploy", "unchanged", **M.deployed(*addresses))
+        if self.pair:
+            index = 0 if addresses[0] != self._addresses[0] else 1
+            name = ("instance_ip", "instance_ip_v6")[index]
+            raise InvalidInput(f"{name} {addresses[index]} is not the pair's "
+                               f"floating internal address: this gateway is one of a pair, "
+                               f"whose internal addresses are {self._addresses[0]} and "
+                               f"{self._addresses[1]} (network.internal_ipv4/6, the same on "
+                               "both nodes)", field=name)
         # Stored first: should the process die before they are applied, the next start
         # brings them up from the store (and the unacknowledged message comes again).
         self.store.commit(meta={"internal_ipv4": deploy.ipv4, "internal_ipv6": deploy.ipv6})

@@ -7,6 +7,7 @@ The settings and their defaults are in `settings`, the typed getters in `config_
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -156,6 +157,7 @@ def parse_config(raw: dict[str, Any]) -> Settings:
                                              settings.network.internal_ipv6,
                                              settings.network.bridge_interface))
     _check_mqtt(settings.oakestra)
+    _check_pair(settings)
     if not settings.network.service_ranges:
         raise ConfigError("network.service_ranges must name at least one network",
                           field="network.service_ranges")
@@ -200,3 +202,40 @@ def _check_mqtt(oak: OakestraSettings) -> None:
     if oak.mqtt_password_file and not oak.mqtt_username:
         raise ConfigError("oakestra.mqtt_password_file needs oakestra.mqtt_username",
                           field="oakestra.mqtt_password_file")
+
+
+def _check_pair(settings: Settings) -> None:
+    """A pair (ha.enabled) in Oakestra mode is ONE gateway to the cluster: both nodes carry
+    the same id and the same floating addresses in their configs. Nothing the cluster hands
+    out at a first start can serve, because each node keeps its own store metadata: two
+    first registrations would make two gateways. (parse_ha already requires the floating
+    internal addresses, network.internal_ipv4/6.)"""
+    ha, oak = settings.ha, settings.oakestra
+    if not ha.enabled or settings.standalone:
+        return
+    if oak.cluster_urls and not GATEWAY_ID_RE.fullmatch(oak.gateway_id):
+        raise ConfigError(f"oakestra.gateway_id must be set with ha.enabled in Oakestra mode, "
+                          f"the same on both nodes (1-128 of A-Z a-z 0-9 and . _ : -, not "
+                          f"{oak.gateway_id!r}): the pair is one gateway to the cluster, and "
+                          "an id handed out at each node's first registration would make two",
+                          field="oakestra.gateway_id")
+    if oak.mqtt_urls and not oak.mqtt_client_id:
+        raise ConfigError("oakestra.mqtt_client_id must be set with ha.enabled in MQTT mode, "
+                          "another one on each node: both follow node_id's topics, and with "
+                          f"the default ({oak.client_id}) on both the broker would disconnect "
+                          "one whenever the other connects", field="oakestra.mqtt_client_id")
+    floating = {a.ip for a in ha.public_addresses}
+    for family in ("ipv4", "ipv6"):
+        value = getattr(oak, f"public_{family}")
+        if value and _ip_or_none(value) not in floating:
+            raise ConfigError(f"oakestra.public_{family} {value} must be one of "
+                              "ha.public_addresses with ha.enabled: the cluster reaches the "
+                              "pair at its floating public address, whichever node holds it",
+                              field=f"oakestra.public_{family}")
+
+
+def _ip_or_none(text: str):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None

@@ -135,6 +135,11 @@ class _StateCollector:
             for url in cluster.get("configured", ()):
                 endpoints.add_metric([mode, url], int(url == cluster.get("active")))
             yield endpoints
+            if "announced" in cluster:
+                yield CounterMetricFamily("oakestra_gw_ha_announcements", "In a pair: times "
+                                          "this node announced the pair to the cluster as its "
+                                          "master (ready acknowledged, deployed sent)",
+                                          value=cluster["announced"])
         if m.ha_role is not None:
             yield _ha_role_family(m.ha_role()["role"])
         yield from _egress_families(m.egress_counters())

@@ -173,7 +173,11 @@ CLUSTER = {"type": "object", "description": "Oakestra mode: the orchestrator (`h
            "properties": {"mode": {"type": "string", "enum": ["http", "mqtt"]},
                           "active": {"type": "string"},
                           "configured": {"type": "array", "items": {"type": "string"}},
-                          "connected": {"type": "boolean"}}}
+                          "connected": {"type": "boolean"},
+                          "announced": {"type": "integer", "minimum": 0,
+                                        "description": "In a pair (`ha.enabled`): how many "
+                                        "times this node announced the pair as its master "
+                                        "(`ready` acknowledged, `deployed` sent)"}}}
 HA_ROLE = {"type": "object", "required": ["role"],
            "description": "With `ha.enabled`: this gateway's role in its pair, as keepalived's "
                           "notify last wrote it (`unknown` before it said anything). Without the "

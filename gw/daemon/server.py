@@ -58,6 +58,7 @@ class Daemon:
         self.mqtt = None                          # the MQTT front end (MQTT mode)
         self.membership: Membership | None = None  # the HTTP one (Oakestra and standalone)
         self.ha_role = None                       # the role in a pair (ha.enabled)
+        self.role_watcher = None                  # tells the cluster of a promotion
         self._reload = threading.Event()
         self._stopping = threading.Event()
         # A reload and a re-address both change the running settings: one at a time.
@@ -78,14 +79,23 @@ class Daemon:
         self.store = build.store(self.config.store, on_poisoned=self._store_poisoned)
         self.token = auth.daemon_token(self.config)
         self.metrics = Metrics()
+        if self.config.ha.enabled:
+            from ..service.ha_role import RoleFile  # noqa: PLC0415
+
+            self.ha_role = RoleFile(self.config.ha.role_file)
+            log.info("in a gateway pair: role %s (from %s, written by `ha notify`)",
+                     self.ha_role.read()["role"], self.config.ha.role_file)
+        # In a pair only the master speaks to the cluster (None: not in a pair).
+        may_speak = self._is_master if self.ha_role is not None else None
         if self.config.mqtt_mode:
             from ..cluster.mqtt import MqttFront  # noqa: PLC0415 - only MQTT mode needs paho
 
             self.mqtt = MqttFront(lambda: self.settings or self.config, self.store,
-                                  self.metrics, readdress=self.readdress)
+                                  self.metrics, readdress=self.readdress, may_speak=may_speak)
             self.settings = self.mqtt.bring_up()
         else:
-            self.membership = Membership(self.config, self.store, readdress=self.readdress)
+            self.membership = Membership(self.config, self.store, readdress=self.readdress,
+                                         may_speak=may_speak)
             self.settings = self.membership.bring_up()
         variables = self._skeleton_vars(self.settings)  # names a missing internal IP
         host = self.settings.api_host
@@ -94,12 +104,6 @@ class Daemon:
                         "api.allowed_sources can change exposures; set api.token_file", host)
         self.gateway = build.gateway(self.store, variables, self.metrics, own_ips(self.settings),
                                      group_max=build.group_max(self.settings.store))
-        if self.config.ha.enabled:
-            from ..service.ha_role import RoleFile  # noqa: PLC0415
-
-            self.ha_role = RoleFile(self.config.ha.role_file)
-            log.info("in a gateway pair: role %s (from %s, written by `ha notify`)",
-                     self.ha_role.read()["role"], self.config.ha.role_file)
         self.metrics.bind(self.gateway, egress_counters=self.gateway.kernel_counters,
                           cluster=self._cluster_status,
                           ha_role=self.ha_role.read if self.ha_role else None)
@@ -140,12 +144,39 @@ class Daemon:
         self._check_ports()  # now that our own API port listens too
         if self.membership is not None:
             self.membership.announce_ready(self.token)
+        if self.ha_role is not None and not self.settings.standalone:
+            from ..service.ha_role import RoleWatcher  # noqa: PLC0415
+
+            # Once the API listens and the table is loaded: what the master announces is ready.
+            self.role_watcher = RoleWatcher(self.ha_role, self._on_role).start()
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on port "
                   f"{self.settings.api.port}")
         self._thread("reload", self._reload_loop)
         interval = watchdog_interval()
         if interval:
             self._thread("watchdog", watchdog_loop, self._stopping, interval, self.healthy)
+
+    # -- a pair: the master speaks to the cluster -------------------------------------------
+
+    def _is_master(self) -> bool:
+        return self.ha_role.read()["role"] == "master"
+
+    def _on_role(self, old: str | None, record: dict) -> None:
+        """The role file changed (or the daemon started): a node that is now the master
+        announces the pair to the cluster, so that it routes the floating internal address
+        here; any other role stays silent (the cluster would route to the wrong node)."""
+        role = record["role"]
+        seen = "at start" if old is None else f"{old} -> {role}"
+        if role != "master":
+            log.info("ha: role %s (%s): not announcing to the cluster, the master speaks for "
+                     "the pair", role, seen)
+            return
+        log.info("ha: role master (%s): announcing the pair to the cluster (%s)", seen,
+                 "deployed over MQTT" if self.mqtt is not None else "register once, ready")
+        if self.mqtt is not None:
+            self.mqtt.speak()
+        elif self.membership is not None:
+            self.membership.speak(self.token)
 
     # -- new internal addresses from the cluster -------------------------------------------
 
@@ -271,6 +302,8 @@ class Daemon:
                 self.listener.close()
             except Exception:  # noqa: BLE001 - closing anyway
                 log.exception("closing the API server")
+        if self.role_watcher is not None:
+            self.role_watcher.stop()
         if self.drift is not None:
             self.drift.stop()
         if self.follower is not None:

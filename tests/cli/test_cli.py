@@ -75,6 +75,22 @@ def test_config_check(tmp_path):
     mqtt.write_text('[oakestra]\nmqtt_url = "mqtt://10.30.0.1:10003"\n')
     r = invoke("config", "check", mqtt)
     assert r.exit_code == 2 and "oakestra.node_id" in r.stderr
+    # A pair in Oakestra mode without the pair's id: one line naming the key.
+    pair = tmp_path / "pair.toml"
+    pair.write_text('[api]\nhost = "0.0.0.0"\n'
+                    '[network]\ninternal_ipv4 = "10.30.255.254"\ninternal_ipv6 = "fdff::fe"\n'
+                    '[oakestra]\ncluster_url = "http://10.30.0.5:10100"\n'
+                    '[ha]\nenabled = true\npublic_interface = "pub0"\n'
+                    'public_addresses = ["198.18.0.10/24"]\nsync_interface = "sync0"\n'
+                    'sync_address = "192.168.100.1"\nsync_peer = "192.168.100.2"\n')
+    r = invoke("config", "check", pair)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "oakestra.gateway_id must be set with ha.enabled" in r.stderr, r.stderr
+    pair.write_text(pair.read_text().replace('cluster_url = "http://10.30.0.5:10100"',
+                                             'cluster_url = "http://10.30.0.5:10100"\n'
+                                             'gateway_id = "pair-1"'))
+    r = invoke("config", "check", pair)
+    assert r.exit_code == 0, r.output
 
 
 def test_rules_show_renders_skeleton_and_stored_exposures(tmp_path):

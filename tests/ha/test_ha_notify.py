@@ -3,7 +3,9 @@
 notify, and conntrackd's steps run in their order around it. First with a real FIFO written
 by the test and a conntrackd recorder in PATH; then with real keepalived and conntrackd in two
 gateway namespaces on shared segments: the higher priority is master, the other backup, and
-cutting the master's link moves the role (and back when it returns)."""
+cutting the master's link moves the role (and back when it returns). The pair is in Oakestra
+mode, one gateway to the stand-in orchestrator on the internal segment: each new master, and
+only a master, announces the pair."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from gw.lab.daemon import gateway_command
 from gw.lab.netns import Netns, stop_process
 from tests.api.harness import INTERNAL_V4, PUBLIC_V4, GatewayTestbed, require_root
 from tests.helpers import wait_for
+from tests.oakestra.orchestrator import Orchestrator
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -346,10 +349,17 @@ class Node:
             stop_process(proc, timeout=10)
 
 
+# The stand-in orchestrator, on the hub's side of the internal segment (int0 is 10.31.0.1, .2).
+CLUSTER_IP, CLUSTER_PORT = "10.31.0.254", 18081
+NODE_IPS = {"a": "10.31.0.1", "b": "10.31.0.2"}
+
+
 @pytest.fixture
 def pair(tmp_path):
     require_root()
-    gws, nodes, hub = [], [], None
+    gws, nodes, hub, cluster = [], [], None, None
+    oakestra = {"cluster_url": f"http://{CLUSTER_IP}:{CLUSTER_PORT}", "gateway_id": "pair-1",
+                "backoff_max": 0.5}
     try:
         for name, priority, address, peer in (("a", 150, "192.168.100.1", "192.168.100.2"),
                                               ("b", 100, "192.168.100.2", "192.168.100.1")):
@@ -357,17 +367,21 @@ def pair(tmp_path):
             state.mkdir(parents=True)
             gws.append(GatewayTestbed(tmp_path / name, config={"ha": ha_table(
                 state, priority=priority, router_id=f"gw-{name}", sync_address=address,
-                sync_peer=peer)}))
+                sync_peer=peer), "oakestra": oakestra, "egress": {"enabled": False}}))
             nodes.append(Node(gws[-1], state))
         hub = Netns.create("oakhub")
         pair_links(gws[0].ns, gws[1].ns, hub)
+        hub.ip(f"addr add {CLUSTER_IP}/24 dev brint")
+        cluster = Orchestrator(host=CLUSTER_IP, port=CLUSTER_PORT, enter=hub.inside).start()
         for node in nodes:
             node.gw.start()
             node.start_conntrackd()
-        yield nodes, hub
+        yield nodes, hub, cluster.state
     finally:
         for node in nodes:
             node.stop()
+        if cluster is not None:
+            cluster.stop()
         for gw in gws:
             gw.close()
         if hub is not None:
@@ -384,17 +398,31 @@ def roles(nodes) -> tuple[str, str]:
     return tuple(role(n.gw) for n in nodes)
 
 
+def announced(cluster, *nodes: str) -> bool:
+    """The pair's announcements so far (ready calls) came from these nodes, in this order."""
+    readies = [ip for step, ip in cluster.callers if step.endswith("/ready")]
+    return readies == [NODE_IPS[n] for n in nodes]
+
+
 def test_real_keepalived_pair_roles_follow_the_links(pair):
-    (a, b), hub = pair
+    (a, b), hub, cluster = pair
     logs = lambda: a.logs() + "\n" + b.logs()  # noqa: E731
     assert roles((a, b)) == ("unknown", "unknown")
+    assert cluster.callers == []  # neither knows it is master: neither speaks
     # B first, alone: it takes the addresses; then A, of higher priority, takes them over.
     b.start_keepalived()
     wait_for(lambda: role(b.gw) == "master", timeout=60, what="B alone master", log=logs)
+    wait_for(lambda: announced(cluster, "b"), what="B announced the pair", log=logs)
     a.start_keepalived()
     wait_for(lambda: roles((a, b)) == ("master", "backup"), timeout=60,
              what="A (priority 150) master, B (100) backup", log=logs)
     assert a.holds_public_address() and not b.holds_public_address()  # no split brain
+    # Each new master registered once under the pair's id, then reported ready.
+    wait_for(lambda: announced(cluster, "b", "a"), what="A announced the pair", log=logs)
+    assert cluster.callers == [("POST /api/gateway/register", NODE_IPS["b"]),
+                               ("POST /api/gateway/pair-1/ready", NODE_IPS["b"]),
+                               ("POST /api/gateway/register", NODE_IPS["a"]),
+                               ("POST /api/gateway/pair-1/ready", NODE_IPS["a"])]
     # Real conntrackd answered every step: the role files note no failure.
     for node in (a, b):
         _, body = node.gw.request("GET", "/api/status")
@@ -425,6 +453,8 @@ def test_real_keepalived_pair_roles_follow_the_links(pair):
     wait_for(lambda: not Path(f"/proc/{first}").exists(), timeout=30,
              what="the first notify ended", log=logs)
     assert roles((a, b)) == ("master", "backup") and a.holds_public_address()
+    # Told master again, A announces again (harmless: the same node).
+    wait_for(lambda: announced(cluster, "b", "a", "a"), what="A announced again", log=logs)
 
     # A's public link is cut (its segment port goes down): A faults, B takes over.
     hub.ip("link set vpu1 down")
@@ -434,12 +464,17 @@ def test_real_keepalived_pair_roles_follow_the_links(pair):
     assert synced(b)  # the promotion's resync kept it
     _, metrics = b.gw.request("GET", "/metrics")
     assert 'oakestra_gw_ha_role{role="master"} 1.0' in metrics
+    # The new master announces the pair (ready again, no second registration).
+    wait_for(lambda: announced(cluster, "b", "a", "a", "b"), what="B announced the pair",
+             log=logs)
 
     # The link returns: A, the higher priority, takes the addresses back.
     hub.ip("link set vpu1 up")
     wait_for(lambda: roles((a, b)) == ("master", "backup"), timeout=60,
              what="A master again, B backup", log=logs)
     assert a.holds_public_address() and not b.holds_public_address()
+    wait_for(lambda: announced(cluster, "b", "a", "a", "b", "a"), what="A announced again",
+             log=logs)
 
     # keepalived stops: its STOP reaches the daemon, and the notify ends with it.
     for node in (b, a):
@@ -447,6 +482,9 @@ def test_real_keepalived_pair_roles_follow_the_links(pair):
         assert node.keepalived.wait(timeout=30) == 0
     wait_for(lambda: roles((a, b)) == ("stopped", "stopped"), timeout=30, what="both stopped",
              log=logs)
+    # Two registrations and five announcements in all, each from the master of the moment.
+    assert [step for step, _ in cluster.callers].count("POST /api/gateway/register") == 2
+    assert announced(cluster, "b", "a", "a", "b", "a")
     # No -t ran (it would flush the synced flows from a backup's kernel 15 s later).
     for node in (a, b):
         assert "flushing conntrack table" not in (node.state / "conntrackd.log").read_text()

@@ -50,6 +50,8 @@ class ClusterState:
     internal_ipv4: str = "10.30.255.1"
     internal_ipv6: str = "fdff:ffff::1"
     calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    # (step, the caller's address) of every call: which node of a pair spoke.
+    callers: list[tuple[str, str]] = field(default_factory=list)
     gateways: dict[str, dict] = field(default_factory=dict)   # id -> register payload
     ready: list[tuple[str, dict]] = field(default_factory=list)
     # step ("register", "ip", "ready") -> [canned name, how many times (None: always)]
@@ -91,6 +93,10 @@ def _bad(message: str):
 
 def create_app(state: ClusterState) -> Flask:
     app = Flask("stand-in-orchestrator")
+
+    @app.before_request
+    def caller():
+        state.callers.append((f"{request.method} {request.path}", request.remote_addr))
 
     def body(keys: set[str]) -> dict | tuple:
         doc = request.get_json(silent=True)

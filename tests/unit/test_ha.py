@@ -150,3 +150,49 @@ def test_the_cli_prints_the_renderer_and_refuses_without_ha(tmp_path):
     assert r.exit_code == 0 and r.output == ha.render_keepalived(settings(), NOTIFY)
     r = CliRunner().invoke(main, ["ha", "render", "keepalived", "--config", str(off)])
     assert r.exit_code == 1 and "ha.enabled" in r.output
+
+
+# -- a pair in Oakestra mode: one gateway to the cluster ---------------------------------------
+
+HTTP = {"cluster_url": "http://10.30.0.5:10100", "gateway_id": "pair-1"}
+MQTT = {"mqtt_url": "mqtt://10.30.0.5:10003", "node_id": "node-7f3a",
+        "mqtt_client_id": "oakestra-gw-node-7f3a-a"}
+
+
+def in_oakestra(oakestra: dict, **ha_changes):
+    return parse_config({"network": NETWORK, "ha": {**PAIR, **ha_changes},
+                         "oakestra": oakestra})
+
+
+def test_a_pair_in_oakestra_mode_with_its_id_and_client_id_is_coherent():
+    assert in_oakestra(HTTP).oakestra.gateway_id == "pair-1"
+    assert in_oakestra(MQTT).oakestra.client_id == "oakestra-gw-node-7f3a-a"
+    # The floating public addresses, in any spelling, may be named as the ones reported.
+    assert in_oakestra({**HTTP, "public_ipv4": "198.18.0.10",
+                        "public_ipv6": "2001:db8:0::10"}).oakestra.public_ipv6
+
+
+@pytest.mark.parametrize("oakestra, field, words", [
+    ({**HTTP, "gateway_id": ""}, "oakestra.gateway_id", "the pair is one gateway"),
+    ({**HTTP, "gateway_id": "a/b"}, "oakestra.gateway_id", "not 'a/b'"),
+    ({**MQTT, "mqtt_client_id": ""}, "oakestra.mqtt_client_id", "oakestra-gw-node-7f3a"),
+    ({**HTTP, "public_ipv4": "198.18.0.11"}, "oakestra.public_ipv4", "ha.public_addresses"),
+    ({**MQTT, "public_ipv6": "2001:db8::11"}, "oakestra.public_ipv6", "ha.public_addresses"),
+])
+def test_an_incoherent_pair_in_oakestra_mode_names_the_key(oakestra, field, words):
+    with pytest.raises(ConfigError) as err:
+        in_oakestra(oakestra)
+    assert err.value.field == field and words in err.value.message, err.value.message
+
+
+def test_the_rules_of_a_pair_bind_only_a_pair_in_oakestra_mode():
+    # A single gateway in Oakestra mode gets its id from the cluster; MQTT its default client id.
+    single = {"network": NETWORK}
+    assert parse_config({**single, "oakestra": {**HTTP, "gateway_id": ""}}).oakestra
+    assert parse_config({**single, "oakestra": {**MQTT, "mqtt_client_id": ""}}).oakestra
+    # A pair in standalone mode speaks to no cluster.
+    assert parse_config({"network": NETWORK, "ha": PAIR}).ha.enabled
+    # Without the floating internal addresses, a pair in Oakestra mode is refused too.
+    with pytest.raises(ConfigError) as err:
+        parse_config({"ha": PAIR, "oakestra": HTTP})
+    assert err.value.field == "network.internal_ipv4"

@@ -27,13 +27,19 @@ Every call is retried with capped exponential backoff, one log line per failed t
 - Step 4 always runs in the background once the API listens, after steps 1-2 succeeded, in
   one announcer thread: a newer announcement (a rotated token) replaces an older one.
 - Standalone (no ``cluster_url``): the addresses come from the config; only step 3.
+- A pair (``ha.enabled``): one gateway to the cluster, its id and floating internal addresses
+  from the config (the same on both nodes). Only step 3 at start; the pair's master speaks
+  (``speak(token)`` on each promotion): step 1 the first time in a process, then step 4, and
+  step 4 again on every later promotion. A node that is not the master calls nothing, and
+  one demoted while a call is retried drops it at the next try.
 - Replicas (``cluster_url`` a list): every call goes to the orchestrator in use and moves to
   the next on a failure that may work elsewhere. Once ready, the one in use is probed every
   ``oakestra.probe_interval``; when it stops answering the gateway switches and announces
   itself to the next (steps 1, 2 and 4 again, under its id).
 
 The daemon holds one `Membership` per process: ``bring_up()`` before the table is loaded,
-``announce_ready(token)`` once the API listens (and after a token rotation), ``stop()`` at
+``announce_ready(token)`` once the API listens (and after a token rotation), ``speak(token)``
+when a pair's node becomes master, ``stop()`` at
 shutdown; ``gateway_id`` and ``status()`` for the API.
 
 - `client`: the orchestrator's HTTP API, one call per step, answers validated;

@@ -21,6 +21,11 @@ from .retry import Stopped, retry
 log = logging.getLogger(__name__)
 
 
+class Hushed(Exception):
+    """This gateway stopped being its pair's master: what it was telling the cluster is
+    dropped (the new master speaks for the pair)."""
+
+
 @dataclass
 class Joined:
     gateway_id: str
@@ -29,12 +34,21 @@ class Joined:
 
 
 class Membership:
-    """The gateway's membership in one cluster, for the life of one process."""
+    """The gateway's membership in one cluster, for the life of one process.
+
+    In a pair (ha.enabled) the two nodes are one gateway to the cluster, and only the master
+    speaks for it: `may_speak()` says whether this node is the master now, and the daemon
+    calls `speak(token)` on each promotion (see `speak`)."""
 
     def __init__(self, settings: Settings, store, client: ClusterClient | None = None,
-                 readdress: Callable[[str, str], None] | None = None):
+                 readdress: Callable[[str, str], None] | None = None,
+                 may_speak: Callable[[], bool] | None = None):
         self.settings = settings
         self.store = store
+        self.pair = settings.ha.enabled and not settings.standalone
+        self._may_speak = may_speak or (lambda: True)
+        self._registering = False                 # a pair's step 1 is running or done
+        self.announcements = 0                    # ready calls the cluster acknowledged
         # Applies new internal addresses live (the daemon's `readdress`); run before a ready
         # announcement, so only once the gateway serves.
         self._readdress = readdress
@@ -62,6 +76,8 @@ class Membership:
             settings.require_internal_ips()
             netlink.ensure_bridge(settings)
             return settings
+        if self.pair:
+            return self._bring_up_pair()
         stored = self._stored()
         if isinstance(stored, str):  # a registration id without addresses: a failed start
             return self._first_start(pending_id=stored)
@@ -75,6 +91,29 @@ class Membership:
             self._spawn("oakestra-rejoin", self._rejoin)
             return live
         return self._first_start(pending_id=None)
+
+    def _bring_up_pair(self) -> Settings:
+        """A pair's id and floating internal addresses are in both nodes' configs (the config
+        checks them), so nothing is asked of the cluster at start: the node does not know yet
+        whether it is the master, and a backup that registered would take the registration
+        over from the master. Step 1 waits for the first promotion (`speak`); step 2 never
+        runs (the addresses are keepalived's, not the cluster's to hand out)."""
+        settings = self.settings
+        netlink.ensure_bridge(settings)  # the floating addresses themselves are keepalived's
+        net = settings.network
+        self._joined = Joined(settings.oakestra.gateway_id, str(net.internal_ipv4),
+                              str(net.internal_ipv6))
+        earlier = self.store.meta().get("gateway_id")
+        if earlier and earlier != self._joined.gateway_id:
+            # A node that was a gateway of its own before: the config's id wins, and the
+            # cluster may still list the old registration.
+            log.warning("the store holds the registration of gateway %s from before this node "
+                        "was in a pair: it is not used (the pair is gateway %s); the cluster "
+                        "may still list %s", earlier, self._joined.gateway_id, earlier)
+        log.info("in a gateway pair: gateway id %s, floating internal %s and %s; the pair's "
+                 "master registers and reports ready to %s", self._joined.gateway_id,
+                 self._joined.ipv4, self._joined.ipv6, settings.oakestra.cluster_url)
+        return settings
 
     def _first_start(self, pending_id: str | None) -> Settings:
         settings = self.settings
@@ -168,6 +207,12 @@ class Membership:
                 raise ConfigError(f"oakestra.public_{family}: {value!r} is not an IPv{version} "
                                   "address", field=f"oakestra.public_{family}")
             found[family] = str(ip)
+        if self.settings.ha.enabled:
+            # A pair is reached at its floating addresses, whichever node holds them; a
+            # node's own addresses are not the gateway's.
+            for address in self.settings.ha.public_addresses:
+                found.setdefault(f"ipv{address.version}", str(address.ip))
+            return found
         if len(found) < 2:
             try:
                 discovered = netlink.public_addresses(self.settings)
@@ -198,6 +243,7 @@ class Membership:
                 public = self.public_ips()
             except ConfigError as exc:
                 raise Retryable(exc.message) from None
+            self._hush_unless_master()
             return self.client.register(current.gateway_id, public.get("ipv4", ""),
                                         public.get("ipv6", ""))
 
@@ -216,8 +262,22 @@ class Membership:
                                    retry_all=True)
         except Stopped:
             return
+        except Hushed:
+            with self._announce:
+                self._registering = False  # the next promotion registers
+            log.info("not the pair's master (now): registration left to the master")
+            return
         except GatewayError as exc:  # e.g. the public addresses cannot be found
             log.error("re-registration failed: %s", exc.message)
+            return
+        if self.pair and gid != current.gateway_id:
+            # Another id would make the pair two gateways (the other node registers as
+            # oakestra.gateway_id): nothing is announced until the operator has looked.
+            log.error("the cluster answered gateway id %s to the registration of the pair "
+                      "%s: not announcing (a pair is one gateway under oakestra.gateway_id; "
+                      "check the cluster's registration of %s)", gid, current.gateway_id,
+                      current.gateway_id)
+            self._rejoined.set()
             return
         changed = {}
         if gid != current.gateway_id:
@@ -244,7 +304,25 @@ class Membership:
 
     # -- step 4 -----------------------------------------------------------------------------
 
+    def speak(self, token: str | None) -> None:
+        """This node became its pair's master: announce the pair to the cluster from here.
+        The first time in this process register (step 1, under the pair's id), then report
+        ready (step 4) with the newest token; on later promotions ready again, through the
+        one announcer. Each try checks that the node is still the master: a demoted node
+        drops what it was sending (`Hushed`), so a backup never takes the pair over."""
+        with self._announce:
+            if not self._registering:
+                self._registering = True
+                self._spawn("oakestra-register", self._rejoin)
+        self.announce_ready(token)
+
+    def _hush_unless_master(self) -> None:
+        if self.pair and not self._may_speak():
+            raise Hushed()
+
     def announce_ready(self, token: str | None) -> None:
+        """Step 4 with `token`, now (after a token rotation too); in a pair only the master's
+        announcement goes out (see `speak`)."""
         if self.settings.standalone:
             return
         with self._announce:
@@ -288,29 +366,46 @@ class Membership:
             self.client.probe()  # a failure has already switched to the next one
             return True
         except Retryable as exc:
+            if self.pair and not self._may_speak():
+                # Switched; a backup announces nothing there (its next promotion will).
+                log.warning("the cluster orchestrator stopped answering (%s): the pair's "
+                            "master announces to %s", exc, self.client.url)
+                return True
             log.warning("the cluster orchestrator stopped answering (%s): announcing the "
                         "gateway to %s", exc, self.client.url)
         self._rejoin_ok = False
         self._rejoined.clear()
         self._rejoin()
+        if not self._rejoin_ok and self.pair and not self._may_speak():
+            return True  # demoted meanwhile: the next promotion registers and announces
         return self._rejoin_ok and self._send_ready()
 
     def _send_ready(self) -> bool:
         """Step 4, retried (through the replicas) until it works; every try carries the newest
-        token. False when stopped."""
+        token. False when stopped; True when done or dropped (a pair's node demoted)."""
         oak = self.settings.oakestra
         self._apply_new_addresses()
         joined = self._joined
+
+        def ready():
+            self._hush_unless_master()
+            return self.client.ready(joined.gateway_id, joined.ipv4, joined.ipv6,
+                                     self.settings.api.port, self._token)
+
         try:
-            retry("report ready to the cluster",
-                  lambda: self.client.ready(joined.gateway_id, joined.ipv4, joined.ipv6,
-                                            self.settings.api.port, self._token),
-                  give_up_after=None, backoff_max=oak.backoff_max, stop=self._stop,
-                  retry_all=True)
+            retry("report ready to the cluster", ready, give_up_after=None,
+                  backoff_max=oak.backoff_max, stop=self._stop, retry_all=True)
         except Stopped:
             return False
-        log.info("reported ready to %s: gateway %s, API on port %d", self.client.url,
-                 joined.gateway_id, self.settings.api.port)
+        except Hushed:
+            log.info("not the pair's master (now): the ready announcement is dropped (the "
+                     "master announces the pair)")
+            return True
+        self.announcements += 1
+        log.info("reported ready to %s: gateway %s, API on port %d%s", self.client.url,
+                 joined.gateway_id, self.settings.api.port,
+                 f", internal {joined.ipv4} and {joined.ipv6} now on this node, the pair's "
+                 "master" if self.pair else "")
         self.ready_sent.set()
         return True
 
@@ -346,7 +441,8 @@ class Membership:
         if self.client is None:
             return {}
         return {"mode": "http", "active": self.client.url,
-                "configured": list(self.settings.oakestra.cluster_urls)}
+                "configured": list(self.settings.oakestra.cluster_urls),
+                **({"announced": self.announcements} if self.pair else {})}
 
     def _spawn(self, name: str, target: Callable[[], None]) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
