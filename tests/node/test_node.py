@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from gw.lab.netns import veth
 from tests.helpers import wait_for
 
 from . import nodelab
@@ -134,7 +135,8 @@ def recap(res: subprocess.CompletedProcess) -> dict:
     return out
 
 
-def api(lab, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+def api(lab, method: str, path: str, body: dict | None = None,
+        base: str = API) -> tuple[int, dict]:
     """Call the management API from inside the node."""
     script = (
         "import json, sys, urllib.request, urllib.error\n"
@@ -146,7 +148,7 @@ def api(lab, method: str, path: str, body: dict | None = None) -> tuple[int, dic
         "except urllib.error.HTTPError as e:\n"
         "    code, data = e.code, e.read()\n"
         "print(json.dumps({'status': code, 'body': data.decode()}))\n")
-    res = lab.node("python3", "-c", script, method, API + path,
+    res = lab.node("python3", "-c", script, method, base + path,
                    json.dumps(body) if body is not None else "", check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     out = json.loads(res.stdout)
@@ -165,10 +167,11 @@ def http_get(lab, url: str, timeout: float = 5) -> subprocess.CompletedProcess:
                       timeout=timeout + 10)
 
 
-def expose(lab, exposed_port: int, service_ip: str, service_port: int) -> None:
+def expose(lab, exposed_port: int, service_ip: str, service_port: int,
+           base: str = API) -> None:
     status, body = api(lab, "POST", "/api/service/exposure/add",
                        {"exposed_port": exposed_port, "service_ip": service_ip,
-                        "service_port": service_port})
+                        "service_port": service_port}, base)
     assert status in (200, 201), (status, body)
 
 
@@ -509,11 +512,15 @@ def test_decommission(lab, provisioned):
 # no advert has come for its master-down interval. etcd is a one-member cluster on the node (a
 # witness would be the same etcd_member.yml on another host; what this test checks is the
 # member, its configuration and the daemon on etcd, which one member shows). The sync link is a
-# dummy interface: conntrackd needs a link of its own, not a peer, to run.
+# veth whose far end (in the client namespace) has no conntrackd: conntrackd needs a link
+# of its own, not a peer, to run.
 FLOATING_V4, FLOATING_V6 = "198.18.0.10", "2001:db8::10"
 PAIR_PREFIX = "/oakgw-node-pair"
+# On a pair the API listens on an address of the node's own: the internal one floats.
+PAIR_API = f"http://{NODE_V4}:11022"
 PAIR_VARS = {
     "oakestra_gateway_ha": True,
+    "oakestra_gateway_api_host": NODE_V4,
     "oakestra_gateway_ha_public_addresses": [f"{FLOATING_V4}/24", f"{FLOATING_V6}/64"],
     "oakestra_gateway_ha_sync_interface": "sync0",
     "oakestra_gateway_ha_sync_address": "198.19.77.1",
@@ -526,9 +533,12 @@ PAIR_VARS = {
 
 
 @pytest.fixture(scope="module")
-def paired(lab, provisioned):
-    lab.node_ns.ip("link add sync0 type dummy", "addr add 198.19.77.1/30 dev sync0",
-                   "link set sync0 up")
+def paired(lab):
+    # After the module's other tests in file order; alone (-k pair) on a new node, which the
+    # role provisions the same way.
+    lab.conntrack_max = conntrack_max(lab)
+    veth(lab.node_ns, "sync0", lab.client_ns, "nosync0")
+    lab.node_ns.ip("addr add 198.19.77.1/30 dev sync0", "link set sync0 up")
     t0 = time.monotonic()
     first = playbook(lab, **PAIR_VARS)
     print(f"\npair: first playbook run: {first.elapsed:.1f}s: {recap(first)['line']}")
@@ -583,7 +593,7 @@ def test_pair_configs_are_the_daemons_rendering(lab, paired):
 
 def test_pair_node_becomes_master_and_holds_the_floating_address(lab, paired):
     def ready_role():
-        status_code, body = api(lab, "GET", "/api/ready")
+        status_code, body = api(lab, "GET", "/api/ready", base=PAIR_API)
         return body.get("ha", {}).get("role")
     wait_for(lambda: ready_role() == "master", 30, "role master in /api/ready",
              log=lambda: lab.journal("keepalived"))
@@ -610,8 +620,9 @@ def etcd_keys(lab, prefix: str) -> dict[str, dict]:
 
 
 def test_pair_store_is_etcd_and_the_floating_address_carries_traffic(lab, paired):
-    wait_for(lambda: api(lab, "GET", "/api/ready")[0] == 200, 30, "/api/ready to answer 200")
-    expose(lab, 8090, SERVICE_V4, HTTP_PORT)
+    wait_for(lambda: api(lab, "GET", "/api/ready", base=PAIR_API)[0] == 200, 30,
+             "/api/ready to answer 200")
+    expose(lab, 8090, SERVICE_V4, HTTP_PORT, base=PAIR_API)
     keys = etcd_keys(lab, PAIR_PREFIX + "/")
     mine = [v for k, v in keys.items() if k.endswith("/tcp/8090")]
     assert len(mine) == 1 and mine[0]["service_ip"] == SERVICE_V4, keys
