@@ -59,12 +59,15 @@ def _transport(exc) -> str:
 
 def default_url(settings: Settings | None) -> str:
     """From the configuration: api.host (default: the internal IPv4, from the config or from
-    the bridge's address) and api.port; http://127.0.0.1:11022 without a configuration."""
+    the bridge's address) and api.port; http://127.0.0.1:11022 without a configuration. In a
+    pair, loopback: the API's own address floats, and this node's daemon is the one asked."""
     if settings is None:
         return DEFAULT_URL
     host = settings.api.host or (str(settings.network.internal_ipv4)
                                  if settings.network.internal_ipv4 else None)
     host = host or bridge_address(settings.network.bridge_interface, 4) or "127.0.0.1"
+    if settings.ha.enabled:
+        host = hosts.node_local_extra(host) or host
     return f"http://{hosts.in_url(hosts.reachable(host))}:{settings.api.port}"
 
 

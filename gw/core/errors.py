@@ -68,6 +68,14 @@ class StoreUnavailable(Unavailable):
     code = "store_unavailable"
 
 
+class Busy(Unavailable):
+    """As many changes as may wait at once are waiting already (for the store or the kernel):
+    this one was not tried, nothing was changed. Retry."""
+
+    code = "busy"
+    headers = {"Retry-After": "1"}
+
+
 class StoreCorrupt(GatewayError):
     """The store's files cannot be read back. Raised at open; the files are left untouched."""
 

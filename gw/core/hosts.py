@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 # A wildcard listener is reached over loopback, in the same family.
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -15,3 +17,21 @@ def in_url(host: str) -> str:
     """`host` as the host part of a URL: an IPv6 address in brackets (names and IPv4 have no
     colon)."""
     return f"[{host}]" if ":" in host else host
+
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def node_local_extra(host: str) -> str | None:
+    """The loopback address to listen on as well when `host` may not be this node's (a
+    floating address); None when a listener on `host` is already reached over loopback."""
+    if is_loopback(host) or host in _WILDCARD_TO_LOOPBACK:
+        return None
+    return "127.0.0.1"

@@ -7,6 +7,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from . import hosts
 from .config_fields import internal_ip
 from .errors import ConfigError
 from .ha import HaSettings
@@ -158,6 +159,22 @@ class Settings:
             raise ConfigError("api.host is not set and there is no internal IPv4 to bind to",
                               field="api.host")
         return str(self.network.internal_ipv4)
+
+    @property
+    def api_node_host(self) -> str | None:
+        """In a pair the API's address floats with the role (by default it is the internal
+        IPv4), so the daemon also listens on loopback: this node's own clients (the watchdog,
+        the CLI) then reach this node's daemon, not whichever gateway holds the address. None
+        when the API's own address is already node-local (loopback, a wildcard) or when not in
+        a pair."""
+        if not self.ha.enabled:
+            return None
+        return hosts.node_local_extra(self.api_host)
+
+    @property
+    def api_local_host(self) -> str:
+        """Where a client on this node asks the daemon."""
+        return self.api_node_host or hosts.reachable(self.api_host)
 
     def require_internal_ips(self) -> None:
         for name in ("internal_ipv4", "internal_ipv6"):

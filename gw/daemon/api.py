@@ -28,6 +28,7 @@ from .auth import bearer_matches
 from ..core.config import Settings
 from ..core.errors import GatewayError, InvalidInput, StoreUnavailable
 from ..core.exposure import FAMILIES, PROTOCOLS, Exposure, parse_delete, parse_exposures
+from .admission import ChangeGate
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from ..kernel.sockets import Listening
 from ..service import trace
@@ -109,6 +110,8 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
     app.extensions["oakestra_gw.metrics"] = metrics
     schema_cache: dict[bool, bytes] = {}
     schema_lock = threading.Lock()
+    # Stuck changes leave one worker to the rest (gw.daemon.admission).
+    changes = ChangeGate(max(1, settings.api.threads - 1))
 
     # -- request pipeline -------------------------------------------------------------------
 
@@ -129,7 +132,14 @@ def create_app(gateway, settings: Settings, *, token=None, metrics: Metrics | No
                                "(Authorization: Bearer <token>)" if not header else
                                "the bearer token is not valid",
                                headers={"WWW-Authenticate": challenge})
+        if request.endpoint in MUTATING_ENDPOINTS:
+            g.change_ticket = changes.enter()
         trace.mark("auth")
+
+    @app.teardown_request
+    def _release(exc):
+        if (ticket := g.pop("change_ticket", None)) is not None:
+            changes.leave(ticket)
 
     @app.after_request
     def _finish(response: Response):

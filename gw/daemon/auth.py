@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -105,15 +104,6 @@ def client_token(settings: Settings | None, token_file: str | None = None) -> st
     if path.exists():
         return read_token(path, "api.token_file (generated)")
     return None
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def bearer_matches(header: str | None, token: str) -> bool:

@@ -11,12 +11,15 @@ that). The input chain keeps remote connections below the connection limit
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
-from ..core import ruleset
+from ..core import hosts, ruleset
 from ..core.errors import GatewayError
 
 log = logging.getLogger("gw.daemon.server")
+
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # linux/in.h; Python names it from 3.12
 
 WAITRESS = dict(channel_timeout=30, cleanup_interval=5,
                 connection_limit=ruleset.API_CONNECTION_LIMIT,
@@ -30,14 +33,21 @@ class Listener:
     `move` can add a listener to the running loop. A host name that resolves to several
     addresses gets one server per address, as waitress's own `create_server` would."""
 
-    def __init__(self, app, host: str, port: int, threads: int):
+    def __init__(self, app, host: str, port: int, threads: int, *, floating: bool = False,
+                 node_host: str | None = None):
+        """`floating`: `host` may not be local yet (a pair's floating address, held by the
+        master only), so it is bound with IP_FREEBIND and takes connections once the address
+        arrives. `node_host`: a second, fixed listener (loopback) for this node's own clients;
+        it stays where it is when `move` moves the first."""
         from waitress.task import ThreadedTaskDispatcher  # noqa: PLC0415
 
         self._app, self._port, self._threads = app, port, threads
+        self._floating = floating
         self._map: dict = {}
         self._dispatcher = ThreadedTaskDispatcher()
         self._dispatcher.set_thread_count(threads)
         self._servers = self._listen(host)
+        self._node = self._listen(node_host) if node_host else []
 
     def _listen(self, host: str) -> list:
         from waitress.adjustments import Adjustments  # noqa: PLC0415
@@ -47,8 +57,12 @@ class Listener:
         try:
             adj = Adjustments(host=host, port=self._port, threads=self._threads, **WAITRESS)
             for sockinfo in adj.listen:
-                servers.append(TcpWSGIServer(self._app, self._map, dispatcher=self._dispatcher,
-                                             adj=adj, sockinfo=sockinfo))
+                # A socket of our own only where waitress's cannot do it: waitress binds
+                # while it builds the server, before an option could be set.
+                sock = _freebind_socket(sockinfo) if self._floating else None
+                servers.append(TcpWSGIServer(self._app, self._map, True, sock,
+                                             dispatcher=self._dispatcher, adj=adj,
+                                             sockinfo=sockinfo, bind_socket=sock is None))
         except (OSError, ValueError) as exc:
             for server in servers:
                 _stop_listening(server)
@@ -58,7 +72,8 @@ class Listener:
 
     @property
     def where(self) -> str:
-        return ", ".join(f"{s.effective_host}:{s.effective_port}" for s in self._servers)
+        return ", ".join(f"http://{hosts.in_url(s.effective_host)}:{s.effective_port}"
+                         for s in self._servers + self._node)
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (raised as SystemExit into waitress's loop, which serves
@@ -92,8 +107,25 @@ class Listener:
 
     def close(self) -> None:
         self._dispatcher.shutdown(timeout=5)
-        for server in self._servers:
+        for server in self._servers + self._node:
             server.close()
+
+
+def _freebind_socket(sockinfo) -> socket.socket:
+    """A listening socket on an address this node may not hold yet."""
+    family, socktype, proto, sockaddr = sockinfo
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # IP_FREEBIND (SOL_IP) applies to IPv6 sockets as well.
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _stop_listening(server) -> None:

@@ -106,7 +106,7 @@ ERROR = {
         "error": {"type": "string", "enum": [
             "invalid", "invalid_json", "conflict", "not_found", "unauthorized",
             "method_not_allowed", "too_large", "unsupported_media_type", "unavailable",
-            "kernel_refused", "store_unavailable", "internal_error"]},
+            "kernel_refused", "store_unavailable", "busy", "internal_error"]},
         "message": {"type": "string"},
         "field": {"type": "string"},
     },
@@ -294,7 +294,9 @@ def document(auth: bool = True) -> dict:
              "409": _error("The port is exposed to another target (`conflict`); delete it "
                            "first. Nothing was changed."),
              "503": _error("The kernel refused the change (`kernel_refused`) or the store "
-                           "could not write (`store_unavailable`). Nothing was changed.")},
+                           "could not write (`store_unavailable`), or as many changes as may "
+                           "wait at once are waiting (`busy`, with `Retry-After`). Nothing was "
+                           "changed.")},
             body={"oneOf": [{"$ref": "#/components/schemas/ExposureIn"},
                             {"$ref": "#/components/schemas/ExposureBatch"}]},
             op_id="addExposures")},
@@ -305,8 +307,8 @@ def document(auth: bool = True) -> dict:
             {"200": _json("Deleted; the exposures that went", "DeleteResult"),
              **BODY_ERRORS,
              "404": _error("No such exposure (`not_found`)"),
-             "503": _error("The kernel refused the change or the store could not write. "
-                           "Nothing was changed.")},
+             "503": _error("The kernel refused the change or the store could not write, or "
+                           "too many changes are waiting (`busy`). Nothing was changed.")},
             body={"$ref": "#/components/schemas/DeleteRequest"}, op_id="deleteExposure")},
         "/api/service/exposure": {"get": {**op(
             "List exposures",

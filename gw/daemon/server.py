@@ -89,7 +89,7 @@ class Daemon:
             self.settings = self.membership.bring_up()
         variables = self._skeleton_vars(self.settings)  # names a missing internal IP
         host = self.settings.api_host
-        if self.token is None and not auth.is_loopback_host(host):
+        if self.token is None and not hosts.is_loopback(host):
             log.warning("the API listens on %s without a token: anyone admitted by "
                         "api.allowed_sources can change exposures; set api.token_file", host)
         self.gateway = build.gateway(self.store, variables, self.metrics, own_ips(self.settings),
@@ -131,9 +131,9 @@ class Daemon:
         if self.settings.api.per_exposure_metrics:
             self.metrics.start_connection_counter(self.gateway.exposures)
         self.listener = Listener(self.app, host, self.settings.api.port,
-                                 self.settings.api.threads)
-        log.info("serving the API on http://%s:%d (%s mode, %s)",
-                 hosts.in_url(host), self.settings.api.port,
+                                 self.settings.api.threads, floating=self.config.ha.enabled,
+                                 node_host=self.settings.api_node_host)
+        log.info("serving the API on %s (%s mode, %s)", self.listener.where,
                  "standalone" if self.settings.standalone else
                  "Oakestra MQTT" if self.settings.mqtt_mode else "Oakestra",
                  "token required" if self.token else "no token")
@@ -366,7 +366,7 @@ class Daemon:
 
     def healthy(self, timeout: float) -> bool:
         """For the watchdog: the API answers /api/health over its own socket."""
-        return api_answers(self.settings.api_host, self.settings.api.port, timeout)
+        return api_answers(self.settings.api_local_host, self.settings.api.port, timeout)
 
 
 def serve(config_path: str) -> int:

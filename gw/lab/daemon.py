@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core import hosts
 from .http import NetnsHttp
 from .netns import LabError, Netns
 
@@ -79,7 +80,12 @@ class GatewayDaemon:
 
     @property
     def api_host(self) -> str:
-        return self.config.get("api", {}).get("host") or self.default_api_host
+        host = self.config.get("api", {}).get("host") or self.default_api_host
+        if self.config.get("ha", {}).get("enabled"):
+            # In a pair the API's address floats: this node's daemon answers on loopback
+            # (Settings.api_node_host), as it does for the CLI on the node.
+            return hosts.node_local_extra(host) or host
+        return host
 
     @property
     def api_port(self) -> int:

@@ -84,6 +84,7 @@ class Follower:
         head = table_prefix(self.store.prefix)
         for revision, events in self.store.client.watch(head, self.store.revision + 1,
                                                         idle_timeout=self.idle_timeout):
+            self.store.reachable()
             if CAUSE in self.gateway.health:
                 self.gateway.health.clear(CAUSE)
                 log.info("following the shared table again from revision %d",

@@ -353,9 +353,12 @@ class Gateway:
 
     def resync(self, read: Callable[[], object]) -> Diff:
         """`read` has a shared store read its whole table again (after a lost watch); then the
-        kernel follows it, in one transaction if it differs (`reconcile`)."""
+        kernel follows it, in one transaction if it differs (`reconcile`). The read is not
+        under the lock: without quorum it waits for every endpoint in turn, and changes
+        (answered 503 meanwhile) must not wait behind it. The store keeps what a commit
+        learnt during the read (EtcdStore.read_all)."""
+        read()
         with self._lock:
-            read()
             return self.reconcile()
 
     # -- kernel sync ------------------------------------------------------------------------

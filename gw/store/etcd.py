@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
@@ -50,6 +51,10 @@ class EtcdStore:
         self._sorted: list[Exposure] | None = None
         self.revision = 0           # everything up to here has been learnt
         self.unreachable: str | None = None  # why the last read or write of etcd failed
+        # When a commit last found etcd unreachable: for a while after, commits are refused at
+        # once (see _commit_table).
+        self._lost_at: float | None = None
+        self.retry_after = client.timeout
         self._copy_ok = True
         self._closed = False
 
@@ -73,8 +78,10 @@ class EtcdStore:
         return self
 
     def read_all(self) -> list[Learnt]:
-        """Reads the whole table at one revision and holds it instead of what was held:
-        returns what changed. StoreUnavailable when etcd does not answer."""
+        """Reads the whole table at one revision and holds it instead of what was held, but
+        for what was learnt at a later revision meanwhile (a commit racing the read): returns
+        what changed. StoreUnavailable when etcd does not answer. Safe beside commits, so the
+        caller need not hold commits back while etcd is slow to answer."""
         head = table_prefix(self.prefix)
         try:
             revision, kvs = self.client.range(head, ec.prefix_end(head))
@@ -89,11 +96,13 @@ class EtcdStore:
             fresh[found[0]] = (found[1], kv.mod_revision)
         with self._lock:
             old = {k: e for k, (e, _) in self._held.items() if e is not None}
-            self._held, self._sorted, self.revision = fresh, None, revision
-        new = {k: e for k, (e, _) in fresh.items()}
+            later = {k: held for k, held in self._held.items() if held[1] > revision}
+            merged = {**fresh, **later}
+            self._held, self._sorted, self.revision = merged, None, revision
+        new = {k: e for k, (e, _) in merged.items() if e is not None}
         learnt = [(old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
                   if old.get(k) != new.get(k)]
-        self.unreachable = None
+        self.reachable()
         self._copy_all(revision)
         return learnt
 
@@ -140,6 +149,15 @@ class EtcdStore:
             self.local.commit(meta=meta)
 
     def _commit_table(self, put: list[Exposure], delete: list[Key]) -> None:
+        lost = self.unreachable
+        if lost and self._lost_at is not None \
+                and time.monotonic() - self._lost_at < self.retry_after:
+            # Without quorum a commit waits store.timeout for every endpoint before it fails,
+            # and commits go one after the other: those queued behind it would each wait as
+            # long, and hold an API worker all that while. So right after such a failure the
+            # next ones fail at once; one tries again `retry_after` later.
+            raise StoreUnavailable(f"etcd did not answer the last commit ({lost}); this one "
+                                   "was not tried, nothing was changed; retry")
         with self._lock:
             revisions = {k: rev for k, (e, rev) in self._held.items() if e is not None}
         compare, success, failure = commit_txn(self.prefix, put, delete, revisions)
@@ -147,9 +165,11 @@ class EtcdStore:
             result = self.client.txn(compare, success, failure)
         except ec.EtcdError as e:
             self.unreachable = e.message
+            if _lost_quorum(e):
+                self._lost_at = time.monotonic()
             raise StoreUnavailable(f"etcd did not take the change: {e.message}; nothing was "
                                    "changed") from None
-        self.unreachable = None
+        self.reachable()
         if not result.succeeded:
             touched = list(dict.fromkeys([*map(tuple, delete), *(e.key for e in put)]))
             now = {}
@@ -164,6 +184,11 @@ class EtcdStore:
         news = [(tuple(k), None, result.revision) for k in delete if tuple(k) not in written]
         news += [(e.key, e, result.revision) for e in put]
         self.take(news)
+
+    def reachable(self) -> None:
+        """etcd answered someone of ours (the follower's watch, which asks for a leader):
+        commits are tried again at once."""
+        self.unreachable, self._lost_at = None, None
 
     # --- news (the watch, commits, reads of refused commits)
 
@@ -239,3 +264,12 @@ class EtcdStore:
     def close(self) -> None:
         self._closed = True
         self.local.close()
+
+
+# gRPC's UNAVAILABLE and DEADLINE_EXCEEDED: etcd's words for "no leader", "request timed out".
+_NO_QUORUM_CODES = {14, 4}
+
+
+def _lost_quorum(e: ec.EtcdError) -> bool:
+    """etcd cannot commit anything now (as opposed to refusing this one change)."""
+    return isinstance(e, ec.EtcdUnreachable) or e.code in _NO_QUORUM_CODES

@@ -10,7 +10,9 @@ an endpoint that cannot be reached at all as `EtcdUnreachable`.
 
 The watch asks for ``hasleader`` (gRPC metadata, sent as a ``Grpc-Metadata-`` header through
 the gateway): a member cut off from the leader ends such a watch instead of keeping it open
-and silent, so a gateway behind a partition learns that it is behind.
+and silent, so a gateway behind a partition learns that it is behind. That covers a watch on
+the gateway's own member; one on a member across a link that died sees nothing at all, so the
+connections carry TCP keepalives that end them within seconds of the link's death.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
 
 
 class EtcdError(Exception):
@@ -182,6 +187,21 @@ def system_cas() -> str | bool:
 
 # -- the client (I/O) ----------------------------------------------------------------------
 
+# A probe after 1 s of silence, then every second; three unanswered end the connection. And
+# data not acknowledged for 4 s ends it too (a request sent into a dead link).
+KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+             (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+             (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", 18), 4000)]
+
+
+class _KeepAliveAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kw):
+        kw["socket_options"] = [*HTTPConnection.default_socket_options, *KEEPALIVE]
+        super().init_poolmanager(*args, **kw)
+
+
 class EtcdClient:
     """Thread-safe: each thread has its own HTTP session (connection reuse without sharing)."""
 
@@ -204,6 +224,9 @@ class EtcdClient:
             # (REQUESTS_CA_BUNDLE overrides a session's own CA otherwise) do not apply.
             session.trust_env = False
             session.verify, session.cert = self._verify, self._cert
+            adapter = _KeepAliveAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         return session
 
     def _order(self) -> list[str]:

@@ -3,11 +3,15 @@ namespace, 198.19.200.0/24), and an etcd member in each."""
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from typing import Iterator
 
+from gw.core.ruleset import parse_listing
 from gw.lab.etcd import EtcdCluster
+from gw.lab.http import in_netns
 from gw.lab.netns import Netns, run
+from gw.store import etcd_client as ec
 
 SEGMENT = "198.19.200"
 
@@ -41,3 +45,17 @@ def cluster_in(namespaces: list[Netns]) -> Iterator[EtcdCluster]:
                           enumerate(zip(namespaces, addresses), 1)]) as cluster:
             cluster.hub = hub
             yield cluster
+
+
+def kernel_v4(ns: Netns) -> dict:
+    """The IPv4 exposures in a gateway's kernel: {(family, protocol, port): target}."""
+    out = ns.run("nft", "-j", "list", "map", "inet", "oakestra_gw", "expose_v4").stdout
+    return dict(parse_listing(json.loads(out)).elements)
+
+
+def etcd_exposures(cluster: EtcdCluster, prefix: str, member: str = "m3") -> dict:
+    """The exposures etcd holds under `prefix`, read from one member: {port: exposure}."""
+    c = ec.EtcdClient([cluster.members[member].client_url])
+    head = f"{prefix}/exposures/".encode()
+    _, kvs = in_netns(cluster.members[member].ns.name, c.range, head, ec.prefix_end(head))
+    return {kv.key.decode().rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}

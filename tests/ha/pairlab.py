@@ -19,8 +19,9 @@ a worker on the internal one.
 - A dead node is a gateway whose links are cut at the far end (its bridge ports in the client's
   and the worker's namespaces, its etcd port, the sync link): it sees lost carrier, as a node
   that lost power would be seen by the others.
-- Each gateway's API listens on its own etcd-segment address (a node address of its own: the
-  floating ones are not local on the backup).
+- Each gateway's API listens where the cluster calls it, the floating internal IPv4 (bound
+  with IP_FREEBIND, so the backup's daemon listens as well and answers once it is master), and
+  on loopback, where the lab and the node's own clients ask that node's daemon.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ class PairLab(Built):
             node = Node(name, i, ns, self.root / name)
             mine = self.cluster.members[f"m{i}"]
             others = [u for u in self.cluster.endpoints if u != mine.client_url]
-            node.configure([mine.client_url, *others], mine.address, **self.ha_changes)
+            node.configure([mine.client_url, *others], INTERNAL_V4, **self.ha_changes)
             self.nodes.append(node)
             self._stack.callback(node.stop)
         self.services = self.worker.popen(sys.executable, "-m", "gw.lab", "serve", "worker",

@@ -62,3 +62,34 @@ def test_a_refused_kernel_change_is_undone_in_etcd(cluster):  # noqa: F811
         keys, held = in_netns(member.ns.name, scenario)
     assert keys == {b"/refuse/exposures/ipv4/tcp/8080"}
     assert held == [("ipv4", "tcp", 8080)]
+
+
+class RacingClient(ec.EtcdClient):
+    """Runs `race` once, after a range has been answered and before its caller uses it: a
+    commit that lands between a re-read's answer and its use."""
+    race = None
+
+    def range(self, *args, **kw):
+        answer = super().range(*args, **kw)
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return answer
+
+
+def test_a_reread_keeps_what_a_commit_learnt_while_it_was_answered(cluster):  # noqa: F811
+    """The follower reads the table again without holding changes back (Gateway.resync): a
+    commit between the read's answer and its use must not be forgotten."""
+    member = cluster.members["m1"]
+    client = RacingClient([member.client_url])
+    with tempfile.TemporaryDirectory() as tmp:
+        def scenario():
+            store = EtcdStore(client, "/race", LocalStore(f"{tmp}/exposures.json")).open()
+            store.commit(put=[exposure(9000)])
+            client.race = lambda: store.commit(put=[exposure(9001)], delete=[("ipv4", "tcp", 9000)])
+            store.read_all()  # answered with 9000 only; 9001 is committed before it is used
+            held = [e.key for e in store.exposures()]
+            store.close()
+            return held
+        held = in_netns(member.ns.name, scenario)
+    assert held == [("ipv4", "tcp", 9001)]

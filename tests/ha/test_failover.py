@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import wait_for
 
-from .pairlab import PUBLIC_V4, SERVICE_V4, PairLab
+from .pairlab import PUBLIC_V4, PUBLIC_V6, SERVICE_V4, SERVICE_V6, PairLab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -34,15 +34,21 @@ def pair(tmp_path_factory):
     with PairLab(tmp_path_factory.mktemp("pair")) as lab:
         lab.start()
         http = lab.a.daemon.http()
-        for port, protocol, target in ((ECHO, "tcp", 7), (UDP, "udp", 53), (HTTP, "tcp", 80)):
+        for port, protocol, target, service in ((ECHO, "tcp", 7, SERVICE_V4),
+                                                 (UDP, "udp", 53, SERVICE_V4),
+                                                 (HTTP, "tcp", 80, SERVICE_V4),
+                                                 (HTTP, "tcp", 80, SERVICE_V6)):
             r = http.add({"exposed_port": port, "protocol": protocol,
-                          "service_ip": SERVICE_V4, "service_port": target})
+                          "service_ip": service, "service_port": target})
             assert r.status == 201, r
         # B follows the table: its kernel holds the exposures before anything fails.
         wait_for(lambda: all(f"{p}" in lab.b.ns.run("nft", "list", "map", "inet", "oakestra_gw",
                                                      "expose_v4").stdout
                              for p in (ECHO, UDP, HTTP)),
                  timeout=30, what="B's kernel holds the exposures", log=lab.logs)
+        wait_for(lambda: f"{HTTP}" in lab.b.ns.run("nft", "list", "map", "inet", "oakestra_gw",
+                                                   "expose_v6").stdout,
+                 timeout=30, what="B's kernel holds the IPv6 exposure", log=lab.logs)
         yield lab
 
 
@@ -144,11 +150,11 @@ class UdpExchange:
         self.sock.close()
 
 
-def new_connection_works(lab: PairLab) -> bool:
-    sock = lab.client.socket(socket.AF_INET, socket.SOCK_STREAM)
+def new_connection_works(lab: PairLab, family: int = socket.AF_INET) -> bool:
+    sock = lab.client.socket(family, socket.SOCK_STREAM)
     sock.settimeout(0.25)
     try:
-        sock.connect((PUBLIC_V4, HTTP))
+        sock.connect((PUBLIC_V4 if family == socket.AF_INET else PUBLIC_V6, HTTP))
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
         return sock.recv(64).startswith(b"HTTP/1.0 200")
     except OSError:
@@ -157,9 +163,10 @@ def new_connection_works(lab: PairLab) -> bool:
         sock.close()
 
 
-def until_new_connections_work(lab: PairLab, since: float) -> float:
-    wait_for(lambda: new_connection_works(lab), timeout=60, interval=0.01,
-             what="a new connection through the public address", log=lab.logs)
+def until_new_connections_work(lab: PairLab, since: float,
+                               family: int = socket.AF_INET) -> float:
+    wait_for(lambda: new_connection_works(lab, family), timeout=60, interval=0.01,
+             what=f"a new connection through the public address ({family.name})", log=lab.logs)
     return time.monotonic() - since
 
 
@@ -170,9 +177,10 @@ def summary(values: list[float]) -> str:
 
 def test_failover_and_failback_under_traffic(pair, record_property):
     lab = pair
-    assert new_connection_works(lab)
+    assert new_connection_works(lab) and new_connection_works(lab, socket.AF_INET6)
     stream, udp = Stream(lab), UdpExchange(lab)
     failover, failback, gaps = [], [], []
+    failover_v6, failback_v6 = [], []
     try:
         wait_for(lambda: len(stream.answers) > 5 and len(udp.answers) > 5, timeout=10,
                  what="traffic flows through A", log=lab.logs)
@@ -180,6 +188,7 @@ def test_failover_and_failback_under_traffic(pair, record_property):
             t0 = time.monotonic()
             lab.cut(lab.a)
             failover.append(until_new_connections_work(lab, t0))
+            failover_v6.append(until_new_connections_work(lab, t0, socket.AF_INET6))
             wait_for(lambda: lab.b.role() == "master", timeout=30, what="B master",
                      log=lab.logs)
             wait_for(lambda: stream.answered_after(t0) and udp.answered_after(t0),
@@ -193,6 +202,7 @@ def test_failover_and_failback_under_traffic(pair, record_property):
             lab.heal(lab.a)
             lab.wait_roles("master", "backup")
             failback.append(until_new_connections_work(lab, t1))
+            failback_v6.append(until_new_connections_work(lab, t1, socket.AF_INET6))
             t2 = time.monotonic()
             wait_for(lambda: stream.answered_after(t2) and udp.answered_after(t2), timeout=30,
                      what=f"round {round_}: the old flows answer through A again",
@@ -205,10 +215,14 @@ def test_failover_and_failback_under_traffic(pair, record_property):
         udp.close()
     record_property("failover_new_connections_s", failover)
     record_property("failback_new_connections_s", failback)
+    record_property("failover_new_connections_v6_s", failover_v6)
+    record_property("failback_new_connections_v6_s", failback_v6)
     record_property("longest_gap_s", max(gaps))
     print(f"\n{ROUNDS} rounds: new connections through B after the master died: "
           f"{summary(failover)}; A master again and serving after its return (it waits "
-          f"preempt_delay as backup first): {summary(failback)}; longest gap on the old TCP connection "
+          f"preempt_delay as backup first): {summary(failback)}; IPv6 new connections after "
+          f"the failover {summary(failover_v6)}, after the failback {summary(failback_v6)}; "
+          f"longest gap on the old TCP connection "
           f"{max(gaps) * 1000:.0f} ms; {stream.sent} lines sent, {len(stream.answers)} "
           f"answered, {len(udp.answers)} UDP answers")
     assert len(stream.answers) >= stream.sent - 2  # the last lines may still be on their way

@@ -14,15 +14,16 @@ import time
 
 import pytest
 
-from gw.core.ruleset import parse_listing
 from gw.lab.netns import Netns, stop_process
 from gw.lab.probes import http_get
-from gw.lab.topology import Lab, lab_daemon
+from gw.daemon.admission import BUSY_AFTER
+from gw.lab.daemon import GatewayDaemon
+from gw.lab.topology import LAB_TOKEN, Lab, lab_daemon
 from gw.store import etcd_client as ec
 from gw.lab.http import in_netns
 from tests.helpers import wait_for
 
-from .lab import cluster_in
+from .lab import cluster_in, etcd_exposures, kernel_v4
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -54,15 +55,11 @@ def pair():
 
 
 def kernel(daemon) -> dict:
-    out = daemon.ns.run("nft", "-j", "list", "map", "inet", "oakestra_gw", "expose_v4").stdout
-    return dict(parse_listing(json.loads(out)).elements)
+    return kernel_v4(daemon.ns)
 
 
 def in_etcd(cluster) -> dict:
-    c = ec.EtcdClient([cluster.members["m3"].client_url])
-    head = f"{PREFIX}/exposures/".encode()
-    _, kvs = in_netns(cluster.members["m3"].ns.name, c.range, head, ec.prefix_end(head))
-    return {kv.key.decode().rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}
+    return etcd_exposures(cluster, PREFIX)
 
 
 def body(port, ip="10.30.0.1", service_port=80):
@@ -163,6 +160,57 @@ def test_partitioned_gateway_refuses_changes_and_converges(pair):
     assert ("ipv4", "tcp", 40001) not in kernel(a)
 
 
+def test_changes_waiting_for_a_lost_quorum_leave_a_worker_for_health_and_readiness(pair):
+    """Every change sent to a gateway cut off from its quorum waits for etcd (each endpoint in
+    turn, up to store.timeout each) before its 503. Once changes are stuck, those beyond
+    api.threads - 1 are answered 503 "busy" at once, so /api/health (the systemd watchdog's
+    probe) and /api/ready still find a worker and answer while the others wait; nothing is
+    changed."""
+    cluster, (a, b) = pair
+    threads = 8  # api.threads' default, which the lab keeps
+    cluster.cut("m1")
+    answers: dict[int, tuple[float, int, str]] = {}
+
+    def add(port: int) -> None:
+        r = a.http(timeout=60).add(body(port))
+        answers[port] = (time.monotonic(), r.status, r.json.get("error", ""))
+
+    def send(ports) -> list[threading.Thread]:
+        workers = [threading.Thread(target=add, args=(p,), daemon=True) for p in ports]
+        for w in workers:
+            w.start()
+        return workers
+
+    stuck, more = range(40100, 40104), range(40104, 40104 + threads)
+    try:
+        workers = send(stuck)
+        time.sleep(BUSY_AFTER * 1.5)  # the first changes have been waiting a while
+        workers += send(more)
+        wait_for(lambda: any(e == "busy" for _, _, e in list(answers.values())), timeout=30,
+                 what="a busy answer")
+        health = a.http(timeout=60).get("/api/health")
+        ready = a.http(timeout=60).get("/api/ready")
+        probed_at = time.monotonic()
+        for w in workers:
+            w.join(60)
+    finally:
+        cluster.heal("m1")
+    assert health.status == 200 and ready.status in (200, 503), (health, ready)
+    assert len(answers) == len(stuck) + len(more), answers
+    assert all(status == 503 for _, status, _ in answers.values()), answers
+    waited = [t for t, _, error in answers.values() if error != "busy"]
+    assert all(answers[p][2] != "busy" for p in stuck), answers
+    assert probed_at < min(waited), (probed_at, answers)
+    busy = [p for p, (_, _, error) in answers.items() if error == "busy"]
+    assert len(busy) == len(stuck) + len(more) - (threads - 1), answers
+    wait_for(lambda: a.http().get("/api/ready").status == 200, timeout=30, what="A ready")
+    assert not set(map(str, [*stuck, *more])) & set(in_etcd(cluster))
+    # Refused at once for store.timeout after a failure (no change queues behind a dead
+    # etcd), then tried again: A takes changes once more.
+    wait_for(lambda: a.http().add(body(40199)).status == 201, timeout=30,
+             what="A takes changes again")
+
+
 def test_a_batch_is_all_or_nothing(pair):
     cluster, (a, b) = pair
     assert a.http().add(body(50000)).status == 201
@@ -198,6 +246,33 @@ def test_lost_watch_and_compaction_read_again(pair):
     stored = in_etcd(cluster)
     for d in (a, b):
         assert {k[2] for k in kernel(d)} == {int(p) for p in stored}
+
+
+def test_a_third_gateway_joins_with_the_whole_table_and_shares_it(pair, tmp_path):
+    """More than two: a gateway that joins (here in the witness's namespace, beside its etcd
+    member) loads the whole table before it answers, then changes flow both ways."""
+    cluster, (a, b) = pair
+    stored = in_etcd(cluster)
+    assert len(stored) > 1000
+    witness = cluster.members["m3"]
+    c = GatewayDaemon(witness.ns, tmp_path / "c", {
+        "api": {"host": "127.0.0.1", "port": 11022},
+        "store": {"path": str(tmp_path / "c" / "exposures.json"), "backend": "etcd",
+                  "prefix": PREFIX, "endpoints": [witness.client_url] +
+                  [u for u in cluster.endpoints if u != witness.client_url]},
+        "network": {"internal_ipv4": "10.30.255.3", "internal_ipv6": "fdff::ff:3",
+                    "public_interfaces": ["etcd0"]}}, token=LAB_TOKEN)
+    c.start()
+    try:
+        assert {k[2] for k in kernel(c)} == {int(p) for p in stored}
+        assert f"loaded table inet oakestra_gw with {len(stored)} exposure(s)" in c.log()
+        assert c.http().add(body(53000)).status == 201
+        wait_for(lambda: all(("ipv4", "tcp", 53000) in kernel(d) for d in (a, b)),
+                 what="A and B follow C")
+        assert a.http().delete({"exposed_port": 53000, "protocol": "tcp"}).status == 200
+        wait_for(lambda: ("ipv4", "tcp", 53000) not in kernel(c), what="C follows A")
+    finally:
+        c.stop()
 
 
 def test_cold_start_while_etcd_is_down_forwards_from_the_local_copy(pair):

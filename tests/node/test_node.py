@@ -516,7 +516,8 @@ def test_decommission(lab, provisioned):
 # of its own, not a peer, to run.
 FLOATING_V4, FLOATING_V6 = "198.18.0.10", "2001:db8::10"
 PAIR_PREFIX = "/oakgw-node-pair"
-# On a pair the API listens on an address of the node's own: the internal one floats.
+# The API on the node's own address (api.host may name one; the default, the floating
+# internal address, is bound with IP_FREEBIND).
 PAIR_API = f"http://{NODE_V4}:11022"
 PAIR_VARS = {
     "oakestra_gateway_ha": True,
