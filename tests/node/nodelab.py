@@ -48,7 +48,7 @@ MIRROR = os.environ.get("OAKGW_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 BASE_PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-apt", "procps",
                  "iproute2", "iputils-ping"]
 # Bump when the customisation below changes: a new digest builds a new root file system.
-RECIPE = 2
+RECIPE = 3
 # Timers that would start apt or disk jobs in the middle of a test.
 MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
                 "e2scrub_all.timer", "fstrim.timer", "e2scrub_reap.service"]
@@ -76,9 +76,20 @@ def rootfs_packages() -> list[str]:
     return sorted(set(BASE_PACKAGES) | set(role_packages()))
 
 
+def cached_packages() -> list[str]:
+    """What the role installs on a gateway of a pair (keepalived, conntrackd, etcd-server):
+    downloaded into the root file system's apt cache but not installed, so that the role's own
+    apt step installs them in the booted node (their postinst scripts run there, as on a real
+    node) without a mirror, which the isolated test run cannot reach."""
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    wanted = defaults["oakestra_gateway_ha_packages"] + defaults["oakestra_gateway_etcd_packages"]
+    return sorted(set(wanted) - set(rootfs_packages()))
+
+
 def rootfs_key() -> str:
     recipe = json.dumps({"suite": SUITE, "mirror": MIRROR, "packages": rootfs_packages(),
-                         "masked": MASKED_UNITS, "recipe": RECIPE}, sort_keys=True)
+                         "cached": cached_packages(), "masked": MASKED_UNITS,
+                         "recipe": RECIPE}, sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -214,6 +225,10 @@ def _customise(root: Path) -> None:
             link.unlink()
         link.symlink_to("/dev/null")
     subprocess.run(["chroot", str(root), "apt-get", "clean"], check=True)
+    # After the clean: these .debs (and what they depend on) stay in /var/cache/apt/archives.
+    subprocess.run(["chroot", str(root), "apt-get", "install", "--download-only", "-y", "-qq",
+                    "--no-install-recommends", *cached_packages()], check=True,
+                   stdout=subprocess.DEVNULL, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
 
 
 def _run(*cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:

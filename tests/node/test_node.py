@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from gw.lab.netns import veth
 from tests.helpers import wait_for
 
 from . import nodelab
@@ -134,7 +135,8 @@ def recap(res: subprocess.CompletedProcess) -> dict:
     return out
 
 
-def api(lab, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+def api(lab, method: str, path: str, body: dict | None = None,
+        base: str = API) -> tuple[int, dict]:
     """Call the management API from inside the node."""
     script = (
         "import json, sys, urllib.request, urllib.error\n"
@@ -146,7 +148,7 @@ def api(lab, method: str, path: str, body: dict | None = None) -> tuple[int, dic
         "except urllib.error.HTTPError as e:\n"
         "    code, data = e.code, e.read()\n"
         "print(json.dumps({'status': code, 'body': data.decode()}))\n")
-    res = lab.node("python3", "-c", script, method, API + path,
+    res = lab.node("python3", "-c", script, method, base + path,
                    json.dumps(body) if body is not None else "", check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     out = json.loads(res.stdout)
@@ -165,10 +167,11 @@ def http_get(lab, url: str, timeout: float = 5) -> subprocess.CompletedProcess:
                       timeout=timeout + 10)
 
 
-def expose(lab, exposed_port: int, service_ip: str, service_port: int) -> None:
+def expose(lab, exposed_port: int, service_ip: str, service_port: int,
+           base: str = API) -> None:
     status, body = api(lab, "POST", "/api/service/exposure/add",
                        {"exposed_port": exposed_port, "service_ip": service_ip,
-                        "service_port": service_port})
+                        "service_port": service_port}, base)
     assert status in (200, 201), (status, body)
 
 
@@ -501,3 +504,129 @@ def test_decommission(lab, provisioned):
     assert lab.node("test", "-d", "/var/lib/oakestra-gw").returncode == 0
     again = playbook(lab, oakestra_gateway_state="absent")
     assert again.returncode == 0 and recap(again)["changed"] == 0, again.stdout[-3000:]
+
+
+# --- the same node, re-provisioned as one gateway of a pair (oakestra_gateway_ha) ----------------
+# Last, after decommissioning: the role installs the gateway again, now with keepalived,
+# conntrackd and an etcd member. The peer does not exist: keepalived alone becomes master once
+# no advert has come for its master-down interval. etcd is a one-member cluster on the node (a
+# witness would be the same etcd_member.yml on another host; what this test checks is the
+# member, its configuration and the daemon on etcd, which one member shows). The sync link is a
+# veth whose far end (in the client namespace) has no conntrackd: conntrackd needs a link
+# of its own, not a peer, to run.
+FLOATING_V4, FLOATING_V6 = "198.18.0.10", "2001:db8::10"
+PAIR_PREFIX = "/oakgw-node-pair"
+# The API on the node's own address (api.host may name one; the default, the floating
+# internal address, is bound with IP_FREEBIND).
+PAIR_API = f"http://{NODE_V4}:11022"
+PAIR_VARS = {
+    "oakestra_gateway_ha": True,
+    "oakestra_gateway_api_host": NODE_V4,
+    "oakestra_gateway_ha_public_addresses": [f"{FLOATING_V4}/24", f"{FLOATING_V6}/64"],
+    "oakestra_gateway_ha_sync_interface": "sync0",
+    "oakestra_gateway_ha_sync_address": "198.19.77.1",
+    "oakestra_gateway_ha_sync_peer": "198.19.77.2",
+    "oakestra_gateway_ha_priority": 150,
+    "oakestra_gateway_ha_preempt_delay": 1,
+    "oakestra_gateway_store_prefix": PAIR_PREFIX,
+    "oakestra_gateway_etcd_members": [{"name": nodelab.NODE_HOSTNAME, "address": NODE_V4}],
+}
+
+
+@pytest.fixture(scope="module")
+def paired(lab):
+    # After the module's other tests in file order; alone (-k pair) on a new node, which the
+    # role provisions the same way.
+    lab.conntrack_max = conntrack_max(lab)
+    veth(lab.node_ns, "sync0", lab.client_ns, "nosync0")
+    lab.node_ns.ip("addr add 198.19.77.1/30 dev sync0", "link set sync0 up")
+    t0 = time.monotonic()
+    first = playbook(lab, **PAIR_VARS)
+    print(f"\npair: first playbook run: {first.elapsed:.1f}s: {recap(first)['line']}")
+    if first.returncode != 0:
+        pytest.fail("the pair playbook failed:\n" + first.stdout[-6000:] + first.stderr[-3000:]
+                    + "\n--- journal ---\n" + lab.journal("keepalived") + lab.journal("etcd")
+                    + lab.journal())
+    # A second run (not also a check run: each run costs half a minute of CI).
+    lab.pair_second = playbook(lab, **PAIR_VARS)
+    print(f"pair: second run {lab.pair_second.elapsed:.1f}s, both runs with the sync link "
+          f"{time.monotonic() - t0:.1f}s")
+    return first
+
+
+def test_pair_second_run_changes_nothing(lab, paired):
+    res = lab.pair_second
+    r = recap(res)
+    changed = re.findall(r"^changed: \[.*$|^TASK \[.*$", res.stdout, re.M)
+    assert res.returncode == 0 and r["changed"] == 0 and r["failed"] == 0, \
+        "\n".join(changed) + res.stdout[-3000:]
+
+
+def test_pair_services_run_in_order(lab, paired):
+    units = ["etcd", "oakestra-gw", "conntrackd", "keepalived"]
+    for unit in units:
+        assert lab.node("systemctl", "is-active", unit, check=False).stdout.strip() == "active", \
+            lab.journal(unit)
+        assert lab.node("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
+    started = [int(lab.node("systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
+                            unit).stdout) for unit in units]
+    assert started == sorted(started), dict(zip(units, started))
+    # Debian's postinst never started etcd with its defaults (it would have made a one-node
+    # cluster of its own under /var/lib/etcd/default).
+    assert lab.node("test", "-e", "/var/lib/etcd/default", check=False).returncode == 1
+
+
+def test_pair_configs_are_the_daemons_rendering(lab, paired):
+    for tool, path, extra in (("keepalived", "/etc/keepalived/keepalived.conf", []),
+                              ("conntrackd", "/etc/conntrackd/conntrackd.conf", ["--systemd"])):
+        rendered = lab.node("oakestra-gw", "ha", "render", tool, *extra).stdout
+        assert lab.node("cat", path).stdout == rendered, tool
+    assert f"{FLOATING_V4}/24 dev eth0" in lab.node("cat", "/etc/keepalived/keepalived.conf").stdout
+    res = lab.node("keepalived", "--config-test", "-f", "/etc/keepalived/keepalived.conf",
+                   check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # conntrackd runs with it: its client reaches the daemon through the rendered socket, also
+    # under the name `oakestra-gw ha notify` uses (ha.state_dir).
+    for conf in ("/etc/conntrackd/conntrackd.conf", "/run/oakestra-gw/ha/conntrackd.conf"):
+        res = lab.node("conntrackd", "-C", conf, "-s", "runtime", check=False)
+        assert res.returncode == 0 and "daemon uptime" in res.stdout, res.stdout + res.stderr
+
+
+def test_pair_node_becomes_master_and_holds_the_floating_address(lab, paired):
+    def ready_role():
+        status_code, body = api(lab, "GET", "/api/ready", base=PAIR_API)
+        return body.get("ha", {}).get("role")
+    wait_for(lambda: ready_role() == "master", 30, "role master in /api/ready",
+             log=lambda: lab.journal("keepalived"))
+    addrs = lab.node("ip", "-o", "addr", "show", "eth0").stdout
+    assert f"{FLOATING_V4}/24" in addrs and f"{FLOATING_V6}/64" in addrs, addrs
+    assert f"{INTERNAL_V4}/32" in lab.node("ip", "-o", "addr", "show", "oakgw0").stdout
+    assert status(lab)["ha"]["role"] == "master", status(lab)
+
+
+def etcd_keys(lab, prefix: str) -> dict[str, dict]:
+    """The keys under `prefix` in the node's etcd member, read over its v3 JSON API."""
+    script = (
+        "import base64, json, sys, urllib.request\n"
+        "p = sys.argv[1].encode()\n"
+        "end = p[:-1] + bytes([p[-1] + 1])\n"
+        "body = json.dumps({'key': base64.b64encode(p).decode(),\n"
+        "                   'range_end': base64.b64encode(end).decode()}).encode()\n"
+        "r = urllib.request.urlopen(urllib.request.Request(\n"
+        "    'http://127.0.0.1:2379/v3/kv/range', data=body), timeout=10)\n"
+        "kvs = json.load(r).get('kvs', [])\n"
+        "print(json.dumps({base64.b64decode(kv['key']).decode():\n"
+        "                  json.loads(base64.b64decode(kv['value'])) for kv in kvs}))\n")
+    return json.loads(lab.node("python3", "-c", script, prefix).stdout)
+
+
+def test_pair_store_is_etcd_and_the_floating_address_carries_traffic(lab, paired):
+    wait_for(lambda: api(lab, "GET", "/api/ready", base=PAIR_API)[0] == 200, 30,
+             "/api/ready to answer 200")
+    expose(lab, 8090, SERVICE_V4, HTTP_PORT, base=PAIR_API)
+    keys = etcd_keys(lab, PAIR_PREFIX + "/")
+    mine = [v for k, v in keys.items() if k.endswith("/tcp/8090")]
+    assert len(mine) == 1 and mine[0]["service_ip"] == SERVICE_V4, keys
+    res = wait_for(lambda: (r := http_get(lab, f"http://{FLOATING_V4}:8090/hello.txt"))
+                   .returncode == 0 and r, 15, "traffic through the floating address")
+    assert res.stdout == "hello from the worker\n"
