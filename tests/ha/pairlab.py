@@ -69,6 +69,8 @@ class Node:
                       "prefix": PREFIX, "endpoints": etcd_endpoints},
             "network": {"internal_ipv4": INTERNAL_V4, "internal_ipv6": INTERNAL_V6,
                         "public_interfaces": ["pub0"]},
+            # The services reach the Internet through the pair too (egress).
+            "egress": {"enabled": True},
             "ha": {"enabled": True, "router_id": f"gw-{self.name}",
                    "priority": 150 if self.index == 1 else 100,
                    "advert_interval": 0.1, "preempt_delay": 1,
@@ -169,7 +171,10 @@ class PairLab(Built):
                        f"addr add {CLIENT_V6}/64 dev brpub nodad")
         self.worker.ip("link add brint type bridge", "link set brint up",
                        f"addr add {SERVICE_V4}/16 dev brint",
-                       f"addr add {SERVICE_V6}/16 dev brint nodad")
+                       f"addr add {SERVICE_V6}/16 dev brint nodad",
+                       # Egress: out through whichever gateway holds the internal address.
+                       f"route add default via {INTERNAL_V4}",
+                       f"route add default via {INTERNAL_V6}")
         for i, ns in enumerate(gws, 1):
             ns.sysctl("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
                       "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
