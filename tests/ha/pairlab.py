@@ -81,12 +81,14 @@ class Node:
                    "sync_peer": f"198.19.77.{peer}", "state_dir": str(hastate), **ha_changes},
         }
         self.daemon = GatewayDaemon(self.ns, self.state, config, token=LAB_TOKEN, cwd=ROOT)
-        self.settings = load_config(self.daemon.config_path).ha
+        self.all_settings = load_config(self.daemon.config_path)
+        self.settings = self.all_settings.ha
 
     # -- the processes ---------------------------------------------------------------------
 
     def start_conntrackd(self) -> None:
-        Path(self.settings.conntrackd_conf).write_text(ha.render_conntrackd(self.settings))
+        Path(self.settings.conntrackd_conf).write_text(ha.render_conntrackd(
+            self.settings, local=self.all_settings.etcd_addresses))
         self.conntrackd = self.ns.popen(*ha.conntrackd_command(self.settings),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.ns.run(*ha.conntrackd_command(self.settings, "-s"),

@@ -325,6 +325,19 @@ def test_egress_leaves_with_the_floating_address_and_survives_a_failover(pair):
         stop_process(echo)
 
 
+def test_conntrackd_leaves_the_gateways_own_etcd_connections_alone(pair):
+    """conntrackd syncs the flows that must survive a failover, not a gateway's own traffic to
+    the etcd members: a connection of A's to its member or the witness's is A's alone, and in
+    B's kernel its copy would only churn with every message of the watch."""
+    lab = pair
+    own = {name: m.address for name, m in lab.cluster.members.items()}
+    time.sleep(1)  # a second of the watches' and the members' traffic, synced or not
+    copied = lab.b.ns.run("conntrack", "-L", "-s", own["m1"], check=False).stdout.splitlines()
+    # B's own flows with A's address as the source are those of A's member to B's.
+    foreign = [line for line in copied if f"dst={own['m2']} " not in line.split("src=", 2)[1]]
+    assert foreign == []
+
+
 class AddressWatch:
     """Samples, every 20 ms, which gateways hold the public floating address."""
 
