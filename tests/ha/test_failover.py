@@ -157,12 +157,6 @@ class UdpExchange:
     def answered_after(self, t: float) -> bool:
         return any(a > t for a in self.answers[-50:])
 
-    def answers_lines_sent_from_now(self, lines: int = 5) -> Callable[[], bool]:
-        """Whether the lines sent from now on (the next `lines`) have been answered: not only
-        answers that were on their way before (a stalled connection has those too)."""
-        due = self.sent + lines
-        return lambda: len(self.answers) >= due
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
