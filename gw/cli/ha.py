@@ -70,7 +70,7 @@ def render(tool, config_path, notify_command_, systemd):
     if tool == "keepalived":
         text = ha.render_keepalived(settings.ha, notify_command_ or notify_command(config_path))
     else:
-        text = ha.render_conntrackd(settings.ha, systemd=systemd)
+        text = ha.render_conntrackd(settings.ha, systemd=systemd, local=settings.etcd_addresses)
     click.echo(text, nl=False)
 
 

@@ -12,6 +12,7 @@ in one sync group.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 
 from . import config_fields as f
@@ -244,12 +245,15 @@ def _family(ip: IPAddress) -> str:
     return f"IPv{ip.version}"
 
 
-def render_conntrackd(ha: HaSettings, systemd: bool = False) -> str:
+def render_conntrackd(ha: HaSettings, systemd: bool = False,
+                      local: Iterable[IPAddress] = ()) -> str:
     """conntrackd.conf: FTFW over the sync link (unicast UDP to the peer). `systemd`: under a
-    Type=notify unit, logging to the journal."""
+    Type=notify unit, logging to the journal. `local`: addresses of the nodes' own traffic
+    (the etcd members'), whose flows stay where they are; never a floating one."""
     log = (["    LogFile off", "    Syslog on"] if systemd
            else [f"    LogFile {ha.state_dir}/conntrackd.log", "    Syslog off"])
-    ignore = ["127.0.0.1", "::1", str(ha.sync_address), str(ha.sync_peer)]
+    ignore = list(dict.fromkeys(["127.0.0.1", "::1", str(ha.sync_address), str(ha.sync_peer),
+                                 *(str(a) for a in local if a not in ha.floating)]))
     lines = [
         "# Rendered by oakestra-gw ha render conntrackd: the flows (NAT bindings included) of",
         "# the pair, synced over the dedicated link in FTFW mode.",

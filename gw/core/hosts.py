@@ -35,3 +35,16 @@ def node_local_extra(host: str) -> str | None:
     if is_loopback(host) or host in _WILDCARD_TO_LOOPBACK:
         return None
     return "127.0.0.1"
+
+
+def url_addresses(urls) -> list:
+    """The hosts of `urls` that are IP addresses (names are left out: they resolve later)."""
+    from urllib.parse import urlsplit
+
+    found = []
+    for url in urls:
+        try:
+            found.append(ipaddress.ip_address(urlsplit(url).hostname or ""))
+        except ValueError:
+            continue
+    return list(dict.fromkeys(found))

@@ -63,18 +63,41 @@ def egress_status(settings: Settings, default_interfaces: Iterable[str] = ()) ->
     return {"enabled": on, "interfaces": public if on else []}
 
 
+def egress_pins(settings: Settings, default_interfaces: Iterable[str] = ()) -> dict:
+    """The address egress leaves with, by family, when it is not the interface's own: on a
+    pair (ha.enabled), the first floating public address of each family, on
+    ha.public_interface. Masquerading there would pick the node's own address; a flow bound
+    to it could not move to the other node (its answers come back to the dead one)."""
+    ha = settings.ha
+    if not ha.enabled or ha.public_interface not in public_interfaces(settings,
+                                                                      default_interfaces):
+        return {}
+    pins = {}
+    for interface in ha.public_addresses:
+        pins.setdefault("ipv4" if interface.version == 4 else "ipv6", interface.ip)
+    return pins
+
+
 def egress_vars(settings: Settings, default_interfaces: Iterable[str] = ()) -> dict[str, str]:
     """Egress off, or no public interface to leave by: sources that no packet has, so the NAT
-    and the policy match nothing (the chains keep one shape either way)."""
+    and the policy match nothing (the chains keep one shape either way). The same for the
+    pinned source address (`egress_pins`) of a family that has none."""
     eg = settings.egress
     public = public_interfaces(settings, default_interfaces)
     sources = eg.sources if egress_status(settings, default_interfaces)["enabled"] else ()
+    pins = egress_pins(settings, default_interfaces)
     ports = sorted(set(eg.deny_ports))
     return {
         # lo is never a forwarded packet's way out: a valid set when none is known.
         "public_if": "{ " + ", ".join(f'"{name}"' for name in public or ["lo"]) + " }",
         "egress_src_v4": _set(sources, "ipv4", NOWHERE["ipv4"]),
         "egress_src_v6": _set(sources, "ipv6", NOWHERE["ipv6"]),
+        "egress_pin_if": f'"{settings.ha.public_interface}"' if pins else '"lo"',
+        **{f"egress_pin_src_{v}": _set(sources if family in pins else (), family,
+                                       NOWHERE[family])
+           for family, v in (("ipv4", "v4"), ("ipv6", "v6"))},
+        **{f"egress_pin_{v}": str(pins.get(family, NOWHERE[family].network_address))
+           for family, v in (("ipv4", "v4"), ("ipv6", "v6"))},
         "egress_deny_v4": _set(eg.deny_destinations, "ipv4", NOWHERE["ipv4"]),
         "egress_deny_v6": _set(eg.deny_destinations, "ipv6", NOWHERE["ipv6"]),
         "egress_deny_ports": "{ " + ", ".join([f"{proto} . {port}" for port, proto in ports]

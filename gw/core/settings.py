@@ -176,6 +176,12 @@ class Settings:
         """Where a client on this node asks the daemon."""
         return self.api_node_host or hosts.reachable(self.api_host)
 
+    @property
+    def etcd_addresses(self) -> list:
+        """The etcd members' addresses that store.endpoints names (the gateways' own
+        traffic: conntrackd leaves it alone)."""
+        return hosts.url_addresses(self.store.endpoints) if self.store.backend == "etcd" else []
+
     def require_internal_ips(self) -> None:
         for name in ("internal_ipv4", "internal_ipv6"):
             if getattr(self.network, name) is None:

@@ -35,8 +35,8 @@ class Follower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if store.unreachable:
-            gateway.health.set(CAUSE, f"etcd unreachable at start, serving the local copy "
-                                      f"of the table: {store.unreachable}")
+            gateway.health.set(CAUSE, f"not following the shared table since the start, "
+                                      f"serving the local copy of it: {store.unreachable}")
 
     def start(self, read_first: bool = False) -> Follower:
         self._thread = threading.Thread(target=self._run, args=(read_first,),

@@ -15,6 +15,12 @@ without quorum: StoreUnavailable naming the cause, nothing changed.
 Metadata (the gateway id, its addresses) is this gateway's own: it lives in a LocalStore at
 [store] path, which also keeps the local copy of the last table and its revision, so that the
 gateway can start and forward while etcd is unreachable.
+
+A store at that path that has never followed etcd (no revision in its meta) and holds
+exposures is a single gateway's own table, that gateway now joining a pair: before anything
+else it is added to the shared table (`_import_own`), or, should a port there have another
+target, nothing is imported and the gateway serves its own table, refusing changes, until an
+operator settles the conflict. Only then does the store become a copy of etcd's.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ log = logging.getLogger(__name__)
 #: The local copy's own meta entry: the etcd revision its exposures are as of.
 REVISION_META = "etcd_revision"
 
+#: Exposures per transaction when a gateway's own table is imported: etcd's default
+#: --max-txn-ops, so that any cluster takes it (the import runs once; its speed hardly matters).
+IMPORT_CHUNK = 128
+
+#: Conflicting ports named in the message when an import is refused.
+NAMED_CONFLICTS = 5
+
 
 class EtcdStore:
     def __init__(self, client: ec.EtcdClient, prefix: str, local: LocalStore):
@@ -57,12 +70,16 @@ class EtcdStore:
         self.retry_after = client.timeout
         self._copy_ok = True
         self._closed = False
+        # A single gateway's own table, not yet in etcd (see the module's doc).
+        self._own: list[Exposure] = []
 
     # --- opening
 
     def open(self) -> EtcdStore:
         """The table from etcd; should etcd not answer, from the local copy (`unreachable`
         says why, and the follower reads etcd again as soon as it can)."""
+        if REVISION_META not in self.local.meta():
+            self._own = self.local.exposures()
         try:
             self.read_all()
         except StoreUnavailable as e:
@@ -72,7 +89,7 @@ class EtcdStore:
                 self._held = {x.key: (x, 0) for x in copy}
                 self._sorted = None
                 self.revision = int(self.local.meta().get(REVISION_META, 0))
-            log.warning("etcd does not answer (%s): serving the local copy of the table "
+            log.warning("the shared table was not read (%s): serving the local copy of it "
                         "(%d exposures, revision %d) until it does", e.message, len(copy),
                         self.revision)
         return self
@@ -82,6 +99,23 @@ class EtcdStore:
         for what was learnt at a later revision meanwhile (a commit racing the read): returns
         what changed. StoreUnavailable when etcd does not answer. Safe beside commits, so the
         caller need not hold commits back while etcd is slow to answer."""
+        if self._own:
+            self._import_own()
+        revision, fresh = self._range_table()
+        with self._lock:
+            old = {k: e for k, (e, _) in self._held.items() if e is not None}
+            later = {k: held for k, held in self._held.items() if held[1] > revision}
+            merged = {**fresh, **later}
+            self._held, self._sorted, self.revision = merged, None, revision
+        new = {k: e for k, (e, _) in merged.items() if e is not None}
+        learnt = [(old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+                  if old.get(k) != new.get(k)]
+        self.reachable()
+        self._copy_all(revision)
+        return learnt
+
+    def _range_table(self) -> tuple[int, dict[Key, tuple[Exposure, int]]]:
+        """The whole table at one revision: key -> (exposure, mod revision)."""
         head = table_prefix(self.prefix)
         try:
             revision, kvs = self.client.range(head, ec.prefix_end(head))
@@ -94,17 +128,41 @@ class EtcdStore:
                 log.warning("etcd key %r under our prefix holds no exposure; ignored", kv.key)
                 continue
             fresh[found[0]] = (found[1], kv.mod_revision)
-        with self._lock:
-            old = {k: e for k, (e, _) in self._held.items() if e is not None}
-            later = {k: held for k, held in self._held.items() if held[1] > revision}
-            merged = {**fresh, **later}
-            self._held, self._sorted, self.revision = merged, None, revision
-        new = {k: e for k, (e, _) in merged.items() if e is not None}
-        learnt = [(old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-                  if old.get(k) != new.get(k)]
-        self.reachable()
-        self._copy_all(revision)
-        return learnt
+        return revision, fresh
+
+    def _import_own(self) -> None:
+        """Adds this gateway's own table to the shared one: each exposure etcd does not hold
+        (a transaction that creates only absent keys, so nothing another gateway wrote is
+        overwritten). Refused whole, StoreUnavailable naming the ports, when etcd holds one of
+        them with another target. An import cut short is finished by the next try: what it
+        wrote is there with the same target."""
+        _, there = self._range_table()
+        conflicts = [(e, there[e.key][0]) for e in self._own
+                     if e.key in there and there[e.key][0].target != e.target]
+        if conflicts:
+            named = ", ".join(f"{'/'.join(map(str, e.key))} (here {_target(e)}, in etcd "
+                              f"{_target(other)})" for e, other in conflicts[:NAMED_CONFLICTS])
+            more = len(conflicts) - NAMED_CONFLICTS
+            raise StoreUnavailable(
+                f"this gateway's own table ({len(self._own)} exposures in {self.local.path}) "
+                f"conflicts with the shared table on etcd at {named}"
+                f"{f' and {more} more' if more > 0 else ''}: nothing was imported; delete "
+                f"each such exposure on one side (the import is tried again until it succeeds)")
+        missing = [e for e in self._own if e.key not in there]
+        for start in range(0, len(missing), IMPORT_CHUNK):
+            compare, success, failure = commit_txn(
+                self.prefix, missing[start:start + IMPORT_CHUNK], (), {})
+            try:
+                result = self.client.txn(compare, success, failure)
+            except ec.EtcdError as e:
+                raise StoreUnavailable(f"etcd: {e.message} (importing this gateway's own "
+                                       "table; tried again)") from None
+            if not result.succeeded:
+                raise StoreUnavailable("another gateway wrote some of this gateway's ports "
+                                       "while its own table was imported; tried again")
+        log.info("imported this gateway's own table into the shared table on etcd: %d "
+                 "exposures added, %d already there", len(missing), len(self._own) - len(missing))
+        self._own = []
 
     # --- reading
 
@@ -140,6 +198,9 @@ class EtcdStore:
         put, delete = list(put), list(delete)
         if self._closed:
             raise StoreUnavailable(f"the etcd store {self.prefix} is closed")
+        if self._own and (put or delete):
+            raise StoreUnavailable(f"changes wait until this gateway's own table is in the "
+                                   f"shared table, nothing was changed: {self.unreachable}")
         # The same checks as the local store's, before anything reaches etcd: a value another
         # gateway could not decode would never be loaded into its kernel.
         change_of(put, delete, None)
@@ -268,6 +329,11 @@ class EtcdStore:
 
 # gRPC's UNAVAILABLE and DEADLINE_EXCEEDED: etcd's words for "no leader", "request timed out".
 _NO_QUORUM_CODES = {14, 4}
+
+
+def _target(e: Exposure) -> str:
+    ip = f"[{e.service_ip}]" if e.service_ip.version == 6 else str(e.service_ip)
+    return f"{ip}:{e.service_port}"
 
 
 def _lost_quorum(e: ec.EtcdError) -> bool:

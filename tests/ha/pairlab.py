@@ -69,6 +69,8 @@ class Node:
                       "prefix": PREFIX, "endpoints": etcd_endpoints},
             "network": {"internal_ipv4": INTERNAL_V4, "internal_ipv6": INTERNAL_V6,
                         "public_interfaces": ["pub0"]},
+            # The services reach the Internet through the pair too (egress).
+            "egress": {"enabled": True},
             "ha": {"enabled": True, "router_id": f"gw-{self.name}",
                    "priority": 150 if self.index == 1 else 100,
                    "advert_interval": 0.1, "preempt_delay": 1,
@@ -79,12 +81,14 @@ class Node:
                    "sync_peer": f"198.19.77.{peer}", "state_dir": str(hastate), **ha_changes},
         }
         self.daemon = GatewayDaemon(self.ns, self.state, config, token=LAB_TOKEN, cwd=ROOT)
-        self.settings = load_config(self.daemon.config_path).ha
+        self.all_settings = load_config(self.daemon.config_path)
+        self.settings = self.all_settings.ha
 
     # -- the processes ---------------------------------------------------------------------
 
     def start_conntrackd(self) -> None:
-        Path(self.settings.conntrackd_conf).write_text(ha.render_conntrackd(self.settings))
+        Path(self.settings.conntrackd_conf).write_text(ha.render_conntrackd(
+            self.settings, local=self.all_settings.etcd_addresses))
         self.conntrackd = self.ns.popen(*ha.conntrackd_command(self.settings),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.ns.run(*ha.conntrackd_command(self.settings, "-s"),
@@ -169,7 +173,10 @@ class PairLab(Built):
                        f"addr add {CLIENT_V6}/64 dev brpub nodad")
         self.worker.ip("link add brint type bridge", "link set brint up",
                        f"addr add {SERVICE_V4}/16 dev brint",
-                       f"addr add {SERVICE_V6}/16 dev brint nodad")
+                       f"addr add {SERVICE_V6}/16 dev brint nodad",
+                       # Egress: out through whichever gateway holds the internal address.
+                       f"route add default via {INTERNAL_V4}",
+                       f"route add default via {INTERNAL_V6}")
         for i, ns in enumerate(gws, 1):
             ns.sysctl("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1",
                       "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")

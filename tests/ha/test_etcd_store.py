@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from gw.core import ruleset
-from gw.core.errors import KernelRefused
+from gw.core.errors import KernelRefused, StoreUnavailable
 from gw.core.exposure import DeleteRequest, Exposure
 from gw.kernel.fake import FakeNft
 from gw.kernel.firewall import Firewall
@@ -93,3 +93,76 @@ def test_a_reread_keeps_what_a_commit_learnt_while_it_was_answered(cluster):  # 
             return held
         held = in_netns(member.ns.name, scenario)
     assert held == [("ipv4", "tcp", 9001)]
+
+
+def table_of(client, prefix):
+    head = f"{prefix}/exposures/".encode()
+    _, kvs = client.range(head, ec.prefix_end(head))
+    return {kv.key.decode()[len(head):]: kv.value for kv in kvs}
+
+
+def test_a_single_gateways_table_moves_into_etcd_when_it_joins(cluster):  # noqa: F811
+    """A single gateway turned into one of a pair (backend tinydb -> etcd) keeps its table:
+    its exposures are added to the shared table, beside those already there, and from then on
+    its store is a copy of etcd's (a later start imports nothing again)."""
+    member = cluster.members["m1"]
+    client = ec.EtcdClient([member.client_url])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/exposures.json"
+        with LocalStore(path) as own:
+            own.commit(put=[exposure(8080), exposure(8081, "10.30.0.2")])
+
+        def scenario():
+            EtcdStore(client, "/join", LocalStore(f"{tmp}/other.json")).open().commit(
+                put=[exposure(9000, "10.30.0.3")])
+            store = EtcdStore(client, "/join", LocalStore(path)).open()
+            held = [(e.key, str(e.service_ip)) for e in store.exposures()]
+            unreachable = store.unreachable
+            store.close()
+            in_etcd = table_of(client, "/join")
+            client.txn([], [ec.delete(b"/join/exposures/ipv4/tcp/8080")], [])
+            again = EtcdStore(client, "/join", LocalStore(path)).open()
+            after = [e.key for e in again.exposures()]
+            again.close()
+            return held, unreachable, in_etcd, after, table_of(client, "/join")
+        held, unreachable, in_etcd, after, in_etcd_after = in_netns(member.ns.name, scenario)
+    assert unreachable is None
+    assert held == [(("ipv4", "tcp", 8080), "10.30.0.1"), (("ipv4", "tcp", 8081), "10.30.0.2"),
+                    (("ipv4", "tcp", 9000), "10.30.0.3")]
+    assert sorted(in_etcd) == ["ipv4/tcp/8080", "ipv4/tcp/8081", "ipv4/tcp/9000"]
+    assert after == [("ipv4", "tcp", 8081), ("ipv4", "tcp", 9000)]
+    assert sorted(in_etcd_after) == ["ipv4/tcp/8081", "ipv4/tcp/9000"]
+
+
+def test_a_table_that_conflicts_with_the_shared_one_is_not_imported(cluster):  # noqa: F811
+    """The same port with another target on both sides: nothing is imported, nothing changed
+    in etcd or in the gateway's own store; the gateway forwards with its own table, refuses
+    changes, and says which port conflicts."""
+    member = cluster.members["m1"]
+    client = ec.EtcdClient([member.client_url])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/exposures.json"
+        with LocalStore(path) as own:
+            own.commit(put=[exposure(8080), exposure(8082)])
+
+        def scenario():
+            EtcdStore(client, "/clash", LocalStore(f"{tmp}/other.json")).open().commit(
+                put=[exposure(8080, "10.30.0.9")])
+            before = table_of(client, "/clash")
+            store = EtcdStore(client, "/clash", LocalStore(path)).open()
+            held = [(e.key, str(e.service_ip)) for e in store.exposures()]
+            with pytest.raises(StoreUnavailable) as refused:
+                store.commit(put=[exposure(8083)])
+            unreachable = store.unreachable
+            store.close()
+            return before, table_of(client, "/clash"), held, unreachable, refused.value.message
+        before, after, held, unreachable, refused = in_netns(member.ns.name, scenario)
+        with LocalStore(path, shared=True) as own:
+            still = [(e.key, str(e.service_ip)) for e in own.exposures()]
+            meta = own.meta()
+    assert after == before
+    assert held == still == [(("ipv4", "tcp", 8080), "10.30.0.1"),
+                             (("ipv4", "tcp", 8082), "10.30.0.1")]
+    assert "ipv4/tcp/8080" in unreachable and "conflict" in unreachable
+    assert "ipv4/tcp/8080" in refused
+    assert meta == {}

@@ -9,18 +9,25 @@ machine is shared and noisy (tests/bench holds speed targets)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
+from gw.lab.netns import stop_process
+from gw.lab.topology import ECHO_PORT
 from tests.helpers import wait_for
 
-from .pairlab import PUBLIC_V4, PUBLIC_V6, SERVICE_V4, SERVICE_V6, PairLab
+from .pairlab import (CLIENT_V4, CLIENT_V6, PUBLIC_V4, PUBLIC_V6, ROOT, SERVICE_V4, SERVICE_V6,
+                      PairLab)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -53,14 +60,14 @@ def pair(tmp_path_factory):
 
 
 class Stream:
-    """A long-lived TCP connection through the public address: a numbered line every 50 ms,
-    each echoed back by the worker's echo service. Records when each answer came and any
-    error (a reset ends it)."""
+    """A long-lived TCP connection, by default from the client through the public address: a
+    numbered line every 50 ms, each echoed back by an echo service (the worker's). Records
+    when each answer came and any error (a reset ends it)."""
 
-    def __init__(self, lab: PairLab):
-        self.sock = lab.client.socket(socket.AF_INET, socket.SOCK_STREAM)
+    def __init__(self, lab: PairLab, ns=None, to: tuple[str, int] = (PUBLIC_V4, ECHO)):
+        self.sock = (ns or lab.client).socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.settimeout(5)
-        self.sock.connect((PUBLIC_V4, ECHO))
+        self.sock.connect(to)
         self.sock.settimeout(None)
         self.sent = 0
         self.answers: list[float] = []
@@ -110,6 +117,12 @@ class Stream:
 
     def answered_after(self, t: float) -> bool:
         return any(a > t for a in self.answers[-50:])
+
+    def answers_lines_sent_from_now(self, lines: int = 5) -> Callable[[], bool]:
+        """Whether the lines sent from now on (the next `lines`) have been answered: not only
+        answers that were on their way before (a stalled connection has those too)."""
+        due = self.sent + lines
+        return lambda: len(self.answers) >= due
 
     def close(self) -> None:
         self._stop.set()
@@ -191,7 +204,9 @@ def test_failover_and_failback_under_traffic(pair, record_property):
             failover_v6.append(until_new_connections_work(lab, t0, socket.AF_INET6))
             wait_for(lambda: lab.b.role() == "master", timeout=30, what="B master",
                      log=lab.logs)
-            wait_for(lambda: stream.answered_after(t0) and udp.answered_after(t0),
+            answered = stream.answers_lines_sent_from_now()
+            t_master = time.monotonic()
+            wait_for(lambda: answered() and udp.answered_after(t_master),
                      timeout=30, what=f"round {round_}: the old flows answer through B",
                      log=lambda: f"stream error {stream.error}\n{lab.logs()}")
             assert stream.error is None, stream.error
@@ -247,6 +262,74 @@ def test_the_masters_daemon_killed_no_failover_and_traffic_goes_on(pair):
         assert stream.error is None, stream.error
     finally:
         stream.close()
+
+
+def seen_as(lab: PairLab, to: str) -> str | None:
+    """The address the client's echo service sees a new connection from the worker come from
+    (None: no answer)."""
+    family = socket.AF_INET6 if ":" in to else socket.AF_INET
+    sock = lab.worker.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(0.5)
+    try:
+        sock.connect((to, ECHO_PORT))
+        sock.sendall(b"WHOAMI\n")
+        return json.loads(sock.makefile().readline())["peer"]
+    except (OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+
+
+def test_egress_leaves_with_the_floating_address_and_survives_a_failover(pair):
+    """A service's connection out to the Internet (egress) leaves with the pair's floating
+    public address, not the master node's own: the copy of its NAT binding that conntrackd
+    gave the backup then still fits after a failover (the answers come to the address that
+    moved), and the connection goes on through the new master, and back."""
+    lab = pair
+    lab.wait_roles("master", "backup")
+    echo = lab.client.popen(sys.executable, "-m", "gw.lab", "serve", "client",
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT)
+    stream = None
+    try:
+        assert echo.stdout.readline().strip() == "listening"
+        assert seen_as(lab, CLIENT_V4) == PUBLIC_V4
+        assert seen_as(lab, CLIENT_V6) == PUBLIC_V6
+        stream = Stream(lab, lab.worker, (CLIENT_V4, ECHO_PORT))
+        wait_for(lambda: len(stream.answers) > 5, timeout=10, what="the egress stream flows")
+        t0 = time.monotonic()
+        lab.cut(lab.a)
+        wait_for(lambda: lab.b.role() == "master", timeout=30, what="B master", log=lab.logs)
+        wait_for(stream.answers_lines_sent_from_now(), timeout=30,
+                 what="the egress connection answers through B",
+                 log=lambda: f"stream error {stream.error}\n{lab.logs()}")
+        assert stream.error is None, stream.error
+        assert seen_as(lab, CLIENT_V4) == PUBLIC_V4
+        t1 = time.monotonic()
+        lab.heal(lab.a)
+        lab.wait_roles("master", "backup")
+        wait_for(stream.answers_lines_sent_from_now(), timeout=30,
+                 what="the egress connection answers through A again",
+                 log=lambda: f"stream error {stream.error}\n{lab.logs()}")
+        assert stream.error is None, stream.error
+        assert len(stream.answers) >= stream.sent - 2
+    finally:
+        if stream is not None:
+            stream.close()
+        stop_process(echo)
+
+
+def test_conntrackd_leaves_the_gateways_own_etcd_connections_alone(pair):
+    """conntrackd syncs the flows that must survive a failover, not a gateway's own traffic to
+    the etcd members: a connection of A's to its member or the witness's is A's alone, and in
+    B's kernel its copy would only churn with every message of the watch."""
+    lab = pair
+    own = {name: m.address for name, m in lab.cluster.members.items()}
+    time.sleep(1)  # a second of the watches' and the members' traffic, synced or not
+    copied = lab.b.ns.run("conntrack", "-L", "-s", own["m1"], check=False).stdout.splitlines()
+    # B's own flows with A's address as the source are those of A's member to B's.
+    foreign = [line for line in copied if f"dst={own['m2']} " not in line.split("src=", 2)[1]]
+    assert foreign == []
 
 
 class AddressWatch:

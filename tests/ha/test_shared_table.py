@@ -248,20 +248,29 @@ def test_lost_watch_and_compaction_read_again(pair):
         assert {k[2] for k in kernel(d)} == {int(p) for p in stored}
 
 
+def witness_store(cluster, state) -> dict:
+    """[store] of a gateway in the witness's namespace: its own member first."""
+    own = cluster.members["m3"].client_url
+    return {"path": str(state / "exposures.json"), "backend": "etcd", "prefix": PREFIX,
+            "endpoints": [own] + [u for u in cluster.endpoints if u != own]}
+
+
+def witness_gateway(cluster, state, store: dict | None = None) -> GatewayDaemon:
+    """A gateway daemon in the witness's namespace, beside its etcd member."""
+    return GatewayDaemon(cluster.members["m3"].ns, state, {
+        "api": {"host": "127.0.0.1", "port": 11022},
+        "store": store or witness_store(cluster, state),
+        "network": {"internal_ipv4": "10.30.255.3", "internal_ipv6": "fdff::ff:3",
+                    "public_interfaces": ["etcd0"]}}, token=LAB_TOKEN)
+
+
 def test_a_third_gateway_joins_with_the_whole_table_and_shares_it(pair, tmp_path):
     """More than two: a gateway that joins (here in the witness's namespace, beside its etcd
     member) loads the whole table before it answers, then changes flow both ways."""
     cluster, (a, b) = pair
     stored = in_etcd(cluster)
     assert len(stored) > 1000
-    witness = cluster.members["m3"]
-    c = GatewayDaemon(witness.ns, tmp_path / "c", {
-        "api": {"host": "127.0.0.1", "port": 11022},
-        "store": {"path": str(tmp_path / "c" / "exposures.json"), "backend": "etcd",
-                  "prefix": PREFIX, "endpoints": [witness.client_url] +
-                  [u for u in cluster.endpoints if u != witness.client_url]},
-        "network": {"internal_ipv4": "10.30.255.3", "internal_ipv6": "fdff::ff:3",
-                    "public_interfaces": ["etcd0"]}}, token=LAB_TOKEN)
+    c = witness_gateway(cluster, tmp_path / "c")
     c.start()
     try:
         assert {k[2] for k in kernel(c)} == {int(p) for p in stored}
@@ -273,6 +282,48 @@ def test_a_third_gateway_joins_with_the_whole_table_and_shares_it(pair, tmp_path
         wait_for(lambda: ("ipv4", "tcp", 53000) not in kernel(c), what="C follows A")
     finally:
         c.stop()
+
+
+def test_a_single_gateway_joins_with_its_own_table(pair, tmp_path):
+    """A single gateway (the local store) restarted as one of the pair keeps its exposures:
+    they join the shared table. One of its ports held by the table with another target
+    first: nothing is imported, it forwards its own table, refuses changes and names the
+    port until that conflict is settled on the pair, then it imports and follows."""
+    cluster, (a, b) = pair
+    state = tmp_path / "c"
+    c = witness_gateway(cluster, state, {"path": str(state / "exposures.json")})
+    c.start()
+    own = {53100: ("10.30.0.7", 80), 53101: ("10.30.0.7", 81)}
+    try:
+        for port, (ip, service_port) in own.items():
+            assert c.http().add(body(port, ip, service_port)).status == 201
+        c.stop()
+        assert a.http().add(body(53101)).status == 201
+        before = in_etcd(cluster)
+        c.config["store"] = witness_store(cluster, state)
+        c.write_config()
+        c.start()
+        ready = c.http().get("/api/ready")
+        assert "ipv4/tcp/53101" in ready.json["reasons"]["etcd"]
+        assert {k[2]: (str(ip), sp) for k, (ip, sp) in kernel(c).items()} == own
+        assert c.http().add(body(53102)).status == 503
+        assert in_etcd(cluster) == before
+        assert ("ipv4", "tcp", 53100) not in kernel(a)
+
+        assert a.http().delete({"exposed_port": 53101, "protocol": "tcp"}).status == 200
+        # (The witness's namespace has no tunnel: C is never ready, but etcd is no reason.)
+        wait_for(lambda: "etcd" not in c.http().get("/api/ready").json["reasons"], timeout=30,
+                 what="C follows once the conflict is settled", log=c.log_tail)
+        stored = in_etcd(cluster)
+        for port, (ip, service_port) in own.items():
+            assert (stored[str(port)]["service_ip"], stored[str(port)]["service_port"]) == \
+                (ip, service_port)
+        assert {k[2] for k in kernel(c)} == {int(p) for p in stored}
+        wait_for(lambda: {53100, 53101} <= {k[2] for k in kernel(a)}, what="A follows C")
+    finally:
+        c.stop()
+        for port in own:
+            a.http().delete({"exposed_port": port, "protocol": "tcp"})
 
 
 def test_cold_start_while_etcd_is_down_forwards_from_the_local_copy(pair):

@@ -76,6 +76,19 @@ def test_conntrackd_syncs_udp_and_icmp_and_never_ignores_a_floating_address():
         settings(conntrack_external_cache=True))
 
 
+def test_conntrackd_leaves_the_etcd_members_traffic_alone_but_never_a_floating_address():
+    full = parse_config({"network": NETWORK, "ha": PAIR, "store": {
+        "backend": "etcd", "endpoints": ["http://192.168.200.1:2379", "https://[fd00::2]:2379",
+                                         "http://etcd-witness.example:2379",
+                                         "http://198.18.0.10:2379"]}})
+    assert [str(a) for a in full.etcd_addresses] == ["192.168.200.1", "fd00::2", "198.18.0.10"]
+    text = ha.render_conntrackd(full.ha, local=full.etcd_addresses)
+    ignored = text.split("Address Ignore {")[1].split("}")[0].split()
+    assert ["IPv4_address", "192.168.200.1", "IPv6_address", "fd00::2"] == ignored[-4:]
+    assert "198.18.0.10" not in ignored
+    assert parse_config({"network": NETWORK, "ha": PAIR}).etcd_addresses == []
+
+
 def test_under_systemd_conntrackd_notifies_and_logs_to_the_journal():
     text = ha.render_conntrackd(settings(), systemd=True)
     assert "Systemd on" in text and "Syslog on" in text and "LogFile off" in text
