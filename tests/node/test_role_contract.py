@@ -265,3 +265,22 @@ def test_a_tls_pair_speaks_https_to_clients_and_peers(pair_run):
 
 def test_etcd_takes_a_batch_in_one_transaction():
     assert load("defaults/main.yml")["oakestra_gateway_etcd_max_txn_ops"] >= MAX_BATCH
+
+
+def tasks_of(items: list) -> list[dict]:
+    """Every task of a tasks file, those inside blocks too."""
+    found = []
+    for task in items or []:
+        found.append(task)
+        found.extend(tasks_of(task.get("block", [])))
+    return found
+
+
+def test_no_private_key_reaches_the_diff():
+    """--diff prints what a copy would write: a task that copies a key must turn it off."""
+    copies = [(path.name, task) for path in (ROLE / "tasks").glob("*.yml")
+              for task in tasks_of(load(f"tasks/{path.name}")) if "ansible.builtin.copy" in task]
+    keys = [(name, task) for name, task in copies if "_key_file" in json.dumps(task)]
+    assert len(keys) == 2, [name for name, _ in keys]  # etcd's own copy, and the daemon's
+    for name, task in keys:
+        assert task.get("diff") is False, f"{name}: {task['name']}"
