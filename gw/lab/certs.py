@@ -30,13 +30,15 @@ class LabCA:
                     f"/CN={name}", "-keyout", "ca.key", "-out", "ca.pem")
         return ca
 
-    def issue(self, name: str, *, ip: str | None = None,
+    def issue(self, name: str, *, ip: str | None = None, more_ips: tuple[str, ...] = (),
               usages: tuple[str, ...] = ("serverAuth",)) -> Pair:
         """A certificate for `name` (files `name`.pem and `name`.key), for a server at `ip`
-        and/or for a client (`usages`: extended key usages, serverAuth and/or clientAuth)."""
+        (and at `more_ips`, e.g. loopback for a server that listens there too) and/or for a
+        client (`usages`: extended key usages, serverAuth and/or clientAuth)."""
         self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
                       "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        ext = [f"subjectAltName = IP:{ip}"] if ip else []
+        ips = [a for a in (ip, *more_ips) if a]
+        ext = [f"subjectAltName = {', '.join(f'IP:{a}' for a in ips)}"] if ips else []
         ext.append(f"extendedKeyUsage = {', '.join(usages)}")
         (self.directory / f"{name}.ext").write_text("\n".join(ext) + "\n")
         self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from gw.lab.certs import LabCA
 from gw.lab.netns import veth
 from tests.helpers import wait_for
 
@@ -533,6 +534,24 @@ PAIR_VARS = {
 }
 
 
+# etcd over TLS (the role's TLS variables), as the daemon's copies and etcd's own on the node.
+STORE_TLS = {"cafile": "/etc/oakestra-gw/etcd-ca.pem", "certfile": "/etc/oakestra-gw/etcd.pem",
+             "keyfile": "/etc/oakestra-gw/etcd.key"}
+MEMBER_TLS_DIR = "/etc/etcd/oakestra-gw"
+
+
+def pair_tls(lab) -> dict:
+    """The pair's etcd speaks TLS: a throw-away CA made here, on the controller, and the node's
+    member certificate for its address and loopback (where etcdctl, and etcd_keys below, ask),
+    with clientAuth too (etcd's JSON gateway and the daemon show it)."""
+    ca = LabCA.create(lab.tmp / "etcd-tls")
+    member = ca.issue(nodelab.NODE_HOSTNAME, ip=NODE_V4, more_ips=("127.0.0.1",),
+                      usages=("serverAuth", "clientAuth"))
+    return {"oakestra_gateway_etcd_ca_file": str(ca.cert),
+            "oakestra_gateway_etcd_cert_file": str(member.cert),
+            "oakestra_gateway_etcd_key_file": str(member.key)}
+
+
 @pytest.fixture(scope="module")
 def paired(lab):
     # After the module's other tests in file order; alone (-k pair) on a new node, which the
@@ -540,26 +559,37 @@ def paired(lab):
     lab.conntrack_max = conntrack_max(lab)
     veth(lab.node_ns, "sync0", lab.client_ns, "nosync0")
     lab.node_ns.ip("addr add 198.19.77.1/30 dev sync0", "link set sync0 up")
+    lab.pair_vars = {**PAIR_VARS, **pair_tls(lab)}
     t0 = time.monotonic()
-    first = playbook(lab, **PAIR_VARS)
+    first = playbook(lab, **lab.pair_vars)
     print(f"\npair: first playbook run: {first.elapsed:.1f}s: {recap(first)['line']}")
     if first.returncode != 0:
         pytest.fail("the pair playbook failed:\n" + first.stdout[-6000:] + first.stderr[-3000:]
                     + "\n--- journal ---\n" + lab.journal("keepalived") + lab.journal("etcd")
                     + lab.journal())
-    # A second run (not also a check run: each run costs half a minute of CI).
-    lab.pair_second = playbook(lab, **PAIR_VARS)
-    print(f"pair: second run {lab.pair_second.elapsed:.1f}s, both runs with the sync link "
+    # A second run, and one check run (each run costs half a minute of CI: no more).
+    lab.pair_second = playbook(lab, **lab.pair_vars)
+    lab.pair_check = playbook(lab, "--check", "--diff", **lab.pair_vars)
+    print(f"pair: second run {lab.pair_second.elapsed:.1f}s, check --diff run "
+          f"{lab.pair_check.elapsed:.1f}s, the three runs with the sync link "
           f"{time.monotonic() - t0:.1f}s")
     return first
 
 
-def test_pair_second_run_changes_nothing(lab, paired):
-    res = lab.pair_second
+def assert_changed_nothing(res: subprocess.CompletedProcess) -> None:
+    """The run succeeded with changed=0; else the tasks that changed, with their names."""
     r = recap(res)
     changed = re.findall(r"^changed: \[.*$|^TASK \[.*$", res.stdout, re.M)
     assert res.returncode == 0 and r["changed"] == 0 and r["failed"] == 0, \
         "\n".join(changed) + res.stdout[-3000:]
+
+
+def test_pair_second_run_changes_nothing(lab, paired):
+    assert_changed_nothing(lab.pair_second)
+
+
+def test_pair_check_diff_mode_reports_nothing_to_do(lab, paired):
+    assert_changed_nothing(lab.pair_check)
 
 
 def test_pair_services_run_in_order(lab, paired):
@@ -604,20 +634,66 @@ def test_pair_node_becomes_master_and_holds_the_floating_address(lab, paired):
     assert status(lab)["ha"]["role"] == "master", status(lab)
 
 
+# A TLS client on the node: the daemon's files, and maybe no certificate of its own.
+TLS_CLIENT = ("import json, ssl, sys\n"
+              "def tls(cert=True):\n"
+              f"    files = {STORE_TLS!r}\n"
+              "    context = ssl.create_default_context(cafile=files['cafile'])\n"
+              "    if cert:\n"
+              "        context.load_cert_chain(files['certfile'], files['keyfile'])\n"
+              "    return context\n")
+
+
 def etcd_keys(lab, prefix: str) -> dict[str, dict]:
-    """The keys under `prefix` in the node's etcd member, read over its v3 JSON API."""
-    script = (
-        "import base64, json, sys, urllib.request\n"
+    """The keys under `prefix` in the node's etcd member, read over its v3 JSON API on the
+    loopback listener, with TLS and the daemon's client certificate."""
+    script = TLS_CLIENT + (
+        "import base64, urllib.request\n"
         "p = sys.argv[1].encode()\n"
         "end = p[:-1] + bytes([p[-1] + 1])\n"
         "body = json.dumps({'key': base64.b64encode(p).decode(),\n"
         "                   'range_end': base64.b64encode(end).decode()}).encode()\n"
         "r = urllib.request.urlopen(urllib.request.Request(\n"
-        "    'http://127.0.0.1:2379/v3/kv/range', data=body), timeout=10)\n"
+        "    'https://127.0.0.1:2379/v3/kv/range', data=body), timeout=10, context=tls())\n"
         "kvs = json.load(r).get('kvs', [])\n"
         "print(json.dumps({base64.b64decode(kv['key']).decode():\n"
         "                  json.loads(base64.b64decode(kv['value'])) for kv in kvs}))\n")
     return json.loads(lab.node("python3", "-c", script, prefix).stdout)
+
+
+def test_pair_etcd_speaks_tls_only_with_a_certificate(lab, paired):
+    """Clients and peers alike: the member answers over TLS to a client with a certificate of
+    the CA, and to nothing else (no certificate; plain HTTP)."""
+    script = TLS_CLIENT + (
+        "import urllib.request\n"
+        "def ask(url, **kw):\n"
+        "    try:\n"
+        "        with urllib.request.urlopen(url, timeout=10, **kw) as r:\n"
+        "            return f'{r.status} {r.read().decode().strip()}'\n"
+        "    except Exception as exc:\n"
+        "        return f'refused: {exc!r}'\n"
+        "out = {}\n"
+        "for port in ('2379', '2380'):\n"
+        f"    base = 'https://{NODE_V4}:' + port\n"
+        "    path = '/health' if port == '2379' else '/version'\n"
+        "    out[port] = {'cert': ask(base + path, context=tls()),\n"
+        "                 'no cert': ask(base + path, context=tls(cert=False)),\n"
+        "                 'plain': ask(base.replace('https', 'http') + path)}\n"
+        "print(json.dumps(out))\n")
+    out = json.loads(lab.node("python3", "-c", script).stdout)
+    assert out["2379"]["cert"].startswith("200 ") and '"health":"true"' in \
+        out["2379"]["cert"].replace(" ", ""), out
+    assert out["2380"]["cert"].startswith("200 ") and "etcdserver" in out["2380"]["cert"], out
+    for port in ("2379", "2380"):
+        assert not out[port]["no cert"].startswith("200"), out
+        assert not out[port]["plain"].startswith("200"), out
+    # etcd's own copies: the key for etcd alone; the daemon's copy for root alone.
+    files = lab.node("stat", "-c", "%n %U %a", MEMBER_TLS_DIR, f"{MEMBER_TLS_DIR}/member.key",
+                     STORE_TLS["keyfile"]).stdout.split("\n")
+    assert files[:3] == [f"{MEMBER_TLS_DIR} etcd 700", f"{MEMBER_TLS_DIR}/member.key etcd 600",
+                         f"{STORE_TLS['keyfile']} root 600"], files
+    toml = lab.node("cat", "/etc/oakestra-gw/gateway.toml").stdout
+    assert f'endpoints = ["https://{NODE_V4}:2379"]' in toml, toml
 
 
 def test_pair_store_is_etcd_and_the_floating_address_carries_traffic(lab, paired):

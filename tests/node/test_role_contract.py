@@ -99,6 +99,12 @@ PAIR = {
                                       {"name": "gw1", "address": "192.0.2.1"},
                                       {"name": "gw2", "address": "2001:db8:1::2"}],
 }
+# etcd over TLS: files on the controller ({tls}: a directory the fixture makes). What they hold
+# does not matter here (the checks and the templates only name them); the node test
+# (tests/node/test_node.py) runs etcd and the daemon with real ones.
+TLS = {"oakestra_gateway_etcd_ca_file": "{tls}/ca.pem",
+       "oakestra_gateway_etcd_cert_file": "{tls}/member.pem",
+       "oakestra_gateway_etcd_key_file": "{tls}/member.key"}
 # One bad combination per host, and the variable its failure must name.
 BAD = {
     "no_floating_address": ({"oakestra_gateway_ha_public_addresses": []},
@@ -120,6 +126,19 @@ BAD = {
     "member_named_twice": ({"oakestra_gateway_etcd_members": [
         {"name": "gw1", "address": "192.0.2.1"}, {"name": "gw1", "address": "192.0.2.2"}]},
         "oakestra_gateway_etcd_members"),
+    # etcd over TLS: all three files or none, each an existing file on the controller.
+    "tls_without_key": ({**TLS, "oakestra_gateway_etcd_key_file": ""},
+                        "oakestra_gateway_etcd_key_file is empty"),
+    "tls_ca_alone": ({"oakestra_gateway_etcd_ca_file": TLS["oakestra_gateway_etcd_ca_file"]},
+                     "oakestra_gateway_etcd_cert_file and oakestra_gateway_etcd_key_file "
+                     "are empty"),
+    "tls_key_alone": ({"oakestra_gateway_etcd_key_file": TLS["oakestra_gateway_etcd_key_file"]},
+                      "oakestra_gateway_etcd_ca_file and oakestra_gateway_etcd_cert_file "
+                      "are empty"),
+    "tls_relative_key": ({**TLS, "oakestra_gateway_etcd_key_file": "member.key"},
+                         "oakestra_gateway_etcd_key_file must name a file"),
+    "tls_cert_not_there": ({**TLS, "oakestra_gateway_etcd_cert_file": "{tls}/nothing.pem"},
+                           "oakestra_gateway_etcd_cert_file must name a file"),
 }
 
 
@@ -130,9 +149,20 @@ def pair_run(tmp_path_factory):
     one also renders gateway.toml (validated by `oakestra-gw config check`, as on a node) and
     etcd's environment."""
     tmp = tmp_path_factory.mktemp("pair")
-    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
-    hosts = {"good": {**local, **PAIR}}
-    hosts.update({name: {**local, **PAIR, **bad} for name, (bad, _) in BAD.items()})
+    tls = tmp / "tls"
+    tls.mkdir()
+    for path in TLS.values():
+        Path(path.format(tls=tls)).write_text("placeholder\n")
+
+    def host(*overrides: dict) -> dict:
+        merged = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                  **PAIR}
+        for extra in overrides:
+            merged.update({k: v.format(tls=tls) if isinstance(v, str) else v
+                           for k, v in extra.items()})
+        return merged
+    hosts = {"good": host(), "good_tls": host(TLS)}
+    hosts.update({name: host(bad) for name, (bad, _) in BAD.items()})
     (tmp / "inventory.yml").write_text(yaml.safe_dump({"all": {"hosts": hosts}}))
     gw = Path(sys.executable).parent / "oakestra-gw"
     play = [{"hosts": "all", "gather_facts": False, "tasks": [
@@ -183,13 +213,74 @@ def test_a_good_pair_renders_a_config_the_daemon_accepts(pair_run):
                                             "http://[2001:db8:1::2]:2379"]
     assert config["ha"]["enabled"] is True and config["ha"]["public_interface"] == "eth0"
     assert config["ha"]["priority"] == 150
-    etcd = dict(line.split("=", 1) for line in (tmp / "good.etcd").read_text().splitlines()
-                if line and not line.startswith("#"))
+    etcd = rendered_etcd_env(tmp, "good")
     assert etcd["ETCD_NAME"] == "gw1"
     assert etcd["ETCD_INITIAL_CLUSTER"] == ("witness=http://192.0.2.9:2380,gw1=http://192.0.2.1:2380,"
                                             "gw2=http://[2001:db8:1::2]:2380")
     assert etcd["ETCD_LISTEN_CLIENT_URLS"] == "http://192.0.2.1:2379,http://127.0.0.1:2379"
 
 
+def rendered_etcd_env(tmp: Path, host: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (tmp / f"{host}.etcd").read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_a_plain_pair_names_no_tls_file(pair_run):
+    tmp, _ = pair_run
+    store = tomllib.loads((tmp / "good.toml").read_text())["store"]
+    assert not {"ca_file", "cert_file", "key_file"} & set(store), store
+    assert not [k for k in rendered_etcd_env(tmp, "good") if "CERT" in k or "CA_FILE" in k]
+
+
+def test_a_tls_pair_speaks_https_to_clients_and_peers(pair_run):
+    tmp, report = pair_run
+    assert "good_tls" not in failures(report), failures(report).get("good_tls")
+    # The daemon: https endpoints (its own member first) and its copies of the member's files
+    # on the node, the member's certificate as its client certificate; `oakestra-gw config
+    # check` accepted it (the template's validate).
+    store = tomllib.loads((tmp / "good_tls.toml").read_text())["store"]
+    assert store["endpoints"] == ["https://192.0.2.1:2379", "https://192.0.2.9:2379",
+                                  "https://[2001:db8:1::2]:2379"]
+    assert {k: store.get(k) for k in ("ca_file", "cert_file", "key_file")} == {
+        "ca_file": "/etc/oakestra-gw/etcd-ca.pem", "cert_file": "/etc/oakestra-gw/etcd.pem",
+        "key_file": "/etc/oakestra-gw/etcd.key"}
+    # etcd: its own copies (Debian runs it as the user etcd), for clients and peers.
+    member = {"ca_file": "/etc/etcd/oakestra-gw/ca.pem",
+              "cert_file": "/etc/etcd/oakestra-gw/member.pem",
+              "key_file": "/etc/etcd/oakestra-gw/member.key"}
+    etcd = rendered_etcd_env(tmp, "good_tls")
+    assert etcd["ETCD_LISTEN_CLIENT_URLS"] == "https://192.0.2.1:2379,https://127.0.0.1:2379"
+    assert etcd["ETCD_ADVERTISE_CLIENT_URLS"] == "https://192.0.2.1:2379"
+    assert etcd["ETCD_LISTEN_PEER_URLS"] == etcd["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == \
+        "https://192.0.2.1:2380"
+    assert etcd["ETCD_INITIAL_CLUSTER"] == ("witness=https://192.0.2.9:2380,"
+                                            "gw1=https://192.0.2.1:2380,"
+                                            "gw2=https://[2001:db8:1::2]:2380")
+    for side in ("", "PEER_"):
+        assert etcd[f"ETCD_{side}TRUSTED_CA_FILE"] == member["ca_file"]
+        assert etcd[f"ETCD_{side}CERT_FILE"] == member["cert_file"]
+        assert etcd[f"ETCD_{side}KEY_FILE"] == member["key_file"]
+        assert etcd[f"ETCD_{side}CLIENT_CERT_AUTH"] == "true"
+
+
 def test_etcd_takes_a_batch_in_one_transaction():
     assert load("defaults/main.yml")["oakestra_gateway_etcd_max_txn_ops"] >= MAX_BATCH
+
+
+def tasks_of(items: list) -> list[dict]:
+    """Every task of a tasks file, those inside blocks too."""
+    found = []
+    for task in items or []:
+        found.append(task)
+        found.extend(tasks_of(task.get("block", [])))
+    return found
+
+
+def test_no_private_key_reaches_the_diff():
+    """--diff prints what a copy would write: a task that copies a key must turn it off."""
+    copies = [(path.name, task) for path in (ROLE / "tasks").glob("*.yml")
+              for task in tasks_of(load(f"tasks/{path.name}")) if "ansible.builtin.copy" in task]
+    keys = [(name, task) for name, task in copies if "_key_file" in json.dumps(task)]
+    assert len(keys) == 2, [name for name, _ in keys]  # etcd's own copy, and the daemon's
+    for name, task in keys:
+        assert task.get("diff") is False, f"{name}: {task['name']}"
