@@ -294,7 +294,8 @@ def render_conntrackd(ha: HaSettings, systemd: bool = False,
         "            ICMP",
         "            IPv6-ICMP",
         "        }",
-        # Never the floating addresses: every exposed flow is addressed to one of them.
+        # Never the floating addresses: every exposed flow is addressed to one of them. (A
+        # service's own egress to an etcd member's address would not be synced either.)
         "        Address Ignore {",
         *[f"            {_family(ipaddress.ip_address(a))}_address {a}" for a in ignore],
         "        }",

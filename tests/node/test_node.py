@@ -474,6 +474,7 @@ def test_restart_needing_change_restarts_and_is_live(lab, provisioned):
 
 def test_new_code_restarts_and_keeps_the_exposures(lab, provisioned):
     expose(lab, 8080, SERVICE_V4, HTTP_PORT)
+    lab.single_gateway_exposed = 8080  # still in the store when the node joins a pair
     pid = main_pid(lab)
     with open(lab.src / "gw" / "__init__.py", "a") as f:  # a new build of the gateway
         f.write("\n# rebuilt by the node test\n")
@@ -706,3 +707,21 @@ def test_pair_store_is_etcd_and_the_floating_address_carries_traffic(lab, paired
     res = wait_for(lambda: (r := http_get(lab, f"http://{FLOATING_V4}:8090/hello.txt"))
                    .returncode == 0 and r, 15, "traffic through the floating address")
     assert res.stdout == "hello from the worker\n"
+
+
+def test_pair_keeps_the_single_gateways_exposures(lab, paired):
+    """The node was a single gateway before (its store kept after the decommission): the
+    daemon's first start on etcd imported that table into the shared one."""
+    port = getattr(lab, "single_gateway_exposed", None)
+    if port is None:
+        pytest.skip("the single-gateway tests of this module did not run first")
+    wait_for(lambda: api(lab, "GET", "/api/ready", base=PAIR_API)[0] == 200, 30,
+             "/api/ready to answer 200")
+    keys = etcd_keys(lab, PAIR_PREFIX + "/")
+    imported = keys.get(f"{PAIR_PREFIX}/exposures/ipv4/tcp/{port}")
+    assert imported is not None and imported["service_ip"] == SERVICE_V4, keys
+    res = wait_for(lambda: (r := http_get(lab, f"http://{FLOATING_V4}:{port}/hello.txt"))
+                   .returncode == 0 and r, 15, "traffic to the imported exposure")
+    assert res.stdout == "hello from the worker\n"
+    assert "imported this gateway's own table" in lab.journal(lines=400)
+
