@@ -89,7 +89,6 @@ class DriftWatcher:
     # before judging (what it shows whole in that time needs no repair).
     CATCH_UP = 1.0
     RELISTEN = 10.0  # seconds: for the new monitor after a loss (else: repair)
-    LEARN, REPROBE = 30.0, 0.5  # seconds: for the monitor to show our probe at start
     # A repair that fails (on_drift returns False or raises) is tried again, backing off.
     RETRY_FIRST, RETRY_MAX = 0.5, 30.0
 
@@ -126,14 +125,8 @@ class DriftWatcher:
         self._monitor.start()
         self._repairer.start()
         self.started.wait(5)
-        # `nft monitor` fetches the whole ruleset before it listens: seconds with a big table
-        # in place. A probe it missed is made again until it shows one, since a loss of events
-        # before it showed any generation cannot be judged and costs a full repair.
-        deadline = time.monotonic() + self.LEARN
         self._probe()
-        while not self._learned.wait(self.REPROBE) and time.monotonic() < deadline:
-            self._probe()
-        if not self._learned.is_set():
+        if not self._learned.wait(5):
             self._own_pid = os.getpid()
             log.warning("drift watch: did not see our probe commit; assuming pid %d",
                         self._own_pid)
