@@ -130,7 +130,23 @@ class DriftWatcher:
             self._own_pid = os.getpid()
             log.warning("drift watch: did not see our probe commit; assuming pid %d",
                         self._own_pid)
+            self._seed_generation()
         return self
+
+    def _seed_generation(self) -> None:
+        """The monitor has shown no generation yet (with a big table in place it shows none
+        for seconds): the kernel's current one stands in for the last it showed, so that a loss
+        of our load's events can still be judged (every later generation must be ours or
+        shown) instead of costing a full repair."""
+        if self._generations is None:
+            return
+        try:
+            current, _ = self._generations()
+        except Exception:  # noqa: BLE001 - then a loss is taken as drift, as before
+            return
+        with self._gen_lock:
+            if self._last_gen is None:
+                self._last_gen = current
 
     def _listening(self, restarted: bool) -> None:
         # The monitor listens once it runs; give it a moment to subscribe.

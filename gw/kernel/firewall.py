@@ -141,16 +141,27 @@ class Firewall:
         """Replace our whole table (skeleton and elements) in one transaction. Existing flows
         keep their conntrack NAT bindings, so they survive it."""
         self._run("load", ruleset.load_tx(self.variables, exposures, self.skeleton))
-        # The chains as loaded are the reference that drift is judged by. It is listed right
-        # after the load, never later: the first listing after a repair follows a foreign
-        # change by construction and would make a tampered chain the reference. The chains
-        # depend only on the skeleton and its values, so this costs one terse listing (no
-        # elements, though nft 1.0.6 still fetches them) per set of values, at start and
-        # after a reload that changed them; never at a repair.
+        # The chains as loaded are the reference that drift is judged by. They depend only on
+        # the skeleton and its values, so they are taken once per set of values (at start and
+        # after a reload that changed them; never at a repair) and never from a listing made
+        # after a repair, which follows a foreign change by construction.
         values = (str(self.skeleton), tuple(sorted(self.variables.items())))
         if self._chains_for != values:
-            self._chains_loaded = parse_listing(self.session.list_table(terse=True)).chains
+            self._chains_loaded = self._reference_chains()
             self._chains_for = values
+
+    def _reference_chains(self) -> dict:
+        """The skeleton alone loaded in a throw-away network namespace and listed there: the
+        same cost at any table size. Listing our own table instead costs seconds with many
+        elements (nft 1.0.6 fetches every element even for a terse listing), so that is only
+        the fallback where no namespace can be made (e.g. systemd's RestrictNamespaces=); it
+        is taken right after the load, before anything else can change the chains."""
+        try:
+            return parse_listing(self.session.reference(
+                (ruleset.ReplaceTable(self.variables, self.skeleton),))).chains
+        except (KernelRefused, OSError) as exc:
+            log.info("chains' reference from our own table (no namespace for it: %s)", exc)
+            return parse_listing(self.session.list_table(terse=True)).chains
 
     _chains_loaded: dict | None = None
     _chains_for: tuple | None = None

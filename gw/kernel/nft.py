@@ -102,19 +102,21 @@ class NftSession:
 
     def _cmd(self, text: str, json_output: bool, terse: bool = False,
              whole: bool = True) -> tuple[int, str, str]:
-        def call():
-            if not whole:
-                return self._nft.cmd(text)
-            nft = self._context()
-            nft.set_json_output(json_output)
-            nft.set_terse_output(terse)
-            try:
-                return nft.cmd(text)
-            finally:
-                del nft  # nft_ctx_free: the cache goes
-                _give_back_memory()
+        return self._thread.submit(self._call, text, json_output, terse, whole).result()
 
-        return self._thread.submit(call).result()
+    def _call(self, text: str, json_output: bool, terse: bool = False,
+              whole: bool = True) -> tuple[int, str, str]:
+        """On the nft thread only."""
+        if not whole:
+            return self._nft.cmd(text)
+        nft = self._context()
+        nft.set_json_output(json_output)
+        nft.set_terse_output(terse)
+        try:
+            return nft.cmd(text)
+        finally:
+            del nft  # nft_ctx_free: the cache goes
+            _give_back_memory()
 
     def run(self, text: str, whole: bool = True) -> str:
         """Run nft commands as one transaction; returns nft's output. `whole`: in a context
@@ -142,11 +144,21 @@ class NftSession:
         # this commit got lets it tell a loss of our own events from a loss of someone
         # else's; the generation is only known to be ours when nothing else committed between
         # the two reads.
-        before = self._thread.submit(self._generation).result()
-        self.run(ruleset.script(tx))
-        after = self._thread.submit(self._generation).result()
-        if after == before + 1:
-            self._own.append(after)
+        # The three steps are one job on the nft thread: as three, a `generations()` (the
+        # drift watcher judging that very loss) could run between the commit and the second
+        # read, see the new generation unclaimed and repair the whole table for nothing.
+        text = ruleset.script(tx)
+
+        def commit():
+            before = self._generation()
+            rc, _, err = self._call(text, False)
+            if rc == 0 and self._generation() == before + 1:
+                self._own.append(before + 1)
+            return rc, err
+
+        rc, err = self._thread.submit(commit).result()
+        if rc != 0:
+            raise refusal(f"nftables refused the change: {_first_error(err)}")
 
     def list_table(self, terse: bool = False) -> dict:
         return self.run_json(f"list table {ruleset.TABLE}", terse=terse)

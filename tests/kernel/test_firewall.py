@@ -9,7 +9,7 @@ from gw.core import ruleset
 from gw.core.config import parse_config
 from gw.core.errors import KernelRefused
 from gw.core.exposure import Exposure
-from gw.kernel.firewall import Firewall, teardown
+from gw.kernel.firewall import Firewall, parse_listing, teardown
 from gw.kernel.nft import NftSession, NoSuchObject
 from tests import oracle
 
@@ -128,3 +128,29 @@ def test_edited_chains_and_foreign_elements_count_as_drift(fw):
     assert diff.chains_changed == ["forward"] and diff.summary() == "chains edited (forward)"
     fw.load(MIXED)
     assert not fw.diff(MIXED)
+
+
+def test_chains_reference_is_the_skeleton_alone_and_equals_the_live_table(fw, monkeypatch):
+    """The reference drift is judged by comes from a throw-away namespace (the skeleton with
+    no elements, the same cost at any size), never from listing our table; it equals what the
+    live table lists, so an untouched table is in sync and an edited chain is caught. Where no
+    namespace can be made, the live table right after the load is the reference instead."""
+    listed = []
+    real_list = fw.session.list_table
+    monkeypatch.setattr(fw.session, "list_table",
+                        lambda terse=False: listed.append(terse) or real_list(terse))
+    fw.load(MIXED)
+    assert listed == []
+    assert fw._chains_loaded == parse_listing(real_list(terse=True)).chains
+    nft("insert", "rule", "inet", "oakestra_gw", "output", "counter", "accept")
+    assert fw.diff(MIXED).chains_changed == ["output"]
+
+    def refused(tx):
+        raise KernelRefused("unshare: unshare failed: Operation not permitted")
+
+    other = Firewall(fw.session, dict(fw.variables, api_port="11023"))
+    monkeypatch.setattr(fw.session, "reference", refused)
+    listed.clear()
+    other.load(MIXED)
+    assert listed == [True]  # the live table, terse, right after the load
+    assert not other.diff(MIXED)

@@ -27,3 +27,35 @@ def test_exactly_the_unvouched_generations_of_the_window(since, span, own, seen)
     for g in range(since + 1, current + 1):
         assert (g in missing) == (g not in own and g not in seen)
     assert all(since < g <= current for g in missing)
+
+
+def test_a_loss_before_the_monitor_showed_anything_is_judged_from_the_kernels_generation():
+    """With a big table in place `nft monitor` shows nothing for seconds, so the probe at start
+    goes unseen. A loss of our own load's events then is judged from the generation the
+    kernel had at start (it used to be drift by default: a full repair at every restart at
+    262,134 exposures); a generation that is not ours is still drift."""
+    import threading
+
+    from gw.kernel.drift import LOST_EVENTS, DriftWatcher
+    from tests.helpers import wait_for
+
+    for own, drift in ((frozenset({8}), False), (frozenset(), True)):
+        now = {"gen": 7}
+        repairs, judged = [], threading.Event()
+        watcher = DriftWatcher(repairs.append, lambda: None, argv=("sleep", "600"),
+                               generations=lambda: (now["gen"], own))
+        watcher.CATCH_UP = 0.0
+        orig = watcher._judge_loss
+        watcher._judge_loss = lambda: (orig(), judged.set())[0]
+        try:
+            watcher.start()  # no probe shown: the kernel's 7 stands in
+            now["gen"] = 8   # our load (or not)
+            watcher._read([f"# ERROR: We {LOST_EVENTS}!\n"])
+            wait_for(judged.is_set, what="the loss judged")
+            if drift:
+                wait_for(lambda: repairs, what="the repair")
+                assert "generation(s) 8 were not committed" in repairs[0]
+            else:
+                assert repairs == []
+        finally:
+            watcher.stop()
