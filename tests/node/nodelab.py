@@ -7,6 +7,9 @@
                                    routes 10.30.0.0/16, fdff::/16 via goProxyTun  10.30.0.1, fdff:2000::1
                                                                                   HTTP :80, echo :7000
 
+`Machine` is one booted node on its own; `NodeLab` wires the namespaces above around one, and
+tests/node/pairnodelab.py three of them into a gateway pair.
+
 The root file system is built once and cached under /var/cache/oakestra-gw-test/ (keyed by a
 digest of the recipe and package list); every boot runs on a throwaway overlay of it, so the
 cache stays clean. Everything is removed again in `close()`: the container is powered off
@@ -236,6 +239,215 @@ def _run(*cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, **kw)
 
 
+class Machine:
+    """One booted node: systemd-nspawn on a throwaway overlay of the cached root file system,
+    in the network namespace `netns` (made by the caller). Commands run in it through nsenter;
+    Ansible reaches it the same way (`host_vars`)."""
+
+    def __init__(self, rootfs: Path, machine: str, netns: str,
+                 hostname: str = NODE_HOSTNAME, log=print):
+        # `machine` must be unique per run: nspawn keeps per-machine state under
+        # /run/systemd/nspawn/.
+        self.rootfs, self.machine, self.netns, self.hostname = rootfs, machine, netns, hostname
+        self.log = log
+        self.run_dir: Path | None = None
+        self.merged: Path | None = None
+        self.nspawn: subprocess.Popen | None = None
+        self.pid1: int | None = None
+        self.console_log: Path | None = None
+
+    def boot(self) -> "Machine":
+        self.start()
+        return self.wait_booted()
+
+    def start(self) -> None:
+        """Mount the overlay and start the container, without waiting for its boot (so that
+        several nodes boot at once)."""
+        runs = CACHE / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        reap_stale_runs(runs)
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=runs))
+        for d in ("upper", "work", "merged"):
+            (self.run_dir / d).mkdir()
+        self.merged = self.run_dir / "merged"
+        _run("mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={self.rootfs},upperdir={self.run_dir / 'upper'},"
+             f"workdir={self.run_dir / 'work'}", str(self.merged))
+        if self.hostname != NODE_HOSTNAME:  # the cached root file system names NODE_HOSTNAME
+            (self.merged / "etc" / "hostname").write_text(self.hostname + "\n")
+            (self.merged / "etc" / "hosts").write_text(
+                f"127.0.0.1 localhost\n127.0.1.1 {self.hostname}\n"
+                "::1 localhost ip6-localhost ip6-loopback\n")
+        self.console_log = self.run_dir / "console.log"
+        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
+        with open(self.console_log, "wb") as console:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "--boot", "--directory", str(self.merged),
+                 "--machine", self.machine, "--hostname", self.hostname,
+                 "--keep-unit", "--register=no",
+                 "--capability=CAP_NET_ADMIN", "--console=read-only",
+                 f"--network-namespace-path=/run/netns/{self.netns}"],
+                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
+
+    def wait_booted(self) -> "Machine":
+        self.pid1 = self._find_pid1()
+        # "running" or "degraded": either way the boot is over and systemd takes commands.
+        # Until systemd listens on its private socket, systemctl fails at once: retry.
+        deadline = time.monotonic() + 120
+        state = ""
+        while time.monotonic() < deadline and state not in ("running", "degraded"):
+            if self.nspawn.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited during boot:\n{self.console()}")
+            res = self.run("systemctl", "is-system-running", "--wait", check=False,
+                           timeout=120)
+            state = res.stdout.strip()
+            if state not in ("running", "degraded"):
+                time.sleep(0.3)
+        if state not in ("running", "degraded"):
+            raise RuntimeError(f"{self.hostname} did not boot: {state}\n{self.console()}")
+        if state == "degraded":
+            self.log(f"nodelab: {self.hostname} degraded: " + self.run(
+                "systemctl", "--failed", "--no-legend", check=False).stdout)
+        return self
+
+    def _find_pid1(self) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.nspawn.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited early:\n{self.console()}")
+            for child in _children(self.nspawn.pid):
+                try:
+                    comm = Path(f"/proc/{child}/comm").read_text().strip()
+                    nspid = [line for line in Path(f"/proc/{child}/status").read_text()
+                             .splitlines() if line.startswith("NSpid:")][0].split()[1:]
+                except (OSError, IndexError):
+                    continue
+                if comm == "systemd" and nspid[-1] == "1":
+                    return child
+            time.sleep(0.1)
+        raise RuntimeError(f"no systemd in the container:\n{self.console()}")
+
+    # -- use -------------------------------------------------------------------------------------
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a command inside the booted node (all of its namespaces)."""
+        res = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", *cmd], input=input,
+                             capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"in {self.hostname}: {' '.join(cmd)} -> {res.returncode}\n"
+                                 f"{res.stdout}{res.stderr}")
+        return res
+
+    def console(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")[-4000:]
+        except (OSError, AttributeError):
+            return ""
+
+    def journal(self, unit: str = "oakestra-gw", lines: int = 80) -> str:
+        return self.run("journalctl", "--no-pager", "-u", unit, "-n", str(lines),
+                        check=False).stdout
+
+    def host_vars(self) -> dict:
+        """How Ansible reaches the node: through nsenter (no SSH)."""
+        return {"ansible_connection": "community.docker.nsenter", "ansible_become": False,
+                "ansible_nsenter_pid": self.pid1,
+                "ansible_python_interpreter": "/usr/bin/python3"}
+
+    # -- teardown --------------------------------------------------------------------------------
+    def power_loss(self) -> None:
+        """The node stops at once, as when its power goes: SIGKILL to its init ends every
+        process in the container, with no shutdown and nothing sent on the way out."""
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        os.kill(self.pid1, signal.SIGKILL)
+        self.nspawn.wait(30)
+
+    def close(self) -> None:
+        errors = []
+        for step in (self._poweroff, self._unmount):
+            try:
+                step()
+            except Exception as exc:  # keep tearing down; report at the end
+                errors.append(f"{step.__name__}: {exc}")
+        if errors:
+            raise RuntimeError(f"{self.hostname}: " + "; ".join(errors))
+
+    def ask_poweroff(self) -> None:
+        """SIGTERM to nspawn asks the container's systemd for a clean poweroff (`close` waits
+        for it): several nodes shut down at once."""
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)
+
+    def _poweroff(self) -> None:
+        proc = self.nspawn
+        if proc is None or proc.poll() is not None:
+            return
+        self.ask_poweroff()
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            if self.pid1:
+                _kill_tree(self.pid1)
+            proc.wait(15)
+
+    def _unmount(self) -> None:
+        if self.run_dir is None:
+            return
+        if self.merged and os.path.ismount(self.merged):
+            res = _run("umount", str(self.merged), check=False)
+            if res.returncode != 0:
+                _run("umount", "-l", str(self.merged))
+        shutil.rmtree(self.run_dir)
+        self.run_dir = None
+
+
+def start_worker_servers(worker: Netns) -> tuple[list[subprocess.Popen], Path]:
+    """The worker's services on every address of its namespace: HTTP on HTTP_PORT serving
+    hello.txt, and a TCP echo on ECHO_PORT. Returns the processes and the served directory."""
+    www = Path(tempfile.mkdtemp(prefix="oakgw-www."))
+    (www / "hello.txt").write_text("hello from the worker\n")
+    servers = [worker.popen("python3", "-m", "http.server", str(HTTP_PORT), "--bind", "::",
+                            "--directory", str(www), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)]
+    echo = textwrap.dedent(f"""
+        import socket, threading
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", {ECHO_PORT})); s.listen(16)
+        def serve(c):
+            with c:
+                while data := c.recv(4096):
+                    c.sendall(data)
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    """)
+    servers.append(worker.popen("python3", "-c", echo, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = worker.run("ss", "-Htln").stdout
+        if f":{HTTP_PORT} " in out and f":{ECHO_PORT} " in out:
+            return servers, www
+        time.sleep(0.1)
+    stop_worker_servers(servers, www)
+    raise RuntimeError("the worker's servers did not start")
+
+
+def stop_worker_servers(servers: list[subprocess.Popen], www: Path | None) -> None:
+    for proc in servers:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    servers.clear()
+    if www is not None:
+        shutil.rmtree(www, ignore_errors=True)
+
+
 class NodeLab:
     """The client, node and worker namespaces, the booted node, and the worker's servers."""
 
@@ -243,23 +455,22 @@ class NodeLab:
         self.rootfs = rootfs
         self.log = log
         tag = f"{os.getpid() % 100000}"
-        # Unique per run: nspawn keeps per-machine state under /run/systemd/nspawn/.
-        self.machine = f"oakgw-node-{tag}"
         self.ns_client, self.ns_node, self.ns_worker = (f"ogn{tag}{r}" for r in "cnw")
         self.client_ns, self.node_ns, self.worker_ns = (
             Netns(name) for name in (self.ns_client, self.ns_node, self.ns_worker))
-        self.run_dir: Path | None = None
-        self.merged: Path | None = None
-        self.nspawn: subprocess.Popen | None = None
-        self.pid1: int | None = None
+        self.box = Machine(rootfs, f"oakgw-node-{tag}", self.ns_node, log=log)
         self.servers: list[subprocess.Popen] = []
-        self.console_log: Path | None = None
+        self.www: Path | None = None
+
+    @property
+    def pid1(self) -> int | None:
+        return self.box.pid1
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self) -> "NodeLab":
         self._netns()
-        self._servers()
-        self._boot()
+        self.servers, self.www = start_worker_servers(self.worker_ns)
+        self.box.boot()
         return self
 
     def _netns(self) -> None:
@@ -296,104 +507,11 @@ class NodeLab:
         for ns, text in script.items():
             ns.sh(textwrap.dedent(text))
 
-    def _servers(self) -> None:
-        self.www = Path(tempfile.mkdtemp(prefix="oakgw-www."))
-        (self.www / "hello.txt").write_text("hello from the worker\n")
-        self.servers.append(self.worker_ns.popen(
-            "python3", "-m", "http.server", str(HTTP_PORT), "--bind", "::", "--directory",
-            str(self.www), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        echo = textwrap.dedent(f"""
-            import socket, threading
-            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::", {ECHO_PORT})); s.listen(16)
-            def serve(c):
-                with c:
-                    while data := c.recv(4096):
-                        c.sendall(data)
-            while True:
-                c, _ = s.accept()
-                threading.Thread(target=serve, args=(c,), daemon=True).start()
-        """)
-        self.servers.append(self.worker_ns.popen(
-            "python3", "-c", echo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            out = self.worker_ns.run("ss", "-Htln").stdout
-            if f":{HTTP_PORT} " in out and f":{ECHO_PORT} " in out:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("the worker's servers did not start")
-
-    def _boot(self) -> None:
-        runs = CACHE / "runs"
-        runs.mkdir(parents=True, exist_ok=True)
-        reap_stale_runs(runs)
-        self.run_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=runs))
-        for d in ("upper", "work", "merged"):
-            (self.run_dir / d).mkdir()
-        self.merged = self.run_dir / "merged"
-        _run("mount", "-t", "overlay", "overlay", "-o",
-             f"lowerdir={self.rootfs},upperdir={self.run_dir / 'upper'},"
-             f"workdir={self.run_dir / 'work'}", str(self.merged))
-        self.console_log = self.run_dir / "console.log"
-        env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
-        with open(self.console_log, "wb") as console:
-            self.nspawn = subprocess.Popen(
-                ["systemd-nspawn", "--boot", "--directory", str(self.merged),
-                 "--machine", self.machine, "--hostname", NODE_HOSTNAME,
-                 "--keep-unit", "--register=no",
-                 "--capability=CAP_NET_ADMIN", "--console=read-only",
-                 f"--network-namespace-path=/run/netns/{self.ns_node}"],
-                stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)
-        self.pid1 = self._find_pid1()
-        # "running" or "degraded": either way the boot is over and systemd takes commands.
-        # Until systemd listens on its private socket, systemctl fails at once: retry.
-        deadline = time.monotonic() + 120
-        state = ""
-        while time.monotonic() < deadline and state not in ("running", "degraded"):
-            if self.nspawn.poll() is not None:
-                raise RuntimeError(f"systemd-nspawn exited during boot:\n{self.console()}")
-            res = self.node("systemctl", "is-system-running", "--wait", check=False,
-                            timeout=120)
-            state = res.stdout.strip()
-            if state not in ("running", "degraded"):
-                time.sleep(0.3)
-        if state not in ("running", "degraded"):
-            raise RuntimeError(f"the node did not boot: {state}\n{self.console()}")
-        if state == "degraded":
-            self.log("nodelab: node degraded: " + self.node(
-                "systemctl", "--failed", "--no-legend", check=False).stdout)
-
-    def _find_pid1(self) -> int:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.nspawn.poll() is not None:
-                raise RuntimeError(f"systemd-nspawn exited early:\n{self.console()}")
-            for child in _children(self.nspawn.pid):
-                try:
-                    comm = Path(f"/proc/{child}/comm").read_text().strip()
-                    nspid = [line for line in Path(f"/proc/{child}/status").read_text()
-                             .splitlines() if line.startswith("NSpid:")][0].split()[1:]
-                except (OSError, IndexError):
-                    continue
-                if comm == "systemd" and nspid[-1] == "1":
-                    return child
-            time.sleep(0.1)
-        raise RuntimeError(f"no systemd in the container:\n{self.console()}")
-
     # -- use -------------------------------------------------------------------------------------
     def node(self, *cmd: str, check: bool = True, timeout: float = 60,
              input: str | None = None) -> subprocess.CompletedProcess:
         """Run a command inside the booted node (all of its namespaces)."""
-        res = subprocess.run(["nsenter", "-t", str(self.pid1), "-a", *cmd], input=input,
-                             capture_output=True, text=True, timeout=timeout)
-        if check and res.returncode != 0:
-            raise AssertionError(f"in the node: {' '.join(cmd)} -> {res.returncode}\n"
-                                 f"{res.stdout}{res.stderr}")
-        return res
+        return self.box.run(*cmd, check=check, timeout=timeout, input=input)
 
     def client(self, *cmd: str, check: bool = True, timeout: float = 60,
                **kw) -> subprocess.CompletedProcess:
@@ -407,20 +525,14 @@ class NodeLab:
         return self.client_ns.popen(*cmd, **kw)
 
     def console(self) -> str:
-        try:
-            return self.console_log.read_text(errors="replace")[-4000:]
-        except (OSError, AttributeError):
-            return ""
+        return self.box.console()
 
     def journal(self, unit: str = "oakestra-gw", lines: int = 80) -> str:
-        return self.node("journalctl", "--no-pager", "-u", unit, "-n", str(lines),
-                         check=False).stdout
+        return self.box.journal(unit, lines)
 
     def inventory(self, path: Path, **hostvars: object) -> Path:
         """An Ansible inventory that reaches the node through nsenter (no SSH)."""
-        host = {"ansible_connection": "community.docker.nsenter", "ansible_become": False,
-                "ansible_nsenter_pid": self.pid1,
-                "ansible_python_interpreter": "/usr/bin/python3", **hostvars}
+        host = {**self.box.host_vars(), **hostvars}
         path.write_text(yaml.safe_dump(
             {"all": {"children": {"oakestra_gateways": {"hosts": {NODE_HOSTNAME: host}}}}}))
         return path
@@ -428,7 +540,7 @@ class NodeLab:
     # -- teardown --------------------------------------------------------------------------------
     def close(self) -> None:
         errors = []
-        for step in (self._stop_servers, self._poweroff, self._unmount, self._delete_netns):
+        for step in (self._stop_servers, self.box.close, self._delete_netns):
             try:
                 step()
             except Exception as exc:  # keep tearing down; report at the end
@@ -437,37 +549,8 @@ class NodeLab:
             raise RuntimeError("nodelab teardown: " + "; ".join(errors))
 
     def _stop_servers(self) -> None:
-        for proc in self.servers:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        self.servers.clear()
-        if getattr(self, "www", None):
-            shutil.rmtree(self.www, ignore_errors=True)
-
-    def _poweroff(self) -> None:
-        proc = self.nspawn
-        if proc is None or proc.poll() is not None:
-            return
-        # SIGTERM to nspawn asks the container's systemd for a clean poweroff.
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(45)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            if self.pid1:
-                _kill_tree(self.pid1)
-            proc.wait(15)
-
-    def _unmount(self) -> None:
-        if self.run_dir is None:
-            return
-        if self.merged and os.path.ismount(self.merged):
-            res = _run("umount", str(self.merged), check=False)
-            if res.returncode != 0:
-                _run("umount", "-l", str(self.merged))
-        shutil.rmtree(self.run_dir)
-        self.run_dir = None
+        stop_worker_servers(self.servers, self.www)
+        self.www = None
 
     def _delete_netns(self) -> None:
         left = [ns.name for ns in (self.client_ns, self.node_ns, self.worker_ns)

@@ -11,57 +11,34 @@ preconditions. Run them alone with `make test-node`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import select
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from gw.lab.certs import LabCA
-from gw.lab.netns import veth
+from gw.store.local import LocalStore
 from tests.helpers import wait_for
 
 from . import nodelab
 from .nodelab import (ECHO_PORT, HTTP_PORT, INTERNAL_V4, INTERNAL_V6, NODE_V4,
                       NODE_V6, SERVICE_V4, SERVICE_V6)
+from .playbooks import (conntrack_max, node_rootfs, offline_build_vars, recap, run_playbook,
+                        snapshot_source)
 
 pytestmark = [pytest.mark.slow, pytest.mark.kernel, pytest.mark.node]
 
-ANSIBLE = nodelab.REPO / "ansible"
-BIN = Path(sys.executable).parent
 API = f"http://{INTERNAL_V4}:11022"
 # What Ansible's apt module reads as the age of the apt cache (the stamp first, if apt wrote one).
 APT_CACHE_STAMPS = ("/var/lib/apt/periodic/update-success-stamp", "/var/lib/apt/lists")
 APT_LISTS_AGE_DAYS = 30
-RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
-                   r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+).*$", re.M)
-
-
-def _requirements() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, systemd-nspawn)"
-    missing = nodelab.tools_missing()
-    if missing:
-        return f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)"
-    if not (BIN / "ansible-playbook").exists():
-        return "ansible is not installed in this virtualenv (pip install ansible)"
-    return None
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    reason = _requirements()
-    if reason:
-        pytest.skip(reason)
-    unprepared = nodelab.prepared()
-    if unprepared:
-        pytest.fail(unprepared)
     t0 = time.monotonic()
-    rootfs = nodelab.ensure_rootfs()
+    rootfs = node_rootfs()
     t1 = time.monotonic()
     node_lab = nodelab.NodeLab(rootfs)
     try:
@@ -82,58 +59,16 @@ def lab(tmp_path_factory):
         node_lab.close()
 
 
-def snapshot_source(dest: Path) -> Path:
-    """The checkout as it is now: every playbook run of this module builds from the same
-    source, so a second run is judged on the role, not on edits made meanwhile."""
-    dest.mkdir()
-    excludes = [f"--exclude={p}" for p in (".git", ".venv", "build", "dist", "*.egg-info",
-                                           "__pycache__", ".pytest_cache", ".hypothesis",
-                                           "site", "tests")]
-    subprocess.run(f"tar -C {nodelab.REPO} {' '.join(excludes)} -cf - . | tar -C {dest} -xf -",
-                   shell=True, check=True)
-    return dest
-
-
-def conntrack_max(lab) -> int:
-    # Only the host's initial namespace may set nf_conntrack_max (the node's copy is read-only):
-    # ask the role for the value it already has, so the live setting is a no-op here.
-    res = lab.node("cat", "/proc/sys/net/netfilter/nf_conntrack_max", check=False)
-    return int(res.stdout) if res.returncode == 0 else 0
-
-
 def playbook(lab, *args: str, **extra_vars) -> subprocess.CompletedProcess:
     hostvars = {
         "oakestra_gateway_internal_ipv4": INTERNAL_V4,
         "oakestra_gateway_internal_ipv6": INTERNAL_V6,
         "oakestra_gateway_public_interfaces": ["eth0"],
         "oakestra_gateway_conntrack_max": lab.conntrack_max,
-        "oakestra_gateway_source_dir": str(lab.src),
-        # The test run has no route to PyPI: the controller-side build of the wheelhouse
-        # resolves the dependencies from the prepared cache instead.
-        "oakestra_gateway_pip_wheel_args": ["--no-index", "--find-links",
-                                            str(nodelab.wheels_dir())],
+        **offline_build_vars(lab.src),
     }
     inventory = lab.inventory(lab.tmp / "inventory.yml", **hostvars)
-    argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), "site.yml", *args]
-    if extra_vars:
-        argv += ["--extra-vars", json.dumps(extra_vars)]
-    env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
-               ANSIBLE_LOCAL_TEMP=str(lab.tmp), ANSIBLE_HOME=str(lab.tmp / "ansible-home"),
-               PATH=f"{BIN}:{os.environ['PATH']}")
-    t0 = time.monotonic()
-    res = subprocess.run(argv, cwd=ANSIBLE, env=env, capture_output=True, text=True,
-                         timeout=900)
-    res.elapsed = time.monotonic() - t0
-    (lab.tmp / f"playbook-{time.time():.0f}.log").write_text(res.stdout + res.stderr)
-    return res
-
-
-def recap(res: subprocess.CompletedProcess) -> dict:
-    match = RECAP.search(res.stdout)
-    assert match, res.stdout[-3000:] + res.stderr[-3000:]
-    out = {k: (int(v) if v.isdigit() else v) for k, v in match.groupdict().items()}
-    out["line"] = match.group(0).strip()
-    return out
+    return run_playbook(inventory, lab.tmp, *args, **extra_vars)
 
 
 def api(lab, method: str, path: str, body: dict | None = None,
@@ -178,7 +113,7 @@ def expose(lab, exposed_port: int, service_ip: str, service_port: int,
 
 @pytest.fixture(scope="module")
 def provisioned(lab):
-    lab.conntrack_max = conntrack_max(lab)
+    lab.conntrack_max = conntrack_max(lab.box)
     # Check mode on the new node first: it must get through and change nothing.
     check = playbook(lab, "--check", "--diff")
     lab.fresh_check = check
@@ -474,7 +409,6 @@ def test_restart_needing_change_restarts_and_is_live(lab, provisioned):
 
 def test_new_code_restarts_and_keeps_the_exposures(lab, provisioned):
     expose(lab, 8080, SERVICE_V4, HTTP_PORT)
-    lab.single_gateway_exposed = 8080  # still in the store when the node joins a pair
     pid = main_pid(lab)
     with open(lab.src / "gw" / "__init__.py", "a") as f:  # a new build of the gateway
         f.write("\n# rebuilt by the node test\n")
@@ -494,6 +428,7 @@ def test_new_code_restarts_and_keeps_the_exposures(lab, provisioned):
 
 
 def test_decommission(lab, provisioned):
+    expose(lab, 8080, SERVICE_V4, HTTP_PORT)
     res = playbook(lab, oakestra_gateway_state="absent")
     assert res.returncode == 0, res.stdout[-4000:]
     assert lab.node("systemctl", "is-active", "oakestra-gw", check=False).stdout.strip() \
@@ -502,226 +437,11 @@ def test_decommission(lab, provisioned):
                     check=False).returncode == 1
     assert lab.node("nft", "list", "table", "inet", "oakestra_gw", check=False).returncode != 0
     assert http_get(lab, f"http://{NODE_V4}:8080/hello.txt", timeout=3).returncode != 0
-    # The store stays unless purged: the exposures are still on disk.
-    assert lab.node("test", "-d", "/var/lib/oakestra-gw").returncode == 0
+    # The store stays unless purged: the exposures are still on disk (read with the gateway's
+    # own store code, from the host). A node like this that joins a pair keeps them:
+    # test_pair_nodes.py starts a pair's gateway on such a table and finds it imported.
+    store = lab.box.merged / "var" / "lib" / "oakestra-gw" / "exposures.json"
+    with LocalStore(store, shared=True) as table:
+        assert table.get(("ipv4", "tcp", 8080)) is not None, table.exposures()
     again = playbook(lab, oakestra_gateway_state="absent")
     assert again.returncode == 0 and recap(again)["changed"] == 0, again.stdout[-3000:]
-
-
-# --- the same node, re-provisioned as one gateway of a pair (oakestra_gateway_ha) ----------------
-# Last, after decommissioning: the role installs the gateway again, now with keepalived,
-# conntrackd and an etcd member. The peer does not exist: keepalived alone becomes master once
-# no advert has come for its master-down interval. etcd is a one-member cluster on the node (a
-# witness would be the same etcd_member.yml on another host; what this test checks is the
-# member, its configuration and the daemon on etcd, which one member shows). The sync link is a
-# veth whose far end (in the client namespace) has no conntrackd: conntrackd needs a link
-# of its own, not a peer, to run.
-FLOATING_V4, FLOATING_V6 = "198.18.0.10", "2001:db8::10"
-PAIR_PREFIX = "/oakgw-node-pair"
-# The API on the node's own address (api.host may name one; the default, the floating
-# internal address, is bound with IP_FREEBIND).
-PAIR_API = f"http://{NODE_V4}:11022"
-PAIR_VARS = {
-    "oakestra_gateway_ha": True,
-    "oakestra_gateway_api_host": NODE_V4,
-    "oakestra_gateway_ha_public_addresses": [f"{FLOATING_V4}/24", f"{FLOATING_V6}/64"],
-    "oakestra_gateway_ha_sync_interface": "sync0",
-    "oakestra_gateway_ha_sync_address": "198.19.77.1",
-    "oakestra_gateway_ha_sync_peer": "198.19.77.2",
-    "oakestra_gateway_ha_priority": 150,
-    "oakestra_gateway_ha_preempt_delay": 1,
-    "oakestra_gateway_store_prefix": PAIR_PREFIX,
-    "oakestra_gateway_etcd_members": [{"name": nodelab.NODE_HOSTNAME, "address": NODE_V4}],
-}
-
-
-# etcd over TLS (the role's TLS variables), as the daemon's copies and etcd's own on the node.
-STORE_TLS = {"cafile": "/etc/oakestra-gw/etcd-ca.pem", "certfile": "/etc/oakestra-gw/etcd.pem",
-             "keyfile": "/etc/oakestra-gw/etcd.key"}
-MEMBER_TLS_DIR = "/etc/etcd/oakestra-gw"
-
-
-def pair_tls(lab) -> dict:
-    """The pair's etcd speaks TLS: a throw-away CA made here, on the controller, and the node's
-    member certificate for its address and loopback (where etcdctl, and etcd_keys below, ask),
-    with clientAuth too (etcd's JSON gateway and the daemon show it)."""
-    ca = LabCA.create(lab.tmp / "etcd-tls")
-    member = ca.issue(nodelab.NODE_HOSTNAME, ip=NODE_V4, more_ips=("127.0.0.1",),
-                      usages=("serverAuth", "clientAuth"))
-    return {"oakestra_gateway_etcd_ca_file": str(ca.cert),
-            "oakestra_gateway_etcd_cert_file": str(member.cert),
-            "oakestra_gateway_etcd_key_file": str(member.key)}
-
-
-@pytest.fixture(scope="module")
-def paired(lab):
-    # After the module's other tests in file order; alone (-k pair) on a new node, which the
-    # role provisions the same way.
-    lab.conntrack_max = conntrack_max(lab)
-    veth(lab.node_ns, "sync0", lab.client_ns, "nosync0")
-    lab.node_ns.ip("addr add 198.19.77.1/30 dev sync0", "link set sync0 up")
-    lab.pair_vars = {**PAIR_VARS, **pair_tls(lab)}
-    t0 = time.monotonic()
-    first = playbook(lab, **lab.pair_vars)
-    print(f"\npair: first playbook run: {first.elapsed:.1f}s: {recap(first)['line']}")
-    if first.returncode != 0:
-        pytest.fail("the pair playbook failed:\n" + first.stdout[-6000:] + first.stderr[-3000:]
-                    + "\n--- journal ---\n" + lab.journal("keepalived") + lab.journal("etcd")
-                    + lab.journal())
-    # A second run, and one check run (each run costs half a minute of CI: no more).
-    lab.pair_second = playbook(lab, **lab.pair_vars)
-    lab.pair_check = playbook(lab, "--check", "--diff", **lab.pair_vars)
-    print(f"pair: second run {lab.pair_second.elapsed:.1f}s, check --diff run "
-          f"{lab.pair_check.elapsed:.1f}s, the three runs with the sync link "
-          f"{time.monotonic() - t0:.1f}s")
-    return first
-
-
-def assert_changed_nothing(res: subprocess.CompletedProcess) -> None:
-    """The run succeeded with changed=0; else the tasks that changed, with their names."""
-    r = recap(res)
-    changed = re.findall(r"^changed: \[.*$|^TASK \[.*$", res.stdout, re.M)
-    assert res.returncode == 0 and r["changed"] == 0 and r["failed"] == 0, \
-        "\n".join(changed) + res.stdout[-3000:]
-
-
-def test_pair_second_run_changes_nothing(lab, paired):
-    assert_changed_nothing(lab.pair_second)
-
-
-def test_pair_check_diff_mode_reports_nothing_to_do(lab, paired):
-    assert_changed_nothing(lab.pair_check)
-
-
-def test_pair_services_run_in_order(lab, paired):
-    units = ["etcd", "oakestra-gw", "conntrackd", "keepalived"]
-    for unit in units:
-        assert lab.node("systemctl", "is-active", unit, check=False).stdout.strip() == "active", \
-            lab.journal(unit)
-        assert lab.node("systemctl", "is-enabled", unit).stdout.strip() == "enabled"
-    started = [int(lab.node("systemctl", "show", "-P", "ActiveEnterTimestampMonotonic",
-                            unit).stdout) for unit in units]
-    assert started == sorted(started), dict(zip(units, started))
-    # Debian's postinst never started etcd with its defaults (it would have made a one-node
-    # cluster of its own under /var/lib/etcd/default).
-    assert lab.node("test", "-e", "/var/lib/etcd/default", check=False).returncode == 1
-
-
-def test_pair_configs_are_the_daemons_rendering(lab, paired):
-    for tool, path, extra in (("keepalived", "/etc/keepalived/keepalived.conf", []),
-                              ("conntrackd", "/etc/conntrackd/conntrackd.conf", ["--systemd"])):
-        rendered = lab.node("oakestra-gw", "ha", "render", tool, *extra).stdout
-        assert lab.node("cat", path).stdout == rendered, tool
-    assert f"{FLOATING_V4}/24 dev eth0" in lab.node("cat", "/etc/keepalived/keepalived.conf").stdout
-    res = lab.node("keepalived", "--config-test", "-f", "/etc/keepalived/keepalived.conf",
-                   check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    # conntrackd runs with it: its client reaches the daemon through the rendered socket, also
-    # under the name `oakestra-gw ha notify` uses (ha.state_dir).
-    for conf in ("/etc/conntrackd/conntrackd.conf", "/run/oakestra-gw/ha/conntrackd.conf"):
-        res = lab.node("conntrackd", "-C", conf, "-s", "runtime", check=False)
-        assert res.returncode == 0 and "daemon uptime" in res.stdout, res.stdout + res.stderr
-
-
-def test_pair_node_becomes_master_and_holds_the_floating_address(lab, paired):
-    def ready_role():
-        status_code, body = api(lab, "GET", "/api/ready", base=PAIR_API)
-        return body.get("ha", {}).get("role")
-    wait_for(lambda: ready_role() == "master", 30, "role master in /api/ready",
-             log=lambda: lab.journal("keepalived"))
-    addrs = lab.node("ip", "-o", "addr", "show", "eth0").stdout
-    assert f"{FLOATING_V4}/24" in addrs and f"{FLOATING_V6}/64" in addrs, addrs
-    assert f"{INTERNAL_V4}/32" in lab.node("ip", "-o", "addr", "show", "oakgw0").stdout
-    assert status(lab)["ha"]["role"] == "master", status(lab)
-
-
-# A TLS client on the node: the daemon's files, and maybe no certificate of its own.
-TLS_CLIENT = ("import json, ssl, sys\n"
-              "def tls(cert=True):\n"
-              f"    files = {STORE_TLS!r}\n"
-              "    context = ssl.create_default_context(cafile=files['cafile'])\n"
-              "    if cert:\n"
-              "        context.load_cert_chain(files['certfile'], files['keyfile'])\n"
-              "    return context\n")
-
-
-def etcd_keys(lab, prefix: str) -> dict[str, dict]:
-    """The keys under `prefix` in the node's etcd member, read over its v3 JSON API on the
-    loopback listener, with TLS and the daemon's client certificate."""
-    script = TLS_CLIENT + (
-        "import base64, urllib.request\n"
-        "p = sys.argv[1].encode()\n"
-        "end = p[:-1] + bytes([p[-1] + 1])\n"
-        "body = json.dumps({'key': base64.b64encode(p).decode(),\n"
-        "                   'range_end': base64.b64encode(end).decode()}).encode()\n"
-        "r = urllib.request.urlopen(urllib.request.Request(\n"
-        "    'https://127.0.0.1:2379/v3/kv/range', data=body), timeout=10, context=tls())\n"
-        "kvs = json.load(r).get('kvs', [])\n"
-        "print(json.dumps({base64.b64decode(kv['key']).decode():\n"
-        "                  json.loads(base64.b64decode(kv['value'])) for kv in kvs}))\n")
-    return json.loads(lab.node("python3", "-c", script, prefix).stdout)
-
-
-def test_pair_etcd_speaks_tls_only_with_a_certificate(lab, paired):
-    """Clients and peers alike: the member answers over TLS to a client with a certificate of
-    the CA, and to nothing else (no certificate; plain HTTP)."""
-    script = TLS_CLIENT + (
-        "import urllib.request\n"
-        "def ask(url, **kw):\n"
-        "    try:\n"
-        "        with urllib.request.urlopen(url, timeout=10, **kw) as r:\n"
-        "            return f'{r.status} {r.read().decode().strip()}'\n"
-        "    except Exception as exc:\n"
-        "        return f'refused: {exc!r}'\n"
-        "out = {}\n"
-        "for port in ('2379', '2380'):\n"
-        f"    base = 'https://{NODE_V4}:' + port\n"
-        "    path = '/health' if port == '2379' else '/version'\n"
-        "    out[port] = {'cert': ask(base + path, context=tls()),\n"
-        "                 'no cert': ask(base + path, context=tls(cert=False)),\n"
-        "                 'plain': ask(base.replace('https', 'http') + path)}\n"
-        "print(json.dumps(out))\n")
-    out = json.loads(lab.node("python3", "-c", script).stdout)
-    assert out["2379"]["cert"].startswith("200 ") and '"health":"true"' in \
-        out["2379"]["cert"].replace(" ", ""), out
-    assert out["2380"]["cert"].startswith("200 ") and "etcdserver" in out["2380"]["cert"], out
-    for port in ("2379", "2380"):
-        assert not out[port]["no cert"].startswith("200"), out
-        assert not out[port]["plain"].startswith("200"), out
-    # etcd's own copies: the key for etcd alone; the daemon's copy for root alone.
-    files = lab.node("stat", "-c", "%n %U %a", MEMBER_TLS_DIR, f"{MEMBER_TLS_DIR}/member.key",
-                     STORE_TLS["keyfile"]).stdout.split("\n")
-    assert files[:3] == [f"{MEMBER_TLS_DIR} etcd 700", f"{MEMBER_TLS_DIR}/member.key etcd 600",
-                         f"{STORE_TLS['keyfile']} root 600"], files
-    toml = lab.node("cat", "/etc/oakestra-gw/gateway.toml").stdout
-    assert f'endpoints = ["https://{NODE_V4}:2379"]' in toml, toml
-
-
-def test_pair_store_is_etcd_and_the_floating_address_carries_traffic(lab, paired):
-    wait_for(lambda: api(lab, "GET", "/api/ready", base=PAIR_API)[0] == 200, 30,
-             "/api/ready to answer 200")
-    expose(lab, 8090, SERVICE_V4, HTTP_PORT, base=PAIR_API)
-    keys = etcd_keys(lab, PAIR_PREFIX + "/")
-    mine = [v for k, v in keys.items() if k.endswith("/tcp/8090")]
-    assert len(mine) == 1 and mine[0]["service_ip"] == SERVICE_V4, keys
-    res = wait_for(lambda: (r := http_get(lab, f"http://{FLOATING_V4}:8090/hello.txt"))
-                   .returncode == 0 and r, 15, "traffic through the floating address")
-    assert res.stdout == "hello from the worker\n"
-
-
-def test_pair_keeps_the_single_gateways_exposures(lab, paired):
-    """The node was a single gateway before (its store kept after the decommission): the
-    daemon's first start on etcd imported that table into the shared one."""
-    port = getattr(lab, "single_gateway_exposed", None)
-    if port is None:
-        pytest.skip("the single-gateway tests of this module did not run first")
-    wait_for(lambda: api(lab, "GET", "/api/ready", base=PAIR_API)[0] == 200, 30,
-             "/api/ready to answer 200")
-    keys = etcd_keys(lab, PAIR_PREFIX + "/")
-    imported = keys.get(f"{PAIR_PREFIX}/exposures/ipv4/tcp/{port}")
-    assert imported is not None and imported["service_ip"] == SERVICE_V4, keys
-    res = wait_for(lambda: (r := http_get(lab, f"http://{FLOATING_V4}:{port}/hello.txt"))
-                   .returncode == 0 and r, 15, "traffic to the imported exposure")
-    assert res.stdout == "hello from the worker\n"
-    assert "imported this gateway's own table" in lab.journal(lines=400)
-
