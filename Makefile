@@ -9,6 +9,10 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables conntrack iproute2 python3-venv python3-pip \
                 e2fsprogs util-linux procps curl iputils-ping socat iptables
 PYTEST_ARGS ?=
+# `make test` runs the suite on this many workers (pytest-xdist), one test module at a time each:
+# most of the suite waits on daemons, timers and the kernel, so two workers share two cores well.
+# Module-scoped labs stay on one worker. TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 2
 
 .PHONY: setup deps venv test test-unit demo bench bench-deps mqtt-deps ha-deps docs docs-deps clean
 
@@ -30,7 +34,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: setup node-prepare bench-deps mqtt-deps ha-deps docs-deps
-	tests/run-isolated $(PY) -m pytest $(PYTEST_ARGS)
+	tests/run-isolated $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 
 test-unit: setup

@@ -27,7 +27,30 @@ def pytest_configure(config):
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
+# The modules that take minutes, longest first. `make test` runs the suite on two workers, one
+# module at a time each (pytest-xdist, --dist loadfile, in collection order): a long module
+# that starts last ends the run alone, so these start first. Only the order depends on this.
+LONG_MODULES = (
+    "tests/node/test_node.py",
+    "tests/node/test_pair_nodes.py",
+    "tests/reliability/test_hostile.py",
+    "tests/ha/test_storm.py",
+    "tests/reliability/test_drift_lost_events.py",
+    "tests/ha/test_failover.py",
+    "tests/kernel/test_gateway.py",
+    "tests/docs/test_built_pages.py",
+    "tests/durability/test_store_durability.py",
+    "tests/reliability/test_api_flood.py",
+)
+
+
+def _run_order(item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return LONG_MODULES.index(path) if path in LONG_MODULES else len(LONG_MODULES)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_run_order)  # stable: within a module, and for the rest, collection order
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="needs root (network namespaces, nftables)")
         for item in items:
