@@ -70,3 +70,16 @@ def clean_table():
     drop()
     yield
     drop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests measure and report (failover times, replication lag, rounds) are
+    `record_property` values, which only a JUnit file would keep: print them, so that CI's log
+    carries the measurements of the run it passed."""
+    rows = [(report.nodeid, name, value)
+            for report in terminalreporter.stats.get("passed", [])
+            if report.when == "call" for name, value in report.user_properties]
+    if rows:
+        terminalreporter.section("measured")
+        for nodeid, name, value in rows:
+            terminalreporter.write_line(f"{nodeid}: {name} = {value}")
