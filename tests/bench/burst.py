@@ -22,6 +22,7 @@ import time
 
 from gw.lab.http import KeepAliveHttp, in_netns
 
+from . import plotting
 from .controlplane import API_PORT, BenchDaemon, api_of, drop_table, metric, slow_traces
 from .stats import latency_summary
 from .topology import BenchLab
@@ -244,9 +245,7 @@ def section(burst: dict) -> str:
 
 
 def plot(burst: dict, img, written: list) -> None:
-    import matplotlib  # noqa: PLC0415 - only the report needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt = plotting.pyplot()
 
     clients = burst["clients"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -261,13 +260,5 @@ def plot(burst: dict, img, written: list) -> None:
     ax2.set_ylabel("adds/s / health/s")
     ax2.set_ylim(0, 1.2)
     ax2.set_title("Adds against the HTTP ceiling")
-    for a in (ax, ax2):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("concurrent clients")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(loc="best", fontsize=7)
-    fig.tight_layout()
-    path = img / "bench-burst.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(str(path))
+    plotting.style((ax, ax2), "concurrent clients", log_base=2, legend_size=7)
+    plotting.save(fig, img / "bench-burst.png", written)

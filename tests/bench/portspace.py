@@ -21,6 +21,7 @@ from pathlib import Path
 from gw.core.exposure import Exposure
 from gw.store.local import LocalStore
 
+from . import plotting
 from .controlplane import API_PORT, BenchDaemon, drop_table
 from .dataplane import wrk
 from .exposures import MEASURED_PORT, measured_exposure
@@ -173,9 +174,7 @@ def _mm(s: dict, unit: str, digits: int = 2) -> str:
 
 
 def plot(result: dict, img: Path, written: list) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     sizes, by = result["sizes"], result["by_size"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -194,13 +193,5 @@ def plot(result: dict, img: Path, written: list) -> None:
     ax2.axhline(2.0, color="grey", lw=0.8, ls=":", label="target 2 s")
     ax2.set_ylabel("seconds (median)")
     ax2.set_title("Start and reconcile")
-    for a in (ax, ax2):
-        a.set_xscale("log")
-        a.set_xlabel("exposures stored")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = img / "bench-portspace.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(str(path))
+    plotting.style((ax, ax2), "exposures stored")
+    plotting.save(fig, img / "bench-portspace.png", written)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import burst, portspace
+from . import burst, plotting, portspace
 
 TARGETS = {
     "dataplane_ratio_50k": 0.95,         # ours at 50,000 / ours at 1
@@ -385,20 +385,8 @@ def all_figures(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, path: Path, written: list[str]) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(str(path))
-
-
 def plots(results: dict, img: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plotting.pyplot()
 
     img.mkdir(parents=True, exist_ok=True)
     written = []
@@ -418,10 +406,7 @@ def plots(results: dict, img: Path) -> list[str]:
             rerr = [[m - r["min"] for m, r in zip(rmed, rat)],
                     [r["max"] - m for m, r in zip(rmed, rat)]]
             ax2.errorbar(sizes, rmed, yerr=rerr, fmt=style, capsize=4, label=label)
-        for a in (ax, ax2):
-            a.set_xscale("log")
-            a.set_xlabel("exposures installed")
-            a.grid(True, which="both", alpha=0.3)
+        plotting.style((ax, ax2), "exposures installed", legend_size=None)
         ax.set_ylabel("new TCP connections per second")
         ax.set_ylim(bottom=0)
         ax.set_title("Connection rate (median, min-max)")
@@ -433,7 +418,7 @@ def plots(results: dict, img: Path) -> list[str]:
         ax2.set_title("Relative to the smallest size")
         ax2.legend(loc="lower left", fontsize=8)
         ax.legend(loc="lower left", fontsize=8)
-        _save(fig, img / "bench-dataplane.png", written)
+        plotting.save(fig, img / "bench-dataplane.png", written)
     lim = results.get("limit")
     if lim:
         fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -450,7 +435,7 @@ def plots(results: dict, img: Path) -> list[str]:
         ax.set_ylabel("ours / plain routing, same round")
         ax.set_title("Our table against plain routing (median, min-max of rounds)")
         ax.legend(loc="lower right", fontsize=8)
-        _save(fig, img / "bench-limit.png", written)
+        plotting.save(fig, img / "bench-limit.png", written)
     if results.get("portspace"):
         portspace.plot(results["portspace"], img, written)
     if results.get("burst"):
@@ -477,7 +462,7 @@ def plots(results: dict, img: Path) -> list[str]:
         ax.set_title(f"POST add / delete, {cp['conntrack']['entries']:,} conntrack entries")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
-        _save(fig, img / "bench-latency.png", written)
+        plotting.save(fig, img / "bench-latency.png", written)
     return written
 
 

@@ -247,3 +247,20 @@ def test_burst_smoke():
             assert 0 < p["ratio"] < 10, p
     for p in res["by_group_commit"]["1"]:
         assert p["groups"] == p["fdatasyncs"] == p["adds"], p
+
+
+def test_burst_and_portspace_plots_are_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tests.bench import burst, portspace
+    s = lambda m: {"median": m, "min": m * 0.9, "max": m * 1.1}
+    curve = [{"add_per_s": 100.0 * n, "health_per_s": 300.0 * n, "ratio": 1 / 3} for n in (1, 4)]
+    space = {"sizes": [1, 1000], "by_size": {
+        str(n): {"rate_ratio": s(1.0), "cold_s": s(0.5), "restart_s": s(0.6),
+                 "reconcile_s": s(0.1)} for n in (1, 1000)}}
+    written: list[str] = []
+    burst.plot({"clients": [1, 4], "by_group_commit": {"1": curve, "64": curve}}, tmp_path,
+               written)
+    portspace.plot(space, tmp_path, written)
+    assert written == [str(tmp_path / "bench-burst.png"), str(tmp_path / "bench-portspace.png")]
+    assert all((tmp_path / name).stat().st_size > 1000
+               for name in ("bench-burst.png", "bench-portspace.png"))
