@@ -73,13 +73,18 @@ def clean_table():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The figures tests measure and report (failover times, replication lag, rounds) are
-    `record_property` values, which only a JUnit file would keep: print them, so that CI's log
-    carries the measurements of the run it passed."""
-    rows = [(report.nodeid, name, value)
-            for report in terminalreporter.stats.get("passed", [])
-            if report.when == "call" for name, value in report.user_properties]
-    if rows:
+    """The figures the tests measure: `record_property` values (failover times, replication
+    lag, storm rounds), which otherwise reach only a JUnit file, and the `[figures]` lines of
+    tests/reliability's `report()`, which only -s or -rA would show. Printed for the passed
+    tests, so that CI's log carries the measurements of the run it passed."""
+    lines = []
+    for report in terminalreporter.stats.get("passed", []):
+        if report.when != "call":
+            continue
+        lines += [f"{report.nodeid}: {name} = {value}" for name, value in report.user_properties]
+        lines += [f"{report.nodeid}: {line[len('[figures] '):]}"
+                  for line in report.capstdout.splitlines() if line.startswith("[figures] ")]
+    if lines:
         terminalreporter.section("measured")
-        for nodeid, name, value in rows:
-            terminalreporter.write_line(f"{nodeid}: {name} = {value}")
+        for line in lines:
+            terminalreporter.write_line(line)
