@@ -226,7 +226,7 @@ class EtcdStore:
             result = self.client.txn(compare, success, failure)
         except ec.EtcdError as e:
             self.unreachable = e.message
-            if _lost_quorum(e):
+            if lost_quorum(e):
                 self._lost_at = time.monotonic()
             raise StoreUnavailable(f"etcd did not take the change: {e.message}; nothing was "
                                    "changed") from None
@@ -336,6 +336,6 @@ def _target(e: Exposure) -> str:
     return f"{ip}:{e.service_port}"
 
 
-def _lost_quorum(e: ec.EtcdError) -> bool:
+def lost_quorum(e: ec.EtcdError) -> bool:
     """etcd cannot commit anything now (as opposed to refusing this one change)."""
     return isinstance(e, ec.EtcdUnreachable) or e.code in _NO_QUORUM_CODES

@@ -4,6 +4,7 @@ namespace, 198.19.200.0/24), and an etcd member in each."""
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -12,6 +13,7 @@ from gw.lab.etcd import EtcdCluster
 from gw.lab.http import in_netns
 from gw.lab.netns import Netns, run
 from gw.store import etcd_client as ec
+from gw.store.etcd import lost_quorum
 
 SEGMENT = "198.19.200"
 
@@ -54,8 +56,19 @@ def kernel_v4(ns: Netns) -> dict:
 
 
 def etcd_exposures(cluster: EtcdCluster, prefix: str, member: str = "m3") -> dict:
-    """The exposures etcd holds under `prefix`, read from one member: {port: exposure}."""
+    """The exposures etcd holds under `prefix`, read from one member: {port: exposure}. A read
+    that meets an election (just after a cut heals: "leader changed", "no leader") is made
+    again: the tests ask what etcd holds, and an election changes none of it."""
     c = ec.EtcdClient([cluster.members[member].client_url])
     head = f"{prefix}/exposures/".encode()
-    _, kvs = in_netns(cluster.members[member].ns.name, c.range, head, ec.prefix_end(head))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _, kvs = in_netns(cluster.members[member].ns.name, c.range, head,
+                              ec.prefix_end(head))
+            break
+        except ec.EtcdError as exc:
+            if not lost_quorum(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     return {kv.key.decode().rsplit("/", 1)[1]: json.loads(kv.value) for kv in kvs}
