@@ -1,6 +1,6 @@
 """Reads of our table over nf_tables netlink, in the caller's network namespace: the elements
 of one named set or map (NFT_MSG_GETSETELEM) and the rules of our chains (NFT_MSG_GETCHAIN,
-NFT_MSG_GETRULE), as raw attribute bytes. Decoding them is gw/core/ruleset.py's job.
+NFT_MSG_GETRULE), as raw attribute bytes. The elements are decoded by gw/core/elements.py.
 
 Why not nft: a libnftables listing of any part of our table fetches every element of every
 set into its cache first (nft 1.0.6, even for one chain or a terse listing) and then prints
@@ -26,6 +26,7 @@ import sys
 from typing import Callable, Iterator
 
 from ..core import ruleset
+from ..core.errors import KernelRefused
 from ..core.elements import NLA, attributes
 from .nft import NoSuchObject, refusal
 
@@ -46,8 +47,8 @@ _HEADER = _NLMSG.size + _NFGEN.size
 RECV = 1 << 16                     # a dump part is at most 32 KiB
 RETRIES = 20                       # dumps interrupted in a row before giving up
 
-class Interrupted(Exception):
-    """The ruleset changed under a dump (after RETRIES attempts)."""
+class Interrupted(KernelRefused):
+    """The ruleset kept changing under a dump (RETRIES attempts in a row)."""
 
 
 def set_elements(name: str, table: str = ruleset.TABLE_NAME,
@@ -123,6 +124,10 @@ def _parts(command: int, attrs: bytes, on_part) -> Iterator[tuple[int, bytes]]:
                 if mseq != seq:
                     continue  # not an answer to this request
                 if mtype == NLMSG_DONE:
+                    # It carries the dump's own result: negative when it failed part-way.
+                    code = struct.unpack_from("=i", message)[0] if len(message) >= 4 else 0
+                    if code < 0:
+                        raise _error(-code)
                     return
                 if mtype == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", message)
