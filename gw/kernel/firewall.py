@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -58,9 +59,10 @@ def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) 
     wanted = {e.key: e for e in desired}
     diff = Diff()
     for key, e in wanted.items():
-        if key not in actual:
+        held = actual.get(key)
+        if held is None:
             diff.missing.append(e)
-        elif actual[key] != e.target:
+        elif held != e.target:
             diff.wrong.append(e)
     diff.unexpected = sorted(k for k in actual if k not in wanted)
     return diff
@@ -78,17 +80,24 @@ def judge(desired: Iterable[Exposure], listing: Listing | None,
     return diff
 
 
+def _read_map(nft: Nft, family: str) -> tuple[dict[Key, Target], bool]:
+    return decode_nests(family, nft.map_elements(family))
+
+
 def _listing(nft: Nft) -> Listing | None:
-    """What the kernel holds (None: no table). Reads every element: never on a request path."""
+    """What the kernel holds (None: no table). Reads every element: never on a request path.
+    The two maps are read at once: while the kernel fills one's dump, the other's is decoded."""
     found: dict[Key, Target] = {}
     unreadable = False
-    try:
-        for family in ruleset.MAPS:
-            elements, bad = decode_nests(family, nft.map_elements(family))
-            found.update(elements)
-            unreadable |= bad
-    except NoSuchObject:
-        return None
+    with ThreadPoolExecutor(len(ruleset.MAPS), thread_name_prefix="maps") as pool:
+        reads = [pool.submit(_read_map, nft, family) for family in ruleset.MAPS]
+        try:
+            for read in reads:
+                elements, bad = read.result()
+                found.update(elements)
+                unreadable |= bad
+        except NoSuchObject:
+            return None
     return Listing(found, nft.chain_rules(), unreadable)
 
 
@@ -190,7 +199,7 @@ class Firewall:
         found: set[Key] = set()
         for family in {k[0] for k in keys}:
             try:
-                elements, _ = decode_nests(family, self.session.map_elements(family))
+                elements, _ = _read_map(self.session, family)
             except NoSuchObject:
                 continue  # no table, no map: none of them is there
             found |= keys & elements.keys()

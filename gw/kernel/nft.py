@@ -172,10 +172,12 @@ class NftSession:
         return self.run_json(f"list table {ruleset.TABLE}", terse=terse)
 
     def map_elements(self, family: str) -> list[bytes]:
+        """In the caller's thread, not the nft thread: it needs no libnftables context, and
+        the firewall reads both maps at once. Whoever reads the whole table holds the
+        gateway's lock, so no change of ours is queued meanwhile."""
         from . import nfnl  # noqa: PLC0415 - it raises this module's refusals
 
-        # On the nft thread, as every command: after the commits queued before it.
-        return self._thread.submit(nfnl.set_elements, ruleset.MAPS[family]).result()
+        return nfnl.set_elements(ruleset.MAPS[family])
 
     def chain_rules(self) -> dict[str, list]:
         from . import nfnl  # noqa: PLC0415
