@@ -1,5 +1,6 @@
-"""Our table's codec. Pure: the transactions the firewall sends, written as nft text, and the
-JSON listings the kernel gives back, read as exposures and chains (see docs/architecture.md).
+"""Our table's codec. Pure: the transactions the firewall sends, written as nft text, and
+nft's JSON listings, read as exposures and chains (see docs/architecture.md; the firewall
+reads the kernel's maps over netlink instead, decoded by gw/core/elements.py).
 
 A transaction is a tuple of the ops below: the libnftables session renders it with `script`,
 the fake (gw/kernel/fake.py) applies it structurally. Only typed, validated values reach this
@@ -265,10 +266,11 @@ Target = tuple  # (service_ip, service_port) as an ipaddress object and an int
 
 @dataclass
 class Listing:
-    """What `nft -j list table` says of our table."""
+    """What our table holds: read over netlink by the firewall (gw/kernel/nfnl.py), or from
+    `nft -j list table` by `parse_listing` (the tests' oracle, teardown)."""
 
     elements: dict[Key, Target]
-    chains: dict[str, list]  # chain name -> its rules, without handles
+    chains: dict[str, list]  # chain name -> its rules, without handles, equal for equal loads
     unreadable: bool = False
 
 

@@ -356,6 +356,8 @@ class Daemon:
     def _adopt(self, new: reload.Reloaded) -> None:
         """Run with the reloaded settings and token (the table follows in `_reconcile`)."""
         token_changed = new.token != self.token
+        ranges_changed = new.settings.network.service_ranges != \
+            self.settings.network.service_ranges
         if new.settings.log != self.settings.log:
             setup_logging(new.settings.log.level, new.settings.log.format)
         self.settings, self.token = new.settings, new.token
@@ -364,7 +366,8 @@ class Daemon:
         if token_changed and self.membership is not None:
             # The cluster calls us with the token of the last ready callback: hand it the new one.
             self.membership.announce_ready(new.token)
-        reload.warn_outside_ranges(self.gateway.exposures(), new.settings)
+        if ranges_changed:  # a test of every exposure: not at each SIGHUP
+            reload.warn_outside_ranges(self.gateway.exposures(), new.settings)
         log.info("reload: applied %s", ", ".join(new.changed) if new.changed
                  else "no live changes")
 

@@ -1,14 +1,15 @@
 """An in-memory nftables that applies the firewall's transactions as the kernel does: all or
 nothing, refusing what the kernel refuses (an element whose key is held with another target,
 the delete of a key that is not there, anything in a table that is not there) with the same
-errors. Its listings have the JSON shape of `nft -j` for our maps, so the firewall's codec
-reads them. Chains are kept as the skeleton's rule lines with the values filled in: equal for
+errors. Its listings have the JSON shape of `nft -j` for our maps and its map reads the bytes
+of the kernel's element dump, so the firewall's codecs read them. Chains are kept as the skeleton's rule lines with the values filled in: equal for
 equal loads, which is all the firewall asks of them. No root needed (see docs/architecture.md)."""
 
 from __future__ import annotations
 
 import copy
 import re
+import struct
 from dataclasses import dataclass, field
 
 from ..core import ruleset
@@ -66,17 +67,21 @@ class FakeNft:
             items += [{"rule": {**_OURS, "chain": name, "expr": [{"text": r}]}} for r in rules]
         return {"nftables": items}
 
-    def list_map(self, family: str) -> dict:
-        return {"nftables": [_map_json(family, self._need().maps[family], terse=False)]}
+    def map_elements(self, family: str) -> list[bytes]:
+        """As the kernel's dump gives them: one nest of every element."""
+        return [b"".join(_element(k, target) for k, target in self._need().maps[family].items())]
+
+    def chain_rules(self) -> dict[str, list]:
+        return {} if self.table is None else copy.deepcopy(self.table.chains)
 
     def list_counters(self) -> dict:
         return {"nftables": [{"counter": {**_OURS, "name": name, "packets": packets}}
                              for name, packets in self._need().counters.items()]}
 
-    def reference(self, tx: ruleset.Transaction) -> dict:
+    def reference(self, tx: ruleset.Transaction) -> dict[str, list]:
         other = FakeNft()
         other.apply(tx)
-        return other.list_table(terse=True)
+        return other.chain_rules()
 
     def probe(self) -> None:
         pass  # commits nothing, as the session's probe leaves the ruleset as it was
@@ -109,6 +114,21 @@ def _map_json(family: str, elements: dict, terse: bool) -> dict:
         m["elem"] = [[{"concat": list(k)}, {"concat": [str(ip), port]}]
                      for k, (ip, port) in elements.items()]
     return {"map": m}
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value  # every value here is 4-aligned
+
+
+def _element(key: tuple, target: tuple) -> bytes:
+    """An NFTA_LIST_ELEM of a map element: key l4proto . port, data address . port, each
+    field padded to 4 bytes (see gw/core/elements.py)."""
+    proto, port = key
+    ip, service_port = target
+    value = {"tcp": 6, "udp": 17}[proto].to_bytes(4, "little") + port.to_bytes(2, "big") + \
+        b"\0\0"
+    data = ip.packed + service_port.to_bytes(2, "big") + b"\0\0"
+    return _attr(1, _attr(1, _attr(1, value)) + _attr(2, _attr(1, data)))
 
 
 def _unknown_table(exists: bool, tx: ruleset.Transaction) -> list[str]:

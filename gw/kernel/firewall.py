@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +16,7 @@ from ..core import ruleset
 from ..core.settings import Settings
 from ..core.errors import ConfigError, KernelRefused
 from ..core.exposure import Exposure, Key
+from ..core.elements import decode_nests
 from ..core.ruleset import Listing, Target, parse_counters, parse_listing  # noqa: F401 - re-exported
 from .nft import AlreadyExists, NoSuchObject, Nft
 
@@ -57,9 +59,10 @@ def compute_diff(desired: Iterable[Exposure], actual: dict[Key, Target] | None) 
     wanted = {e.key: e for e in desired}
     diff = Diff()
     for key, e in wanted.items():
-        if key not in actual:
+        held = actual.get(key)
+        if held is None:
             diff.missing.append(e)
-        elif actual[key] != e.target:
+        elif held != e.target:
             diff.wrong.append(e)
     diff.unexpected = sorted(k for k in actual if k not in wanted)
     return diff
@@ -77,12 +80,25 @@ def judge(desired: Iterable[Exposure], listing: Listing | None,
     return diff
 
 
+def _read_map(nft: Nft, family: str) -> tuple[dict[Key, Target], bool]:
+    return decode_nests(family, nft.map_elements(family))
+
+
 def _listing(nft: Nft) -> Listing | None:
-    """What the kernel holds (None: no table). Lists every element: never on a request path."""
-    try:
-        return parse_listing(nft.list_table())
-    except NoSuchObject:
-        return None
+    """What the kernel holds (None: no table). Reads every element: never on a request path.
+    The two maps are read at once: while the kernel fills one's dump, the other's is decoded."""
+    found: dict[Key, Target] = {}
+    unreadable = False
+    with ThreadPoolExecutor(len(ruleset.MAPS), thread_name_prefix="maps") as pool:
+        reads = [pool.submit(_read_map, nft, family) for family in ruleset.MAPS]
+        try:
+            for read in reads:
+                elements, bad = read.result()
+                found.update(elements)
+                unreadable |= bad
+        except NoSuchObject:
+            return None
+    return Listing(found, nft.chain_rules(), unreadable)
 
 
 def teardown(nft: Nft) -> bool:
@@ -105,9 +121,8 @@ def check(nft: Nft, desired: Iterable[Exposure], settings: Settings,
     except ConfigError:
         chains = None
     else:
-        reference = nft.reference((ruleset.ReplaceTable(variables,
-                                                        skeleton or ruleset.skeleton_path()),))
-        chains = parse_listing(reference).chains
+        chains = nft.reference((ruleset.ReplaceTable(variables,
+                                                     skeleton or ruleset.skeleton_path()),))
     return judge(desired, _listing(nft), chains)
 
 
@@ -151,17 +166,16 @@ class Firewall:
             self._chains_for = values
 
     def _reference_chains(self) -> dict:
-        """The skeleton alone loaded in a throw-away network namespace and listed there: the
-        same cost at any table size. Listing our own table instead costs seconds with many
-        elements (nft 1.0.6 fetches every element even for a terse listing), so that is only
-        the fallback where no namespace can be made (e.g. systemd's RestrictNamespaces=); it
-        is taken right after the load, before anything else can change the chains."""
+        """The skeleton alone loaded in a throw-away network namespace and read there: what
+        no change made after the load can have touched. Where no namespace can be made (e.g.
+        systemd's RestrictNamespaces=) our own table's chains stand in, read right after the
+        load, before anything else is likely to have changed them."""
         try:
-            return parse_listing(self.session.reference(
-                (ruleset.ReplaceTable(self.variables, self.skeleton),))).chains
+            return self.session.reference(
+                (ruleset.ReplaceTable(self.variables, self.skeleton),))
         except (KernelRefused, OSError) as exc:
             log.info("chains' reference from our own table (no namespace for it: %s)", exc)
-            return parse_listing(self.session.list_table(terse=True)).chains
+            return self.session.chain_rules()
 
     _chains_loaded: dict | None = None
     _chains_for: tuple | None = None
@@ -180,15 +194,15 @@ class Firewall:
             self._run("change", ruleset.change_tx(add, remove, present))
 
     def present(self, keys: Iterable[Key]) -> set[Key]:
-        """Which of these keys the kernel's maps hold: one listing of each map involved."""
+        """Which of these keys the kernel's maps hold: one read of each map involved."""
         keys = set(keys)
         found: set[Key] = set()
         for family in {k[0] for k in keys}:
             try:
-                parsed = parse_listing(self.session.list_map(family))
+                elements, _ = _read_map(self.session, family)
             except NoSuchObject:
                 continue  # no table, no map: none of them is there
-            found |= keys & set(parsed.elements) if parsed else set()
+            found |= keys & elements.keys()
         return found
 
     def listing(self) -> Listing | None:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol
 
 from ..core import ruleset
@@ -49,8 +52,9 @@ def refusal(message: str) -> KernelRefused:
 
 
 class Nft(Protocol):
-    """What the firewall needs of nftables. Listings are `nft -j` JSON of our table; a missing
-    table or map raises `NoSuchObject`."""
+    """What the firewall needs of nftables. `list_*` are `nft -j` JSON of our table; the maps'
+    elements and the chains' rules are read without nft (gw/kernel/nfnl.py), which would
+    fetch every element first. A missing table or map raises `NoSuchObject`."""
 
     def apply(self, tx: ruleset.Transaction) -> None:
         """One transaction of `ruleset` ops, all or nothing."""
@@ -58,15 +62,19 @@ class Nft(Protocol):
     def list_table(self, terse: bool = False) -> dict:
         """Our table; `terse` leaves out set and map elements."""
 
-    def list_map(self, family: str) -> dict:
-        """One family's map, with its elements."""
+    def map_elements(self, family: str) -> list[bytes]:
+        """One family's map elements, undecoded: what `elements.decode_nests` reads."""
+
+    def chain_rules(self) -> dict[str, list]:
+        """Our chains' rules, in a form equal for equal loads (empty: no chains, or no
+        table)."""
 
     def list_counters(self) -> dict:
         """Our table's named counters."""
 
-    def reference(self, tx: ruleset.Transaction) -> dict:
-        """Our table (terse) as `tx` would leave it on an empty ruleset, touching nothing:
-        the reference an edited chain is told by."""
+    def reference(self, tx: ruleset.Transaction) -> dict[str, list]:
+        """`chain_rules` as `tx` would leave them on an empty ruleset, touching nothing: the
+        reference an edited chain is told by."""
 
     def probe(self) -> None:
         """A commit that leaves the ruleset as it was (see `NftSession.probe`)."""
@@ -163,19 +171,32 @@ class NftSession:
     def list_table(self, terse: bool = False) -> dict:
         return self.run_json(f"list table {ruleset.TABLE}", terse=terse)
 
-    def list_map(self, family: str) -> dict:
-        return self.run_json(f"list map {ruleset.TABLE} {ruleset.MAPS[family]}")
+    def map_elements(self, family: str) -> list[bytes]:
+        """In the caller's thread, not the nft thread: it needs no libnftables context, and
+        the firewall reads both maps at once. Whoever reads the whole table holds the
+        gateway's lock, so no change of ours is queued meanwhile."""
+        from . import nfnl  # noqa: PLC0415 - it raises this module's refusals
+
+        return nfnl.set_elements(ruleset.MAPS[family])
+
+    def chain_rules(self) -> dict[str, list]:
+        from . import nfnl  # noqa: PLC0415
+
+        return self._thread.submit(nfnl.chain_rules).result()
 
     def list_counters(self) -> dict:
         return self.run_json(f"list counters table {ruleset.TABLE}")
 
-    def reference(self, tx: ruleset.Transaction) -> dict:
+    def reference(self, tx: ruleset.Transaction) -> dict[str, list]:
         """Loads `tx` in a network namespace of its own, which goes with the process: the
-        host's ruleset never holds it, even for a moment."""
+        host's ruleset never holds it, even for a moment. Its chains are read there by
+        gw/kernel/nfnl.py run as a program, as `chain_rules` reads ours."""
+        package = str(Path(__file__).resolve().parents[2])
         proc = subprocess.run(
-            ["unshare", "--net", "sh", "-c",
-             f'nft -f - && exec nft -j -t list table {ruleset.TABLE}'],
-            input=ruleset.script(tx), capture_output=True, text=True, timeout=60)
+            ["unshare", "--net", "sh", "-c", 'nft -f - && exec "$0" -m gw.kernel.nfnl',
+             sys.executable],
+            input=ruleset.script(tx), capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": package}, cwd=package)
         if proc.returncode != 0:
             raise refusal(f"nftables refused the reference: {_first_error(proc.stderr)}")
         return json.loads(proc.stdout)

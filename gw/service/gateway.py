@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from ipaddress import ip_address
 from collections import Counter
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class Gateway:
         self.health = Health()
         # The gateway's own internal addresses: a stored exposure to one of them (the cluster
         # handed out a new address since it was added) is never loaded into the kernel.
-        self._own: frozenset[str] = frozenset(map(str, own_addresses))
+        self._set_own(frozenset(map(str, own_addresses)))
         # Changes that arrive together are committed together: at most `group_max` requests
         # (1: each alone) and MAX_BATCH elements in one store commit and one kernel commit.
         self._committer = Committer(self._commit_group, group_max, MAX_BATCH)
@@ -122,7 +123,7 @@ class Gateway:
             if variables is not None:
                 self.firewall.set_variables(variables)
             if own is not None:
-                self._own = own
+                self._set_own(own)
             self.load()
             return Reconfigured(diff, True)
 
@@ -335,8 +336,8 @@ class Gateway:
                     and (new is None or new.target != old.target)]
             came = [new for old, new in learnt if new is not None
                     and (old is None or new.target != old.target)]
-            gone = [e for e in gone if str(e.service_ip) not in self._own]
-            came = [e for e in came if str(e.service_ip) not in self._own]
+            gone = [e for e in gone if e.service_ip not in self._own_ips]
+            came = [e for e in came if e.service_ip not in self._own_ips]
             if not gone and not came:
                 return
             if came and self.flusher is not None:
@@ -443,11 +444,17 @@ class Gateway:
     def _wanted(self) -> list[Exposure]:
         """What the kernel must hold: what was acknowledged, less exposures that point at the
         gateway itself."""
-        return [e for e in self._believed() if str(e.service_ip) not in self._own]
+        return [e for e in self._believed() if e.service_ip not in self._own_ips]
 
     def pointing_at_itself(self) -> list[Exposure]:
         """Stored exposures whose service IP is one of the gateway's own internal addresses."""
-        return [e for e in self.store.exposures() if str(e.service_ip) in self._own]
+        return [e for e in self.store.exposures() if e.service_ip in self._own_ips]
+
+    def _set_own(self, own: frozenset[str]) -> None:
+        self._own = own
+        # The same as address objects: a test per exposure, which writing each exposure's
+        # address as text (seconds at the whole port space) is not.
+        self._own_ips = frozenset(ip_address(a) for a in own)
 
     def _settle(self) -> None:
         """Before a change: write the undo a failed revert left pending. If the store still
