@@ -9,9 +9,10 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := nftables python3-nftables conntrack iproute2 python3-venv python3-pip \
                 e2fsprogs util-linux procps curl iputils-ping socat iptables
 PYTEST_ARGS ?=
-# `make test` runs the suite on this many workers (pytest-xdist), one test module at a time each:
-# most of the suite waits on daemons, timers and the kernel, so two workers share two cores well.
-# Module-scoped labs stay on one worker. TEST_WORKERS=0: one process, as before.
+# `make test` runs the suite on this many workers (pytest-xdist), one unit at a time each (a
+# module, or the booted-node tests together: tests/conftest.py): most of the suite waits on
+# daemons, timers and the kernel, so two workers share two cores well. TEST_WORKERS=0: one
+# process.
 TEST_WORKERS ?= 2
 
 .PHONY: setup deps venv test test-unit demo bench bench-deps mqtt-deps ha-deps docs docs-deps clean
