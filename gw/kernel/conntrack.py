@@ -321,6 +321,8 @@ class Flusher:
 
     def _sweep(self, ours: set[str], explained: Callable[[], set[tuple]]) -> None:
         flows = self._dump()
+        if not flows:
+            return  # nothing to judge: no need for the set of every exposure's flow shape
         lost = orphans(flows, ours, explained())
         if lost:
             n = self._remove(lost)
