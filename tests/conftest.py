@@ -27,8 +27,10 @@ def pytest_configure(config):
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
-# `make test` runs the suite on two workers (pytest-xdist, --dist loadfile, in collection
-# order): each takes one unit at a time, a unit being a module (its labs are made once) or,
+# `make test` runs the suite on two workers (pytest-xdist, --dist loadfile with
+# --no-loadscope-reorder, so in collection order: without it xdist sorts the units by their
+# number of tests): the units run one after another on a worker, a unit being a module (its
+# labs are made once) or,
 # for the booted-node tests, both node modules together. Those are CPU-bound (nspawn boots,
 # Ansible), and side by side they each took nearly twice as long; one after the other on one
 # worker, the other worker meanwhile runs tests that mostly wait on daemons and timers.

@@ -59,11 +59,11 @@ def lab(tmp_path_factory):
     pair = PairNodeLab(rootfs)
     try:
         pair.start()
-        print(f"\npair lab: three nodes booted in {time.monotonic() - t0:.1f}s")
+        pair.timings = {"boot": time.monotonic() - t0}
+        print(f"\npair lab: three nodes booted in {pair.timings['boot']:.1f}s")
         pair.tmp = tmp_path_factory.mktemp("pair")
         pair.src = snapshot_source(pair.tmp / "src")
         pair.ca = LabCA.create(pair.tmp / "etcd-tls")
-        pair.timings = {}
         yield pair
     finally:
         pair.close()
@@ -211,7 +211,7 @@ def test_one_gateway_is_master_and_holds_the_floating_addresses(lab, provisioned
              "gwa master, gwb backup", log=lambda: journals(lab))
     assert floating_on(lab, "gwa"), addresses(lab, "gwa")
     out = addresses(lab, "gwb")
-    assert not any(a in out for a in (PUBLIC_V4 + "/", INTERNAL_V4 + "/")), out
+    assert not any(a + "/" in out for a in (PUBLIC_V4, PUBLIC_V6, INTERNAL_V4, INTERNAL_V6)), out
     status = json.loads(lab.nodes["gwa"].run(
         "env", "-i", "HOME=/root", "bash", "-lc", "oakestra-gw status --json", check=False).stdout)
     assert status["ha"]["role"] == "master", status
@@ -412,22 +412,24 @@ def test_the_backup_takes_over_when_the_master_loses_power(lab, provisioned):
           f"through {PUBLIC_V4} {time.monotonic() - t0:.1f}s")
 
 
-def test_etcd_keeps_its_quorum_and_a_new_exposure_reaches_the_new_master(lab, provisioned):
+def test_etcd_keeps_its_quorum_and_a_new_exposure_reaches_the_new_master(lab, provisioned,
+                                                                        record_property):
     survivors = ["gwb", WITNESS]
-    seen = wait_for(lambda: (v := leaders(lab, survivors)) and len(set(v.values())) == 1
-                    and "0" not in v.values() and v, 60, "a leader among the two left")
     members = etcd_call(lab, WITNESS, "cluster/member/list")["members"]
-    assert next(iter(seen.values())) in {str(m["ID"]) for m in members if
-                                         m.get("name") in survivors}, (seen, members)
+    survivor_ids = {str(m["ID"]) for m in members if m.get("name") in survivors}
+    assert len(survivor_ids) == 2, members
+    # Both survivors name the same leader, and it is one of them: until they notice the dead
+    # member's absence they may still agree on it.
+    wait_for(lambda: (v := leaders(lab, survivors)) and len(set(v.values())) == 1
+             and set(v.values()) <= survivor_ids and v, 60, "a leader among the two left",
+             log=lambda: f"{leaders(lab, survivors)} of {members}")
     t0 = time.monotonic()
-    status = wait_for(lambda: (s := expose(lab, 8091)) in (200, 201) and s, 60,
-                      "a new exposure acknowledged through the floating API",
-                      log=lambda: lab.nodes["gwb"].journal(lines=40))
-    assert status in (200, 201)
+    wait_for(lambda: expose(lab, 8091) in (200, 201), 60,
+             "a new exposure acknowledged through the floating API",
+             log=lambda: lab.nodes["gwb"].journal(lines=40))
     assert in_etcd(lab, 8091)["service_ip"] == SERVICE_V4
     wait_for(lambda: in_kernel(lab, "gwb", 8091), 30, "port 8091 in gwb's kernel")
     assert wait_for(lambda: through_the_pair(lab, 8091), 30, "traffic to the new exposure") \
         == HELLO
-    print(f"\npair: after the failover, a new exposure carried traffic after "
-          f"{time.monotonic() - t0:.1f}s; timings: " +
-          ", ".join(f"{k} {v:.1f}s" for k, v in lab.timings.items()))
+    lab.timings["after the failover: a new exposure carries traffic"] = time.monotonic() - t0
+    record_property("pair_nodes_s", {k: round(v, 2) for k, v in lab.timings.items()})
