@@ -16,8 +16,8 @@ import struct
 from typing import Iterable, Iterator
 
 from .exposure import Key
+from .ruleset import PROTOCOL_NUMBERS, Target
 
-Target = tuple  # (service_ip, service_port) as an ipaddress object and an int
 Raw = tuple  # (key bytes, data bytes, {attribute type: value} of anything else)
 
 NLA = struct.Struct("=HH")  # an attribute's length and type, host order
@@ -29,8 +29,8 @@ NFTA_DATA_VALUE = 1
 KEY_LEN = 8
 DATA_LEN = {"ipv4": 8, "ipv6": 20}
 ADDRESS = {"ipv4": ipaddress.IPv4Address, "ipv6": ipaddress.IPv6Address}
-# Without a protocols database nft lists any protocol as its number; these two it names.
-PROTOCOL_NAMES = {6: "tcp", 17: "udp"}
+# The two protocols exposures name (nft's JSON names them; any other stays its number).
+PROTOCOL_NAMES = {int(number): name for number, name in PROTOCOL_NUMBERS.items()}
 
 
 def attributes(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -41,6 +41,12 @@ def attributes(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int
             return
         yield kind & NLA_TYPE_MASK, start + NLA.size, start + length
         start += (length + 3) & ~3
+
+
+def attribute(kind: int, value: bytes) -> bytes:
+    """One netlink attribute: its header, the value, and the padding to 4 bytes."""
+    length = NLA.size + len(value)
+    return NLA.pack(length, kind) + value + b"\0" * (-length % 4)
 
 
 def raw_elements(nest: bytes) -> Iterator[Raw]:

@@ -2,17 +2,18 @@
 nothing, refusing what the kernel refuses (an element whose key is held with another target,
 the delete of a key that is not there, anything in a table that is not there) with the same
 errors. Its listings have the JSON shape of `nft -j` for our maps and its map reads the bytes
-of the kernel's element dump, so the firewall's codecs read them. Chains are kept as the skeleton's rule lines with the values filled in: equal for
-equal loads, which is all the firewall asks of them. No root needed (see docs/architecture.md)."""
+of the kernel's element dump, so the firewall's codecs read them. Chains are kept as the
+skeleton's rule lines with the values filled in: equal for equal loads, which is all the
+firewall asks of them. No root needed (see docs/architecture.md)."""
 
 from __future__ import annotations
 
 import copy
 import re
-import struct
 from dataclasses import dataclass, field
 
 from ..core import ruleset
+from ..core.elements import PROTOCOL_NAMES, attribute
 from ..core.errors import KernelRefused
 from .nft import EXISTS_WORDS, MISSING_WORDS, NoSuchObject, refusal
 
@@ -116,19 +117,16 @@ def _map_json(family: str, elements: dict, terse: bool) -> dict:
     return {"map": m}
 
 
-def _attr(kind: int, value: bytes) -> bytes:
-    return struct.pack("=HH", 4 + len(value), kind) + value  # every value here is 4-aligned
-
-
 def _element(key: tuple, target: tuple) -> bytes:
     """An NFTA_LIST_ELEM of a map element: key l4proto . port, data address . port, each
     field padded to 4 bytes (see gw/core/elements.py)."""
     proto, port = key
     ip, service_port = target
-    value = {"tcp": 6, "udp": 17}[proto].to_bytes(4, "little") + port.to_bytes(2, "big") + \
+    number = {name: n for n, name in PROTOCOL_NAMES.items()}[proto]
+    value = number.to_bytes(4, "little") + port.to_bytes(2, "big") + \
         b"\0\0"
     data = ip.packed + service_port.to_bytes(2, "big") + b"\0\0"
-    return _attr(1, _attr(1, _attr(1, value)) + _attr(2, _attr(1, data)))
+    return attribute(1, attribute(1, attribute(1, value)) + attribute(2, attribute(1, data)))
 
 
 def _unknown_table(exists: bool, tx: ruleset.Transaction) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 from ..core import ruleset
 from ..core.errors import KernelRefused
-from ..core.elements import NLA, attributes
+from ..core.elements import NLA, attribute, attributes
 from .nft import NoSuchObject, refusal
 
 NETLINK_NETFILTER = 12
@@ -57,8 +57,8 @@ def set_elements(name: str, table: str = ruleset.TABLE_NAME,
     NFTA_SET_ELEM_LIST_ELEMENTS nest, undecoded (gw/core/elements.py decodes them). A
     missing table or set raises NoSuchObject (ENOENT), as nft's listing does. `on_part` is
     called after each part is read (a test changes the ruleset there, mid-dump)."""
-    attrs = _attr(NFTA_SET_ELEM_LIST_TABLE, _string(table)) + \
-        _attr(NFTA_SET_ELEM_LIST_SET, _string(name))
+    attrs = attribute(NFTA_SET_ELEM_LIST_TABLE, _string(table)) + \
+        attribute(NFTA_SET_ELEM_LIST_SET, _string(name))
     return [payload[start:end] for payload in _dump(NFT_MSG_GETSETELEM, attrs, on_part)
             for kind, start, end in attributes(payload, _NFGEN.size, len(payload))
             if kind == NFTA_SET_ELEM_LIST_ELEMENTS]
@@ -74,7 +74,7 @@ def chain_rules(table: str = ruleset.TABLE_NAME) -> dict[str, list[str]]:
         found = dict(_values(payload))
         if found.get(NFTA_CHAIN_TABLE) == _string(table):
             chains[_text(found[NFTA_CHAIN_NAME])] = []
-    for payload in _dump(NFT_MSG_GETRULE, _attr(NFTA_RULE_TABLE, _string(table))):
+    for payload in _dump(NFT_MSG_GETRULE, attribute(NFTA_RULE_TABLE, _string(table))):
         rule, kept = {}, []
         for kind, start, end in attributes(payload, _NFGEN.size, len(payload)):
             if kind in (NFTA_RULE_TABLE, NFTA_RULE_CHAIN):
@@ -152,11 +152,6 @@ def _error(code: int) -> Exception:
 def _values(payload: bytes) -> Iterator[tuple[int, bytes]]:
     for kind, start, end in attributes(payload, _NFGEN.size, len(payload)):
         yield kind, payload[start:end]
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    length = NLA.size + len(value)
-    return NLA.pack(length, kind) + value + b"\0" * (-length % 4)
 
 
 def _string(text: str) -> bytes:
